@@ -1,0 +1,142 @@
+"""Guest memory as the device sees it: the DMA maps the vfio-user client registered.
+
+Every guest-physical address a device model touches goes through :class:`GuestMemory`,
+which checks the whole range against the maps (a range may span adjacent maps) and the
+map's protection. Nothing else in the project dereferences a guest address.
+
+The server adds a map from libvfio-user's DMA register callback (a buffer over the
+library's mmap of the client's memory fd) and removes it in the unregister callback;
+tests add maps backed by a ``bytearray``. Views handed out by :meth:`GuestMemory.view` are
+valid only until control returns to the server loop: a map may be removed after that.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Buffer
+from dataclasses import dataclass, field
+
+from vfuserver.devices.errors import GuestMemoryError
+
+
+@dataclass(eq=False)
+class DmaMap:
+    """One contiguous guest-physical range backed by host memory."""
+
+    iova: int
+    size: int
+    writable: bool
+    buffer: memoryview = field(repr=False)
+    """Byte view of the backing memory, ``size`` bytes, format 'B'."""
+
+    @property
+    def end(self) -> int:
+        return self.iova + self.size
+
+
+class GuestMemory:
+    """The set of DMA maps of one device, with bounds-checked access."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._maps: list[DmaMap] = []
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._maps))
+
+    def add(self, iova: int, backing: Buffer, *, writable: bool) -> DmaMap:
+        """Register ``backing`` as guest memory at ``iova``; overlapping maps are refused."""
+        view = memoryview(backing).cast("B")
+        size = view.nbytes
+        if size == 0:
+            raise ValueError("empty DMA map")
+        i = bisect.bisect_right(self._starts, iova)
+        if i > 0 and self._maps[i - 1].end > iova:
+            raise ValueError(f"DMA map at {iova:#x} overlaps {self._maps[i - 1]}")
+        if i < len(self._maps) and self._maps[i].iova < iova + size:
+            raise ValueError(f"DMA map at {iova:#x} overlaps {self._maps[i]}")
+        dma_map = DmaMap(iova, size, writable, view)
+        self._starts.insert(i, iova)
+        self._maps.insert(i, dma_map)
+        return dma_map
+
+    def remove(self, iova: int) -> DmaMap:
+        """Forget the map starting at ``iova`` and release its view."""
+        i = bisect.bisect_left(self._starts, iova)
+        if i == len(self._starts) or self._starts[i] != iova:
+            raise KeyError(f"no DMA map at {iova:#x}")
+        del self._starts[i]
+        dma_map = self._maps.pop(i)
+        dma_map.buffer.release()
+        return dma_map
+
+    def clear(self) -> None:
+        for dma_map in self._maps:
+            dma_map.buffer.release()
+        self._starts.clear()
+        self._maps.clear()
+
+    def _locate(self, addr: int, length: int, writable: bool) -> tuple[DmaMap, int]:
+        """The map holding all of [addr, addr+length) and the offset of addr in it."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            dma_map = self._maps[i]
+            offset = addr - dma_map.iova
+            if offset + length <= dma_map.size and length >= 0:
+                if writable and not dma_map.writable:
+                    raise GuestMemoryError(addr, length, "is read-only")
+                return dma_map, offset
+        raise GuestMemoryError(addr, length)
+
+    def view(self, addr: int, length: int, *, writable: bool = False) -> memoryview:
+        """A zero-copy view of guest memory, valid until control returns to the server loop.
+
+        The range must lie inside one map (guest RAM is one map per RAM block, so rings
+        and buffers a driver allocates never straddle two); use :meth:`read` or
+        :meth:`write` for ranges that might.
+        """
+        if addr < 0 or length < 0:
+            raise GuestMemoryError(addr, length, "is negative")
+        dma_map, offset = self._locate(addr, length, writable)
+        return dma_map.buffer[offset : offset + length]
+
+    def read(self, addr: int, length: int) -> bytes:
+        """Copy ``length`` bytes from guest memory; the range may span adjacent maps."""
+        try:
+            return bytes(self.view(addr, length))
+        except GuestMemoryError:
+            return b"".join(bytes(v) for v in self._spans(addr, length, writable=False))
+
+    def write(self, addr: int, data: Buffer) -> None:
+        """Copy ``data`` into guest memory; the range may span adjacent maps."""
+        src = memoryview(data).cast("B")
+        try:
+            self.view(addr, src.nbytes, writable=True)[:] = src
+        except GuestMemoryError:
+            pos = 0
+            for part in self._spans(addr, src.nbytes, writable=True):
+                part[:] = src[pos : pos + part.nbytes]
+                pos += part.nbytes
+
+    def _spans(self, addr: int, length: int, *, writable: bool) -> list[memoryview]:
+        """Views covering [addr, addr+length) across adjacent maps, or GuestMemoryError."""
+        if addr < 0 or length < 0:
+            raise GuestMemoryError(addr, length, "is negative")
+        parts: list[memoryview] = []
+        pos, remaining = addr, length
+        while remaining:
+            i = bisect.bisect_right(self._starts, pos) - 1
+            if i < 0 or self._maps[i].end <= pos:
+                raise GuestMemoryError(addr, length)
+            dma_map = self._maps[i]
+            if writable and not dma_map.writable:
+                raise GuestMemoryError(addr, length, "is read-only")
+            offset = pos - dma_map.iova
+            take = min(remaining, dma_map.size - offset)
+            parts.append(dma_map.buffer[offset : offset + take])
+            pos += take
+            remaining -= take
+        return parts
