@@ -13,10 +13,12 @@ valid only until control returns to the server loop: a map may be removed after 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Buffer
 from dataclasses import dataclass, field
 
 from vfuserver.devices.errors import GuestMemoryError
+
+Buffer = bytes | bytearray | memoryview
+"""Byte buffers accepted for guest memory copies (collections.abc.Buffer is 3.12+)."""
 
 
 @dataclass(eq=False)

@@ -1,0 +1,428 @@
+"""The virtio PCI transport (virtio 1.x §4.1): maps BARs and capabilities onto a device.
+
+The layout follows QEMU's modern virtio-net-pci: BAR1 holds the MSI-X table and PBA,
+BAR4 is a 64-bit prefetchable memory BAR with the common configuration at 0x0000, the ISR
+at 0x1000, the device configuration at 0x2000 and the notify area at 0x3000
+(``notify_off_multiplier`` 4, queue ``n`` notifies at 0x3000 + 4n). The virtio device
+behind it knows nothing of PCI; :class:`VirtioPciFunction` composes the two.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import struct
+from typing import TYPE_CHECKING
+
+from vfuserver.devices.errors import GuestError
+from vfuserver.devices.pci import (
+    Bar,
+    BarKind,
+    ConfigSpace,
+    Interrupts,
+    NoInterrupts,
+    Region,
+    ResetKind,
+)
+from vfuserver.protocol import pci as pcifmt
+from vfuserver.protocol import virtio_pci as vpci
+from vfuserver.protocol.virtio_pci import CommonCfgRegister as Reg
+
+if TYPE_CHECKING:
+    from vfuserver.devices.virtio import VirtioDevice
+    from vfuserver.devices.virtqueue import VirtQueue
+
+NO_VECTOR = vpci.MSI_NO_VECTOR
+
+
+class Layout(enum.IntEnum):
+    """Offsets in the modern BAR (QEMU virtio-pci's defaults)."""
+
+    COMMON = 0x0000
+    ISR = 0x1000
+    DEVICE = 0x2000
+    NOTIFY = 0x3000
+    SIZE = 0x4000
+
+
+NOTIFY_OFF_MULTIPLIER = 4
+MODERN_BAR = 4
+MSIX_BAR = 1
+MSIX_BAR_SIZE = 0x1000
+MSIX_PBA_OFFSET = 0x800
+
+MSIX_ENTRY_SIZE = 16
+MSIX_CONTROL_ENABLE = 0x8000
+MSIX_CONTROL_FUNCTION_MASK = 0x4000
+
+
+class MsixTableBar:
+    """BAR holding the MSI-X table and PBA. QEMU emulates the table itself and forwards
+    only PBA reads ("the server's copy is what matters"); we keep no pending bits, so the
+    table and PBA read as zero and writes are accepted and ignored."""
+
+    def __init__(self, vectors: int) -> None:
+        self.vectors = vectors
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        pass
+
+
+class VirtioPciTransport:
+    """Common/ISR/device/notify areas of the modern BAR and interrupt routing."""
+
+    def __init__(self, device: VirtioDevice, config: ConfigSpace, msix_cap: int) -> None:
+        self.device = device
+        self.config = config
+        self.msix_cap = msix_cap
+        self.interrupts: Interrupts = NoInterrupts()
+        self.isr = 0
+        self.config_msix_vector = NO_VECTOR
+        self.device_feature_select = 0
+        self.driver_feature_select = 0
+        self.queue_select = 0
+        self.log = logging.getLogger(f"vfuserver.{getattr(device, 'name', 'virtio')}")
+
+    # -- interrupts (VirtioInterrupts, called by the device) ------------------------------
+
+    def msix_enabled(self) -> bool:
+        control = self.config.u16(self.msix_cap + 2)
+        return bool(control & MSIX_CONTROL_ENABLE)
+
+    def queue_interrupt(self, queue: VirtQueue) -> None:
+        self._raise(vpci.IsrStatus.QUEUE, queue.msix_vector)
+
+    def config_interrupt(self) -> None:
+        self._raise(vpci.IsrStatus.CONFIG, self.config_msix_vector)
+
+    def _raise(self, isr_bit: int, vector: int) -> None:
+        if self.msix_enabled():
+            if vector != NO_VECTOR:
+                self.interrupts.trigger(vector)
+            return
+        # INTx: the ISR bit says why; QEMU asserts the line on the eventfd and deasserts
+        # it on the guest's next BAR access, after which the ISR read clears the bit.
+        self.isr |= isr_bit
+        if not self.config.command & pcifmt.Command.INTX_DISABLE:
+            self.interrupts.trigger(0)
+
+    def read_isr(self) -> int:
+        """ISR read: returns and clears the pending bits (§4.1.4.5)."""
+        value, self.isr = self.isr, 0
+        return value
+
+    # -- common configuration ---------------------------------------------------------
+
+    def _selected_queue(self) -> VirtQueue | None:
+        queues = self.device.queues
+        return queues[self.queue_select] if self.queue_select < len(queues) else None
+
+    def read_common(self, offset: int, size: int) -> bytes:
+        regs = vpci.common_cfg_access(offset, size)
+        if not regs:
+            raise GuestError(f"common cfg read of {size} bytes at {offset:#x}")
+        return b"".join(self._read_reg(reg).to_bytes(reg.width, "little") for reg in regs)
+
+    def _read_reg(self, reg: Reg) -> int:
+        dev = self.device
+        queue = self._selected_queue()
+        match reg:
+            case Reg.DEVICE_FEATURE_SELECT:
+                return self.device_feature_select
+            case Reg.DEVICE_FEATURE:
+                return dev.get_device_features(self.device_feature_select)
+            case Reg.DRIVER_FEATURE_SELECT:
+                return self.driver_feature_select
+            case Reg.DRIVER_FEATURE:
+                sel = self.driver_feature_select
+                return (dev.driver_features >> (32 * sel)) & 0xFFFFFFFF if sel < 2 else 0
+            case Reg.CONFIG_MSIX_VECTOR:
+                return self.config_msix_vector
+            case Reg.NUM_QUEUES:
+                return len(dev.queues)
+            case Reg.DEVICE_STATUS:
+                return dev.status
+            case Reg.CONFIG_GENERATION:
+                return dev.config_generation & 0xFF
+            case Reg.QUEUE_SELECT:
+                return self.queue_select
+            case Reg.QUEUE_NOTIFY_OFF:
+                return self.queue_select if queue is not None else 0
+            case Reg.ADMIN_QUEUE_INDEX | Reg.ADMIN_QUEUE_NUM | Reg.QUEUE_NOTIFY_DATA:
+                return 0
+        if queue is None:
+            return NO_VECTOR if reg is Reg.QUEUE_MSIX_VECTOR else 0
+        match reg:
+            case Reg.QUEUE_SIZE:
+                return queue.size
+            case Reg.QUEUE_MSIX_VECTOR:
+                return queue.msix_vector
+            case Reg.QUEUE_ENABLE:
+                return int(queue.enabled)
+            case Reg.QUEUE_DESC_LO | Reg.QUEUE_DESC_HI:
+                return _half(queue.desc_addr, reg is Reg.QUEUE_DESC_HI)
+            case Reg.QUEUE_DRIVER_LO | Reg.QUEUE_DRIVER_HI:
+                return _half(queue.avail_addr, reg is Reg.QUEUE_DRIVER_HI)
+            case Reg.QUEUE_DEVICE_LO | Reg.QUEUE_DEVICE_HI:
+                return _half(queue.used_addr, reg is Reg.QUEUE_DEVICE_HI)
+            case Reg.QUEUE_RESET:
+                return 0
+        raise AssertionError(reg)  # pragma: no cover - the match covers every register
+
+    def write_common(self, offset: int, data: bytes) -> None:
+        regs = vpci.common_cfg_access(offset, len(data))
+        if not regs:
+            raise GuestError(f"common cfg write of {len(data)} bytes at {offset:#x}")
+        for i, reg in enumerate(regs):
+            value = int.from_bytes(data[4 * i : 4 * i + reg.width], "little")
+            self._write_reg(reg, value)
+
+    def _write_reg(self, reg: Reg, value: int) -> None:
+        dev = self.device
+        if not reg.writable:
+            self.log.debug("write to read-only common cfg %s ignored", reg.name)
+            return
+        match reg:
+            case Reg.DEVICE_FEATURE_SELECT:
+                self.device_feature_select = value
+                return
+            case Reg.DRIVER_FEATURE_SELECT:
+                self.driver_feature_select = value
+                return
+            case Reg.DRIVER_FEATURE:
+                dev.set_driver_features(self.driver_feature_select, value)
+                return
+            case Reg.CONFIG_MSIX_VECTOR:
+                self.config_msix_vector = self._accept_vector(value)
+                return
+            case Reg.DEVICE_STATUS:
+                if value == 0:
+                    self.reset_transport_state()
+                dev.set_status(value)
+                return
+            case Reg.QUEUE_SELECT:
+                self.queue_select = value
+                return
+        queue = self._selected_queue()
+        if queue is None:
+            self.log.debug("write to %s of absent queue %d ignored", reg.name, self.queue_select)
+            return
+        if queue.enabled and reg is not Reg.QUEUE_MSIX_VECTOR and reg is not Reg.QUEUE_RESET:
+            # §4.1.4.3.2: the driver MUST NOT change a queue's layout once it is enabled
+            raise GuestError(f"{reg.name} written while queue {queue.index} is enabled")
+        match reg:
+            case Reg.QUEUE_SIZE:
+                queue.set_size(value)
+            case Reg.QUEUE_MSIX_VECTOR:
+                queue.msix_vector = self._accept_vector(value)
+            case Reg.QUEUE_ENABLE:
+                if value == 1:
+                    queue.enable()
+            case Reg.QUEUE_DESC_LO | Reg.QUEUE_DESC_HI:
+                queue.desc_addr = _set_half(queue.desc_addr, value, reg is Reg.QUEUE_DESC_HI)
+            case Reg.QUEUE_DRIVER_LO | Reg.QUEUE_DRIVER_HI:
+                queue.avail_addr = _set_half(queue.avail_addr, value,
+                                             reg is Reg.QUEUE_DRIVER_HI)
+            case Reg.QUEUE_DEVICE_LO | Reg.QUEUE_DEVICE_HI:
+                queue.used_addr = _set_half(queue.used_addr, value, reg is Reg.QUEUE_DEVICE_HI)
+            case Reg.QUEUE_RESET:
+                pass  # VIRTIO_F_RING_RESET is not offered
+
+    def _accept_vector(self, vector: int) -> int:
+        """A vector the driver asks for, or NO_VECTOR if the device has no such vector
+        (the driver reads it back to learn it was refused, §4.1.5.1.2)."""
+        return vector if vector < self.msix_vectors else NO_VECTOR
+
+    msix_vectors = 0
+
+    def reset_transport_state(self) -> None:
+        self.isr = 0
+        self.config_msix_vector = NO_VECTOR
+        self.device_feature_select = self.driver_feature_select = self.queue_select = 0
+
+    # -- the other areas ----------------------------------------------------------------
+
+    def notify(self, offset: int, data: bytes) -> None:
+        if offset % NOTIFY_OFF_MULTIPLIER or len(data) not in (2, 4):
+            raise GuestError(f"notify write of {len(data)} bytes at {offset:#x}")
+        self.device.notify(offset // NOTIFY_OFF_MULTIPLIER)
+
+
+class ModernBar:
+    """The modern virtio BAR: dispatches each access to its area."""
+
+    def __init__(self, transport: VirtioPciTransport) -> None:
+        self.transport = transport
+
+    def read(self, offset: int, size: int) -> bytes:
+        t = self.transport
+        if offset < Layout.ISR:
+            return t.read_common(offset, size)
+        if offset < Layout.DEVICE:
+            if offset != Layout.ISR or size != 1:
+                raise GuestError(f"ISR read of {size} bytes at {offset:#x}")
+            return bytes([t.read_isr()])
+        if offset < Layout.NOTIFY:
+            return t.device.read_config(offset - Layout.DEVICE, size)
+        return bytes(size)  # notify area reads carry nothing
+
+    def write(self, offset: int, data: bytes) -> None:
+        t = self.transport
+        if offset < Layout.ISR:
+            t.write_common(offset, data)
+        elif offset < Layout.DEVICE:
+            raise GuestError(f"write of {len(data)} bytes to the read-only ISR at {offset:#x}")
+        elif offset < Layout.NOTIFY:
+            t.device.write_config(offset - Layout.DEVICE, data)
+        else:
+            t.notify(offset - Layout.NOTIFY, data)
+
+
+def _half(value: int, high: bool) -> int:
+    return (value >> 32) & 0xFFFFFFFF if high else value & 0xFFFFFFFF
+
+
+def _set_half(value: int, half: int, high: bool) -> int:
+    if high:
+        return (value & 0xFFFFFFFF) | (half << 32)
+    return (value & ~0xFFFFFFFF) | half
+
+
+class VirtioPciFunction:
+    """A virtio device behind the modern virtio PCI transport: the PCI function to serve.
+
+    Identity as the spec asks of a modern-only device (§4.1.2.1): vendor 0x1af4, device
+    0x1040 + type, revision 1, subsystem 0x1af4:0x1100 (QEMU's choice, >= 0x40).
+    """
+
+    SUBSYSTEM_ID = 0x1100
+
+    def __init__(self, device: VirtioDevice, *, name: str, class_code: int,
+                 msix_vectors: int = 4) -> None:
+        self.name = name
+        self.device = device
+        self.msix_vectors = msix_vectors
+        self.intx = True
+        self.config = ConfigSpace()
+        self.config.set_header(
+            vendor_id=vpci.VENDOR_ID,
+            device_id=vpci.modern_device_id(device.device_id),
+            revision_id=vpci.MODERN_REVISION_ID,
+            base_class=class_code >> 8, subclass=class_code & 0xFF, prog_if=0,
+            subsystem_vendor_id=vpci.VENDOR_ID, subsystem_id=self.SUBSYSTEM_ID,
+            interrupt_pin=1,
+        )
+        self.msix_cap = self._add_msix_capability()
+        self.transport = VirtioPciTransport(device, self.config, self.msix_cap)
+        self.transport.msix_vectors = msix_vectors
+        self._add_virtio_capabilities()
+        self.config.add_bar(Bar(MSIX_BAR, MSIX_BAR_SIZE, BarKind.MEM32,
+                                MsixTableBar(msix_vectors)))
+        self.modern_bar = ModernBar(self.transport)
+        self.config.add_bar(Bar(MODERN_BAR, Layout.SIZE, BarKind.MEM64, self.modern_bar,
+                                prefetchable=True))
+
+    def _add_msix_capability(self) -> int:
+        # Message control: table size - 1 (RO), function mask and enable (RW);
+        # table at BAR1 offset 0, PBA at BAR1 offset 0x800 (BIR in the low 3 bits).
+        body = struct.pack("<HII", self.msix_vectors - 1, MSIX_BAR,
+                           MSIX_PBA_OFFSET | MSIX_BAR)
+        wmask = struct.pack("<H", MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK)
+        return self.config.add_capability(pcifmt.CapabilityId.MSIX, body, wmask=wmask)
+
+    def _add_virtio_capabilities(self) -> None:
+        areas = [
+            (vpci.CfgType.COMMON, Layout.COMMON, 0x1000),
+            (vpci.CfgType.ISR, Layout.ISR, 0x1000),
+            (vpci.CfgType.DEVICE, Layout.DEVICE, 0x1000),
+        ]
+        for cfg_type, offset, length in areas:
+            self._add_virtio_cap(vpci.VirtioPciCap, cfg_type, offset, length)
+        self._add_virtio_cap(vpci.VirtioPciNotifyCap, vpci.CfgType.NOTIFY, Layout.NOTIFY,
+                             0x1000, notify_off_multiplier=NOTIFY_OFF_MULTIPLIER)
+        self.pci_cfg_cap = self._add_virtio_cap(
+            vpci.VirtioPciCfgCap, vpci.CfgType.PCI, 0, 0, pci_cfg_data=bytes(4),
+            # writable: bar, offset, length, pci_cfg_data (the body starts at cap_len)
+            wmask=bytes(2) + b"\xff" + bytes(3) + b"\xff" * 12,
+            hook=self._pci_cfg_written)
+
+    def _add_virtio_cap(self, fmt: object, cfg_type: vpci.CfgType, offset: int, length: int,
+                        *, wmask: bytes = b"", hook: object = None, **tail: object) -> int:
+        cap = {"cap_next": 0, "cap_len": 0, "cfg_type": cfg_type,
+               "bar": MODERN_BAR if cfg_type is not vpci.CfgType.PCI else 0, "id": 0,
+               "offset": offset, "length": length}
+        size = fmt.sizeof()  # type: ignore[attr-defined]
+        cap["cap_len"] = size
+        value = {"cap": cap, **tail} if tail else cap
+        raw = fmt.build(value)  # type: ignore[attr-defined]
+        return self.config.add_capability(pcifmt.CapabilityId.VENDOR, raw[2:], wmask=wmask,
+                                          hook=hook)  # type: ignore[arg-type]
+
+    def _pci_cfg_written(self, offset: int, old: bytes, new: bytes) -> None:
+        """§4.1.4.9: a write to pci_cfg_data writes the BAR window the cap points at."""
+        cap = self.pci_cfg_cap
+        data_at = cap + 16
+        if offset + len(new) <= data_at:
+            return
+        bar, window, length = self._pci_cfg_window()
+        if bar is None:
+            return
+        data = bytes(self.config.data[data_at : data_at + length])
+        bar.region.write(window, data)
+
+    def _pci_cfg_window(self) -> tuple[Bar | None, int, int]:
+        cap = self.pci_cfg_cap
+        bar_index = self.config.data[cap + 4]
+        window = self.config.u32(cap + 8)
+        length = self.config.u32(cap + 12)
+        bar = self.config.bars.get(bar_index)
+        if bar is None or length not in (1, 2, 4) or window + length > bar.size:
+            return None, 0, 0
+        return bar, window, length
+
+    def config_region(self) -> Region:
+        return _VirtioConfigRegion(self)
+
+    def attach_interrupts(self, interrupts: Interrupts) -> None:
+        self.transport.interrupts = interrupts
+
+    def reset(self, kind: ResetKind) -> None:
+        self.device.reset()
+        self.transport.reset_transport_state()
+        # Power-on state of what the guest programs in config space: command register,
+        # BAR addresses and MSI-X enable, as after a function-level reset.
+        command = pcifmt.Offset.COMMAND
+        self.config.data[command : command + 2] = bytes(2)
+        control = self.msix_cap + 2
+        value = self.config.u16(control) & ~(MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK)
+        self.config.data[control : control + 2] = value.to_bytes(2, "little")
+        for bar in self.config.bars.values():
+            reg = pcifmt.Offset.BASE_ADDRESS_0 + 4 * bar.index
+            self.config.data[reg : reg + 4] = bar.type_bits.to_bytes(4, "little")
+            if bar.kind is BarKind.MEM64:
+                self.config.data[reg + 4 : reg + 8] = bytes(4)
+
+
+class _VirtioConfigRegion:
+    """Config-space accesses, with the virtio PCI_CFG window read on demand."""
+
+    def __init__(self, function: VirtioPciFunction) -> None:
+        self.function = function
+
+    def read(self, offset: int, size: int) -> bytes:
+        fn = self.function
+        data_at = fn.pci_cfg_cap + 16
+        if offset < data_at + 4 and data_at < offset + size:
+            bar, window, length = fn._pci_cfg_window()
+            if bar is not None:
+                fn.config.data[data_at : data_at + length] = bar.region.read(window, length)
+        return fn.config.read(offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if not data:
+            raise GuestError("empty config write", errno=errno.EINVAL)
+        self.function.config.write(offset, data)

@@ -1,0 +1,77 @@
+"""Fixtures that serve real libvfio-user contexts inside the test's trio loop.
+
+The vfio-user client is synchronous (like QEMU's vCPU threads, it blocks for replies),
+so tests run it in a worker thread with ``trio.to_thread.run_sync``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+from vfuserver.devices.pci import Bar, BarKind, ConfigSpace, Interrupts, ResetKind
+
+from vfuserver.context import VfuContext
+from vfuserver.server import serve_device
+
+
+class ScratchRegion:
+    """A BAR backed by plain memory."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.data[offset : offset + size])
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.data[offset : offset + len(data)] = data
+
+
+class ScratchFunction:
+    """The smallest real PCI function: a header and one 4 KiB memory BAR."""
+
+    msix_vectors = 2
+    intx = True
+
+    def __init__(self, name: str = "scratch") -> None:
+        self.name = name
+        self.config = ConfigSpace()
+        self.config.set_header(vendor_id=0x1AF4, device_id=0x10FF, revision_id=1,
+                               base_class=0xFF, interrupt_pin=1)
+        self.bar0 = ScratchRegion(4096)
+        self.config.add_bar(Bar(0, 4096, BarKind.MEM32, self.bar0))
+        self.resets: list[ResetKind] = []
+        self.interrupts: Interrupts | None = None
+
+    def config_region(self) -> ConfigSpace:
+        return self.config
+
+    def attach_interrupts(self, interrupts: Interrupts) -> None:
+        self.interrupts = interrupts
+
+    def reset(self, kind: ResetKind) -> None:
+        self.resets.append(kind)
+
+
+ServeFn = Callable[..., "trio.lowlevel.Task"]
+
+
+@pytest.fixture
+async def serve(tmp_path: Path) -> AsyncIterator[Callable[[object, str], trio.Event]]:
+    """serve(function, name) starts serving ``function`` on tmp_path/name.sock."""
+    contexts: list[VfuContext] = []
+    async with trio.open_nursery() as nursery:
+
+        async def start(function: object, name: str = "dev") -> VfuContext:
+            context = VfuContext(str(tmp_path / f"{name}.sock"), function)  # type: ignore[arg-type]
+            contexts.append(context)
+            await nursery.start(serve_device, context)
+            return context
+
+        yield start  # type: ignore[misc]
+        nursery.cancel_scope.cancel()
+    for context in contexts:
+        context.close()

@@ -1,0 +1,248 @@
+"""The serving loop against a real libvfio-user, driven by a real vfio-user client."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from vfuserver.devices.pci import ResetKind
+from vfuserver.protocol import vfio_user as vu
+
+from tests.server.conftest import ScratchFunction
+from vfuserver.client import Client, VfioUserError
+from vfuserver.context import ATTACH_TIMEOUT, VfuContext
+
+
+def in_thread(fn: Any, *args: Any) -> Any:
+    return trio.to_thread.run_sync(fn, *args)
+
+
+async def test_version_negotiation(serve: Any) -> None:
+    context = await serve(ScratchFunction())
+
+    def session() -> tuple[tuple[int, int], dict[str, Any]]:
+        with Client(context.socket_path) as client:
+            return client.server_version, client.server_capabilities
+
+    version, caps = await in_thread(session)
+    assert version[0] == 0
+    assert caps["max_data_xfer_size"] == vu.MAX_DATA_XFER_SIZE
+    assert caps["max_msg_fds"] >= 1
+
+
+async def test_bad_version_is_refused_and_next_client_served(serve: Any) -> None:
+    context = await serve(ScratchFunction())
+
+    def bad() -> None:
+        with Client(context.socket_path, negotiate=False) as client, \
+                pytest.raises((VfioUserError, ConnectionError)):
+            client.request(vu.Command.VERSION, vu.build_version(7, 0, None))
+
+    await in_thread(bad)
+
+    def good() -> bytes:
+        with Client(context.socket_path) as client:
+            return client.read(vu.PciRegion.CONFIG, 0, 4)
+
+    assert await in_thread(good) == bytes.fromhex("f41aff10")
+
+
+async def test_device_region_and_irq_info(serve: Any) -> None:
+    context = await serve(ScratchFunction())
+
+    def session() -> tuple[Any, dict[int, Any], dict[int, Any]]:
+        with Client(context.socket_path) as client:
+            info = client.device_info()
+            regions = {i: client.region_info(i) for i in range(info.num_regions)}
+            irqs = {i: client.irq_info(i) for i in range(info.num_irqs)}
+            return info, regions, irqs
+
+    info, regions, irqs = await in_thread(session)
+    assert info.flags & vu.DeviceFlags.PCI and info.flags & vu.DeviceFlags.RESET
+    assert info.num_regions >= vu.PciRegion.VGA
+    config = regions[vu.PciRegion.CONFIG]
+    # the config region is readable and writable (libvfio-user 0b28d205 left its flags 0)
+    assert config.size == 256 and config.flags == vu.RegionFlags.READ | vu.RegionFlags.WRITE
+    bar0 = regions[vu.PciRegion.BAR0]
+    assert bar0.size == 4096 and not bar0.flags & vu.RegionFlags.MMAP
+    assert regions[vu.PciRegion.BAR1].size == 0
+    assert irqs[vu.PciIrq.INTX].count == 1 and irqs[vu.PciIrq.MSIX].count == 2
+    assert irqs[vu.PciIrq.MSIX].flags & vu.IrqInfoFlags.EVENTFD
+
+
+async def test_region_access_and_out_of_range_is_einval(serve: Any) -> None:
+    function = ScratchFunction()
+    context = await serve(function)
+
+    def session() -> bytes:
+        with Client(context.socket_path) as client:
+            client.write(vu.PciRegion.BAR0, 0x10, b"\x01\x02\x03\x04")
+            for region, offset, count in [(vu.PciRegion.BAR0, 4094, 4),
+                                          (vu.PciRegion.BAR0, 1 << 40, 4),
+                                          (vu.PciRegion.BAR1, 0, 4),
+                                          (vu.PciRegion.CONFIG, 254, 4),
+                                          (42, 0, 4)]:
+                with pytest.raises(VfioUserError) as raised:
+                    client.read(region, offset, count)
+                assert raised.value.errno == errno.EINVAL, (region, offset)
+            return client.read(vu.PciRegion.BAR0, 0x10, 4)
+
+    assert await in_thread(session) == b"\x01\x02\x03\x04"
+    assert function.bar0.data[0x10:0x14] == b"\x01\x02\x03\x04"
+
+
+async def test_guest_error_from_a_model_is_answered_with_its_errno(serve: Any) -> None:
+    function = ScratchFunction()
+    context = await serve(function)
+
+    def session() -> int:
+        with Client(context.socket_path) as client:
+            # a 3-byte write to the config space header lands in no register: still fine,
+            # but config space write past the end is refused by our model with EINVAL
+            with pytest.raises(VfioUserError) as raised:
+                client.write(vu.PciRegion.CONFIG, 255, b"\x00\x00")
+            return raised.value.errno
+
+    assert await in_thread(session) == errno.EINVAL
+
+
+async def test_bug_in_a_model_gives_eio_and_the_server_goes_on(
+        serve: Any, caplog: pytest.LogCaptureFixture) -> None:
+    function = ScratchFunction()
+
+    def broken_read(offset: int, size: int) -> bytes:
+        raise ZeroDivisionError("model bug")
+
+    function.bar0.read = broken_read  # type: ignore[method-assign]
+    context = await serve(function)
+
+    def session() -> bytes:
+        with Client(context.socket_path) as client:
+            with pytest.raises(VfioUserError) as raised:
+                client.read(vu.PciRegion.BAR0, 0, 4)
+            assert raised.value.errno == errno.EIO
+            return client.read(vu.PciRegion.CONFIG, 0, 2)
+
+    assert await in_thread(session) == b"\xf4\x1a"
+    assert any("model bug" in r.getMessage() or (r.exc_info and "model bug" in str(r.exc_info[1]))
+               for r in caplog.records)
+
+
+async def test_disconnect_then_second_client(serve: Any) -> None:
+    function = ScratchFunction()
+    context = await serve(function)
+
+    def session(value: bytes) -> bytes:
+        with Client(context.socket_path) as client:
+            before = client.read(vu.PciRegion.BAR0, 0, 4)
+            client.write(vu.PciRegion.BAR0, 0, value)
+            return before
+
+    await in_thread(session, b"abcd")
+    await trio.sleep(0.05)
+    assert await in_thread(session, b"efgh") == b"abcd"
+    assert ResetKind.LOST_CONNECTION in function.resets
+
+
+async def test_device_reset_reaches_the_function(serve: Any) -> None:
+    function = ScratchFunction()
+    context = await serve(function)
+
+    def session() -> None:
+        with Client(context.socket_path) as client:
+            client.reset()
+
+    await in_thread(session)
+    assert function.resets[0] is ResetKind.DEVICE
+
+
+async def test_silent_client_does_not_stall_another_device(serve: Any) -> None:
+    first = await serve(ScratchFunction("first"), "first")
+    second = await serve(ScratchFunction("second"), "second")
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(first.socket_path)  # connects, never sends VERSION
+    try:
+        await trio.sleep(0.1)  # the first device is now inside its handshake
+
+        def busy_session() -> float:
+            started = time.monotonic()
+            with Client(second.socket_path) as client:
+                for _ in range(200):
+                    client.read(vu.PciRegion.BAR0, 0, 4)
+            return time.monotonic() - started
+
+        elapsed = await in_thread(busy_session)
+        # served while the silent handshake is still pending, not after it timed out
+        assert elapsed < ATTACH_TIMEOUT
+    finally:
+        silent.close()
+
+    def first_session() -> bytes:
+        with Client(first.socket_path) as client:
+            return client.read(vu.PciRegion.CONFIG, 0, 2)
+
+    assert await in_thread(first_session) == b"\xf4\x1a"
+
+
+async def test_half_sent_message_does_not_stall_and_stream_stays_in_sync(serve: Any) -> None:
+    first = await serve(ScratchFunction("first"), "first")
+    second = await serve(ScratchFunction("second"), "second")
+    first_client = await in_thread(Client, first.socket_path)
+    try:
+        msg = vu.HEADER.pack(77, vu.Command.REGION_READ, 32, 0, 0) + vu.REGION_ACCESS.pack(
+            0, vu.PciRegion.CONFIG, 4)
+        first_client.sock.sendall(msg[:20])  # header and part of the body, then a pause
+
+        def other() -> bytes:
+            with Client(second.socket_path) as client:
+                return client.read(vu.PciRegion.CONFIG, 0, 2)
+
+        with trio.fail_after(ATTACH_TIMEOUT):
+            assert await in_thread(other) == b"\xf4\x1a"
+        first_client.sock.sendall(msg[20:])
+        reply = await in_thread(first_client.receive, 77, vu.Command.REGION_READ)
+        assert reply[16:20] == bytes.fromhex("f41aff10")
+        assert await in_thread(first_client.read, vu.PciRegion.CONFIG, 2, 2) == b"\xff\x10"
+    finally:
+        first_client.close()
+
+
+async def test_socket_file_is_private_and_removed(tmp_path: Path) -> None:
+    path = tmp_path / "p.sock"
+    with VfuContext(str(path), ScratchFunction()) as context:
+        mode = os.stat(path).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+        assert context.socket_path == str(path)
+    assert not path.exists()
+
+
+def test_stale_socket_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens: what a killed server leaves
+    with VfuContext(str(path), ScratchFunction()):
+        assert path.exists()
+
+
+def test_live_socket_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "live.sock"
+    with VfuContext(str(path), ScratchFunction()):
+        with pytest.raises(FileExistsError, match="held by a running server"):
+            VfuContext(str(path), ScratchFunction())
+        assert path.exists()
+
+
+def test_regular_file_is_not_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "file.sock"
+    path.write_text("precious")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        VfuContext(str(path), ScratchFunction())
+    assert path.read_text() == "precious"

@@ -1,0 +1,143 @@
+"""cffi build script for the libvfio-user binding (API mode, out-of-line).
+
+Run by setuptools at install time (``cffi_modules`` in setup.py). Where libvfio-user
+comes from, first match wins: ``VFU_PREFIX`` (a prefix with include/vfio-user/ and lib/),
+pkg-config's ``libvfio-user``, or the project-local prefix ``.deps/prefix`` that
+scripts/get-libvfio-user.sh builds.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+DECLARATIONS = HERE / "decl" / "libvfio-user.h"
+
+
+def _pkg_config() -> tuple[list[str], list[str]] | None:
+    try:
+        cflags = subprocess.run(["pkg-config", "--cflags-only-I", "libvfio-user"],
+                                check=True, capture_output=True, text=True).stdout
+        libs = subprocess.run(["pkg-config", "--libs-only-L", "libvfio-user"],
+                              check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    incs = [f[2:] for f in shlex.split(cflags)]
+    libdirs = [f[2:] for f in shlex.split(libs)]
+    # the library's own includes are "libvfio-user.h", under <prefix>/include/vfio-user
+    incs += [os.path.join(i, "vfio-user") for i in incs]
+    return incs, libdirs
+
+
+def _locate() -> tuple[list[str], list[str]]:
+    prefix = os.environ.get("VFU_PREFIX")
+    if not prefix:
+        found = _pkg_config()
+        if found is not None:
+            return found
+        prefix = str(HERE.parent / ".deps" / "prefix")
+    include = Path(prefix) / "include" / "vfio-user"
+    if not (include / "libvfio-user.h").is_file():
+        sys.exit(
+            f"vfuserver: libvfio-user not found (looked in VFU_PREFIX, pkg-config and {prefix}).\n"
+            "Run scripts/get-libvfio-user.sh (or 'make setup') first, or set VFU_PREFIX."
+        )
+    libdirs = [str(Path(prefix) / d) for d in ("lib", "lib64", "lib/x86_64-linux-gnu")
+               if (Path(prefix) / d).is_dir()]
+    return [str(include)], libdirs
+
+
+INCLUDE_DIRS, LIBRARY_DIRS = _locate()
+
+ffibuilder = FFI()
+ffibuilder.cdef(DECLARATIONS.read_text())
+ffibuilder.set_source(
+    "vfuserver._vfu_cffi",
+    r"""
+#include <errno.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <syslog.h>
+#include "libvfio-user.h"
+#include "vfio-user.h"
+
+typedef vfu_region_access_cb_t *vfu_region_access_cb_p;
+typedef vfu_log_fn_t *vfu_log_fn_p;
+typedef vfu_reset_cb_t *vfu_reset_cb_p;
+typedef vfu_device_quiesce_cb_t *vfu_quiesce_cb_p;
+typedef vfu_dma_register_cb_t *vfu_dma_cb_p;
+typedef vfu_dev_irq_state_cb_t *vfu_irq_state_cb_p;
+
+static ssize_t vfuserver_region_cb(vfu_ctx_t *, int, char *, size_t, loff_t, bool);
+
+#define TRAMPOLINE(i) \
+    static ssize_t trampoline_##i(vfu_ctx_t *c, char *b, size_t n, loff_t o, bool w) \
+    { return vfuserver_region_cb(c, i, b, n, o, w); }
+TRAMPOLINE(0) TRAMPOLINE(1) TRAMPOLINE(2) TRAMPOLINE(3) TRAMPOLINE(4)
+TRAMPOLINE(5) TRAMPOLINE(6) TRAMPOLINE(7) TRAMPOLINE(8) TRAMPOLINE(9)
+#undef TRAMPOLINE
+
+static vfu_region_access_cb_p vfuserver_region_trampoline(int i)
+{
+    static vfu_region_access_cb_p const table[] = {
+        trampoline_0, trampoline_1, trampoline_2, trampoline_3, trampoline_4,
+        trampoline_5, trampoline_6, trampoline_7, trampoline_8, trampoline_9,
+    };
+    _Static_assert(sizeof(table) / sizeof(table[0]) == VFU_PCI_DEV_NUM_REGIONS,
+                   "one trampoline per region index");
+    return (i >= 0 && i < VFU_PCI_DEV_NUM_REGIONS) ? table[i] : NULL;
+}
+
+/* Messages up to this size are only handed to libvfio-user once complete. */
+#define VFUSERVER_STREAMED_MESSAGE (64 * 1024)
+
+static int vfuserver_message_ready(int fd)
+{
+    struct vfio_user_header hdr;
+    int queued = 0;
+    ssize_t n;
+
+    if (ioctl(fd, FIONREAD, &queued) < 0) {
+        return -1;
+    }
+    if (queued == 0) {
+        return 2;       /* nothing queued: if the fd polled readable, the peer is gone */
+    }
+    if ((size_t)queued < sizeof(hdr)) {
+        return 0;
+    }
+    n = recv(fd, &hdr, sizeof(hdr), MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0) {
+        return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+    }
+    if ((size_t)n < sizeof(hdr)) {
+        return 0;
+    }
+    if (hdr.msg_size < sizeof(hdr) || hdr.msg_size > VFUSERVER_STREAMED_MESSAGE) {
+        /* Malformed (vfu_run_ctx rejects it), or larger than a socket buffer can hold:
+           the rest can only arrive while the library reads, so let it read. */
+        return 1;
+    }
+    return (size_t)queued >= hdr.msg_size ? 1 : 0;
+}
+""",
+    include_dirs=INCLUDE_DIRS,
+    library_dirs=LIBRARY_DIRS,
+    runtime_library_dirs=LIBRARY_DIRS,
+    libraries=["vfio-user"],
+    define_macros=[("_GNU_SOURCE", None)],
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(HERE.parent), verbose=True)

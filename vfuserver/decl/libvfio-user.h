@@ -1,0 +1,106 @@
+/*
+ * cffi declarations for libvfio-user (API mode), written against the tree pinned by
+ * Debian's QEMU source package: upstream nutanix/libvfio-user 0b28d205 (June 2022).
+ *
+ * API mode: every "..." (enum values, #define values, struct layouts) is filled in by the
+ * C compiler from the real <libvfio-user.h> when the extension is built, so a header that
+ * drifts breaks the build instead of mis-binding at run time.
+ */
+
+typedef int... loff_t;
+struct iovec { void *iov_base; size_t iov_len; };
+
+typedef struct vfu_ctx vfu_ctx_t;
+typedef struct dma_sg dma_sg_t;
+typedef void *vfu_dma_addr_t;
+
+typedef enum { VFU_TRANS_SOCK, ... } vfu_trans_t;
+typedef enum { VFU_DEV_TYPE_PCI, ... } vfu_dev_type_t;
+typedef enum { VFU_PCI_TYPE_CONVENTIONAL, VFU_PCI_TYPE_PCI_X_1, VFU_PCI_TYPE_PCI_X_2,
+               VFU_PCI_TYPE_EXPRESS, ... } vfu_pci_type_t;
+typedef enum vfu_reset_type { VFU_RESET_DEVICE, VFU_RESET_LOST_CONN, VFU_RESET_PCI_FLR,
+                              ... } vfu_reset_type_t;
+enum vfu_dev_irq_type { VFU_DEV_INTX_IRQ, VFU_DEV_MSI_IRQ, VFU_DEV_MSIX_IRQ,
+                        VFU_DEV_ERR_IRQ, VFU_DEV_REQ_IRQ, VFU_DEV_NUM_IRQS, ... };
+
+#define LIBVFIO_USER_FLAG_ATTACH_NB ...
+#define VFU_REGION_FLAG_READ ...
+#define VFU_REGION_FLAG_WRITE ...
+#define VFU_REGION_FLAG_RW ...
+#define VFU_REGION_FLAG_MEM ...
+#define VFU_REGION_FLAG_ALWAYS_CB ...
+#define PCI_HEADER_TYPE_NORMAL ...
+#define VFU_PCI_DEV_BAR0_REGION_IDX ...
+#define VFU_PCI_DEV_ROM_REGION_IDX ...
+#define VFU_PCI_DEV_CFG_REGION_IDX ...
+#define VFU_PCI_DEV_VGA_REGION_IDX ...
+#define VFU_PCI_DEV_MIGR_REGION_IDX ...
+#define VFU_PCI_DEV_NUM_REGIONS ...
+#define LOG_ERR ...
+#define LOG_WARNING ...
+#define LOG_NOTICE ...
+#define LOG_INFO ...
+#define LOG_DEBUG ...
+#define PROT_READ ...
+#define PROT_WRITE ...
+
+typedef struct vfu_dma_info {
+    struct iovec iova;
+    void *vaddr;
+    struct iovec mapping;
+    size_t page_size;
+    uint32_t prot;
+    ...;
+} vfu_dma_info_t;
+
+/* Pointer-to-function typedefs (the header declares function types). */
+typedef ssize_t (*vfu_region_access_cb_p)(vfu_ctx_t *, char *, size_t, loff_t, bool);
+typedef void (*vfu_log_fn_p)(vfu_ctx_t *, int, const char *);
+typedef int (*vfu_reset_cb_p)(vfu_ctx_t *, vfu_reset_type_t);
+typedef int (*vfu_quiesce_cb_p)(vfu_ctx_t *);
+typedef void (*vfu_dma_cb_p)(vfu_ctx_t *, vfu_dma_info_t *);
+typedef void (*vfu_irq_state_cb_p)(vfu_ctx_t *, uint32_t, uint32_t, bool);
+
+vfu_ctx_t *vfu_create_ctx(vfu_trans_t trans, const char *path, int flags, void *pvt,
+                          vfu_dev_type_t dev_type);
+int vfu_realize_ctx(vfu_ctx_t *vfu_ctx);
+int vfu_attach_ctx(vfu_ctx_t *vfu_ctx);
+int vfu_get_poll_fd(vfu_ctx_t *vfu_ctx);
+int vfu_run_ctx(vfu_ctx_t *vfu_ctx);
+void vfu_destroy_ctx(vfu_ctx_t *vfu_ctx);
+void *vfu_get_private(vfu_ctx_t *vfu_ctx);
+int vfu_setup_log(vfu_ctx_t *vfu_ctx, vfu_log_fn_p log, int level);
+int vfu_setup_region(vfu_ctx_t *vfu_ctx, int region_idx, size_t size,
+                     vfu_region_access_cb_p region_access, int flags,
+                     struct iovec *mmap_areas, uint32_t nr_mmap_areas, int fd, uint64_t offset);
+void vfu_setup_device_quiesce_cb(vfu_ctx_t *vfu_ctx, vfu_quiesce_cb_p quiesce_cb);
+int vfu_device_quiesced(vfu_ctx_t *vfu_ctx, int quiesce_errno);
+int vfu_setup_device_reset_cb(vfu_ctx_t *vfu_ctx, vfu_reset_cb_p reset);
+int vfu_setup_device_dma(vfu_ctx_t *vfu_ctx, vfu_dma_cb_p dma_register,
+                         vfu_dma_cb_p dma_unregister);
+int vfu_setup_device_nr_irqs(vfu_ctx_t *vfu_ctx, enum vfu_dev_irq_type type, uint32_t count);
+int vfu_setup_irq_state_callback(vfu_ctx_t *vfu_ctx, enum vfu_dev_irq_type type,
+                                 vfu_irq_state_cb_p cb);
+int vfu_irq_trigger(vfu_ctx_t *vfu_ctx, uint32_t subindex);
+int vfu_pci_init(vfu_ctx_t *vfu_ctx, vfu_pci_type_t pci_type, int hdr_type, int revision);
+
+/* --- vfuserver's own C helpers (defined in _build.py's set_source) --- */
+
+/* libvfio-user's region callback carries no region index: one C trampoline per index
+   forwards to the single Python entry point vfuserver_region_cb. */
+vfu_region_access_cb_p vfuserver_region_trampoline(int region_idx);
+
+/* 1 if the connection's receive queue holds at least one complete vfio-user message (or
+   a malformed or very large one: vfu_run_ctx deals with those), 0 if only part of a
+   message has arrived, 2 if nothing is queued, -1 on error (errno set). libvfio-user reads a message
+   with blocking recv() calls, so calling vfu_run_ctx on a partial message would freeze
+   the whole event loop until the client sends the rest. */
+int vfuserver_message_ready(int fd);
+
+extern "Python" ssize_t vfuserver_region_cb(vfu_ctx_t *, int, char *, size_t, loff_t, bool);
+extern "Python" void vfuserver_log_cb(vfu_ctx_t *, int, const char *);
+extern "Python" int vfuserver_reset_cb(vfu_ctx_t *, vfu_reset_type_t);
+extern "Python" int vfuserver_quiesce_cb(vfu_ctx_t *);
+extern "Python" void vfuserver_dma_register_cb(vfu_ctx_t *, vfu_dma_info_t *);
+extern "Python" void vfuserver_dma_unregister_cb(vfu_ctx_t *, vfu_dma_info_t *);
+extern "Python" void vfuserver_intx_state_cb(vfu_ctx_t *, uint32_t, uint32_t, bool);
