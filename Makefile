@@ -32,7 +32,7 @@ $(STAMPS)/installed: $(STAMPS)/libvfio-user $(SETUP_INPUTS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
+	scripts/typecheck.sh
 
 test: lint
 	$(PY) -m pytest

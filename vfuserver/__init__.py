@@ -1,0 +1,3 @@
+"""vfuserver: a vfio-user device server presenting virtio devices to QEMU."""
+
+__version__ = "0.1.0"
