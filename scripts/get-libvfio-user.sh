@@ -62,6 +62,7 @@ else
             || die "could not download the qemu source package; set LIBVFIO_USER_SRC=<libvfio-user checkout> instead"
         ORIG=$(ls -t "$A"/src/qemu_*.orig.tar.xz | head -1)
         X=$(mktemp -d "$CACHE/extract.XXXXXX")
+        trap 'rm -rf "$X"' EXIT
         tar --wildcards -xJf "$ORIG" -C "$X" '*/subprojects/libvfio-user.wrap' '*/subprojects/libvfio-user/*'
         top=$(ls "$X")
         rev=$(sed -n 's/^revision *= *//p' "$X/$top/subprojects/libvfio-user.wrap")
