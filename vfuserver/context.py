@@ -18,11 +18,10 @@ import stat
 from types import TracebackType
 from typing import Any
 
+from vfuserver.binding import check, ffi, lib
 from vfuserver.devices.errors import GuestError, GuestMemoryError
 from vfuserver.devices.memory import GuestMemory
 from vfuserver.devices.pci import BarKind, PciFunction, Region, ResetKind
-
-from vfuserver.binding import check, ffi, lib
 
 SHARED_MEMORY_HINT = (
     "guest RAM is not shared with the device server: start QEMU with "

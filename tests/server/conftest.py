@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from vfuserver.devices.pci import Bar, BarKind, ConfigSpace, Interrupts, ResetKind
 
 from vfuserver.context import VfuContext
+from vfuserver.devices.pci import Bar, BarKind, ConfigSpace, Interrupts, ResetKind
 from vfuserver.server import serve_device
 
 

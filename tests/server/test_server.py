@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import trio
-from vfuserver.devices.pci import ResetKind
-from vfuserver.protocol import vfio_user as vu
 
 from tests.server.conftest import ScratchFunction
 from vfuserver.client import Client, VfioUserError
 from vfuserver.context import ATTACH_TIMEOUT, VfuContext
+from vfuserver.devices.pci import ResetKind
+from vfuserver.protocol import vfio_user as vu
 
 
 def in_thread(fn: Any, *args: Any) -> Any:
