@@ -12,7 +12,6 @@ from __future__ import annotations
 import enum
 import errno
 import logging
-import struct
 from typing import TYPE_CHECKING
 
 from vfuserver.devices.errors import GuestError
@@ -26,6 +25,7 @@ from vfuserver.devices.pci import (
     ResetKind,
 )
 from vfuserver.protocol import pci as pcifmt
+from vfuserver.protocol import pci_caps as caps
 from vfuserver.protocol import virtio_pci as vpci
 from vfuserver.protocol.virtio_pci import CommonCfgRegister as Reg
 
@@ -52,9 +52,8 @@ MSIX_BAR = 1
 MSIX_BAR_SIZE = 0x1000
 MSIX_PBA_OFFSET = 0x800
 
-MSIX_ENTRY_SIZE = 16
-MSIX_CONTROL_ENABLE = 0x8000
-MSIX_CONTROL_FUNCTION_MASK = 0x4000
+MSIX_CONTROL_ENABLE = caps.MsixControl.ENABLE
+MSIX_CONTROL_FUNCTION_MASK = caps.MsixControl.FUNCTION_MASK
 
 
 class MsixTableBar:
@@ -316,6 +315,7 @@ class VirtioPciFunction:
             subsystem_vendor_id=vpci.VENDOR_ID, subsystem_id=self.SUBSYSTEM_ID,
             interrupt_pin=1,
         )
+        self._add_pm_capability()
         self.msix_cap = self._add_msix_capability()
         self.transport = VirtioPciTransport(device, self.config, self.msix_cap)
         self.transport.msix_vectors = msix_vectors
@@ -326,13 +326,24 @@ class VirtioPciFunction:
         self.config.add_bar(Bar(MODERN_BAR, Layout.SIZE, BarKind.MEM64, self.modern_bar,
                                 prefetchable=True))
 
+    def _add_pm_capability(self) -> None:
+        # PCI PM 1.2, D0 only; the power state field is writable as on QEMU's devices.
+        raw = caps.PmCapability.build({"next": 0, "pmc": caps.PMC_VERSION_1_2, "pmcsr": 0,
+                                       "pmcsr_bse": 0, "data": 0})
+        wmask = caps.PMCSR_STATE_MASK.to_bytes(2, "little")
+        self.config.add_capability(pcifmt.CapabilityId.PM, raw[2:], wmask=bytes(2) + wmask)
+
     def _add_msix_capability(self) -> int:
-        # Message control: table size - 1 (RO), function mask and enable (RW);
-        # table at BAR1 offset 0, PBA at BAR1 offset 0x800 (BIR in the low 3 bits).
-        body = struct.pack("<HII", self.msix_vectors - 1, MSIX_BAR,
-                           MSIX_PBA_OFFSET | MSIX_BAR)
-        wmask = struct.pack("<H", MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK)
-        return self.config.add_capability(pcifmt.CapabilityId.MSIX, body, wmask=wmask)
+        # Table at BAR1 offset 0, PBA at BAR1 offset 0x800; enable and function mask are
+        # the only writable bits of message control.
+        raw = caps.MsixCapability.build({
+            "next": 0,
+            "message_control": caps.msix_message_control(self.msix_vectors),
+            "table": caps.encode_offset_bir(0, MSIX_BAR),
+            "pba": caps.encode_offset_bir(MSIX_PBA_OFFSET, MSIX_BAR),
+        })
+        wmask = int(caps.MsixControl.ENABLE | caps.MsixControl.FUNCTION_MASK).to_bytes(2, "little")
+        return self.config.add_capability(pcifmt.CapabilityId.MSIX, raw[2:], wmask=wmask)
 
     def _add_virtio_capabilities(self) -> None:
         areas = [
