@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import errno
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -231,7 +231,7 @@ class ConfigSpace:
 
 
 def overlay_ranges(offset: int, size: int,
-                   fields: dict[int, bytes]) -> Iterator[tuple[int, bytes]]:
+                   fields: Mapping[int, bytes]) -> Iterator[tuple[int, bytes]]:
     """Where an access [offset, offset+size) overlaps rewritten fields.
 
     ``fields`` maps a field's start offset to the bytes presented there. Yields

@@ -24,6 +24,7 @@ from vfuserver.devices.pci import (
     Region,
     ResetKind,
 )
+from vfuserver.devices.virtqueue import VirtQueue, VirtQueueError
 from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol import pci_caps as caps
 from vfuserver.protocol import virtio_pci as vpci
@@ -31,7 +32,6 @@ from vfuserver.protocol.virtio_pci import CommonCfgRegister as Reg
 
 if TYPE_CHECKING:
     from vfuserver.devices.virtio import VirtioDevice
-    from vfuserver.devices.virtqueue import VirtQueue
 
 NO_VECTOR = vpci.MSI_NO_VECTOR
 
@@ -215,7 +215,10 @@ class VirtioPciTransport:
             raise GuestError(f"{reg.name} written while queue {queue.index} is enabled")
         match reg:
             case Reg.QUEUE_SIZE:
-                queue.set_size(value)
+                try:
+                    queue.set_size(value)
+                except VirtQueueError as exc:
+                    self.device.needs_reset(str(exc))
             case Reg.QUEUE_MSIX_VECTOR:
                 queue.msix_vector = self._accept_vector(value)
             case Reg.QUEUE_ENABLE:
@@ -246,9 +249,12 @@ class VirtioPciTransport:
     # -- the other areas ----------------------------------------------------------------
 
     def notify(self, offset: int, data: bytes) -> None:
-        if offset % NOTIFY_OFF_MULTIPLIER or len(data) not in (2, 4):
+        """A driver notification: the 16-bit virtqueue index written to the notify area
+        (§4.1.5.2). The value names the queue, so one address serves every queue too, as
+        LEGACY_NOTIFY_INFO's single notify address requires."""
+        if len(data) not in (2, 4):
             raise GuestError(f"notify write of {len(data)} bytes at {offset:#x}")
-        self.device.notify(offset // NOTIFY_OFF_MULTIPLIER)
+        self.device.notify(int.from_bytes(data[:2], "little"))
 
 
 class ModernBar:
@@ -318,6 +324,7 @@ class VirtioPciFunction:
         self._add_pm_capability()
         self.msix_cap = self._add_msix_capability()
         self.transport = VirtioPciTransport(device, self.config, self.msix_cap)
+        device.interrupts = self.transport
         self.transport.msix_vectors = msix_vectors
         self._add_virtio_capabilities()
         self.config.add_bar(Bar(MSIX_BAR, MSIX_BAR_SIZE, BarKind.MEM32,

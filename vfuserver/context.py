@@ -129,7 +129,7 @@ class VfuContext:
 
     @property
     def closed(self) -> bool:
-        return self._ctx == ffi.NULL
+        return bool(self._ctx == ffi.NULL)
 
     def poll_fd(self) -> int:
         """The fd to wait on: the listening socket, or the connection once attached.

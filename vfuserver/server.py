@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 from collections.abc import Sequence
+from typing import Protocol
 
 import trio
 
@@ -108,20 +109,20 @@ def _report_callback_error(context: VfuContext) -> None:
                           exc_info=exc)
 
 
-async def serve(contexts: Sequence[VfuContext], *,
+async def serve(devices: Sequence[Servable], *,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve every context until SIGINT or SIGTERM; the contexts are closed on the way out."""
+    """Run every device until SIGINT or SIGTERM; each device closes itself on the way out."""
     log = logging.getLogger("vfuserver")
-    try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                for context in contexts:
-                    await nursery.start(serve_device, context)
-                task_status.started()
-                async for signum in signals:
-                    log.info("%s received: shutting down", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
-    finally:
-        for context in contexts:
-            context.close()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            for device in devices:
+                await nursery.start(device.run)
+            task_status.started()
+            async for signum in signals:
+                log.info("%s received: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+class Servable(Protocol):
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...

@@ -127,5 +127,6 @@ def test_whole_space_read() -> None:
     pytest.param(0, 64, [(2, b"\x00\x10"), (8, b"\x00")], id="whole-header"),
 ])
 def test_overlay_ranges(offset: int, size: int, expected: list[tuple[int, bytes]]) -> None:
-    fields = {pcifmt.Offset.DEVICE_ID: b"\x00\x10", pcifmt.Offset.REVISION_ID: b"\x00"}
+    fields: dict[int, bytes] = {pcifmt.Offset.DEVICE_ID: b"\x00\x10",
+                                pcifmt.Offset.REVISION_ID: b"\x00"}
     assert list(overlay_ranges(offset, size, fields)) == expected

@@ -1,0 +1,440 @@
+"""The split virtqueue engine (virtio 1.x §2.7) over :class:`GuestMemory`.
+
+A :class:`VirtQueue` is the device side of one split ring: :meth:`VirtQueue.pop` takes the
+next descriptor chain the driver made available, :meth:`VirtQueue.push` records it as used
+and :meth:`VirtQueue.flush` publishes a batch of used entries and says whether the driver
+wants an interrupt for them. Notification suppression in both directions (used ``flags`` /
+``avail_event``, avail ``flags`` / ``used_event``) follows QEMU hw/virtio/virtio.c.
+
+The guest owns every byte of the rings and may change them at any time, so each value is
+read from guest memory exactly once and checked before use. Whatever the driver does
+wrong raises :class:`VirtQueueError` with a message naming the queue and the offending
+descriptor; the device model turns that into NEEDS_RESET (QEMU's virtio_error). Buffer
+ranges are checked against the DMA maps when a chain is popped, so a chain's gather and
+scatter helpers never fault.
+
+The memory views a :class:`DescriptorChain` holds are valid only until control returns to
+the server loop (see :meth:`GuestMemory.view`): a chain is popped, processed and pushed
+within one call and never kept.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vfuserver.devices.errors import GuestError, GuestMemoryError
+from vfuserver.protocol import virtio_ring as ring
+from vfuserver.protocol.virtio_pci import MSI_NO_VECTOR
+
+if TYPE_CHECKING:
+    from vfuserver.devices.memory import GuestMemory
+
+DEFAULT_MAX_CHAIN_BYTES = 1 << 20
+"""Default cap on the total length of one descriptor chain."""
+
+_DESC_UNPACK = ring.DESC_STRUCT.unpack_from
+_U16_UNPACK = ring.U16_STRUCT.unpack_from
+_U16_PACK = ring.U16_STRUCT.pack_into
+_USED_ELEM_PACK = ring.USED_ELEM_STRUCT.pack_into
+_NEXT = ring.DescFlag.NEXT
+_WRITE = ring.DescFlag.WRITE
+_INDIRECT = ring.DescFlag.INDIRECT
+
+
+class VirtQueueError(GuestError):
+    """The driver broke the split-ring rules on a queue; the device needs a reset."""
+
+
+class DescriptorChain:
+    """One popped descriptor chain: the buffers of one request, in driver order.
+
+    ``readable`` and ``writable`` are the device-readable and device-writable segments as
+    ``(guest address, length)`` pairs (zero-length descriptors are skipped);
+    ``readable_len`` and ``writable_len`` their totals.
+    """
+
+    __slots__ = (
+        "_rviews",
+        "_wviews",
+        "descriptors",
+        "head",
+        "readable",
+        "readable_len",
+        "writable",
+        "writable_len",
+    )
+
+    def __init__(self, head: int) -> None:
+        self.head = head
+        self.readable: list[tuple[int, int]] = []
+        self.writable: list[tuple[int, int]] = []
+        self.readable_len = 0
+        self.writable_len = 0
+        self.descriptors = 0
+        """Descriptors in the chain, indirect ones included."""
+        self._rviews: list[memoryview] = []
+        self._wviews: list[memoryview] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"<DescriptorChain head={self.head} readable={self.readable_len}B "
+            f"writable={self.writable_len}B>"
+        )
+
+    def read(self) -> bytes:
+        """All device-readable bytes, gathered into one bytes object (one copy)."""
+        if len(self._rviews) == 1:
+            return bytes(self._rviews[0])
+        return b"".join(self._rviews)
+
+    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
+        """Scatter ``data`` into the device-writable buffers from byte ``offset`` of them.
+
+        Returns the number of bytes written: less than ``len(data)`` if the buffers end
+        first.
+        """
+        src = memoryview(data)
+        if src.format != "B" or src.ndim != 1:
+            src = src.cast("B")
+        total = len(src)
+        done = 0
+        skip = offset
+        for view in self._wviews:
+            size = len(view)
+            if skip >= size:
+                skip -= size
+                continue
+            take = min(size - skip, total - done)
+            view[skip : skip + take] = src[done : done + take]
+            done += take
+            skip = 0
+            if done == total:
+                break
+        return done
+
+
+class VirtQueue:
+    """The device side of one split virtqueue.
+
+    The transport programs :attr:`size` (through :meth:`set_size`), the three ring
+    addresses, :attr:`msix_vector` and enables the queue; the device pops, pushes and
+    flushes. :attr:`event_idx` mirrors the negotiated VIRTIO_F_EVENT_IDX and is set by the
+    device when features take effect.
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        index: int,
+        max_size: int,
+        *,
+        max_chain_bytes: int = DEFAULT_MAX_CHAIN_BYTES,
+    ) -> None:
+        if not ring.is_valid_queue_size(max_size):
+            raise ValueError(f"queue max size {max_size} is not a power of two <= 32768")
+        self.memory = memory
+        self.index = index
+        self.max_size = max_size
+        self.max_chain_bytes = max_chain_bytes
+        """Longest total (readable + writable) chain accepted; longer ones are an error."""
+        self._size = max_size
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.enabled = False
+        self.msix_vector = MSI_NO_VECTOR
+        self.last_avail_idx = 0
+        """Free-running index of the next avail ring slot the device will pop."""
+        self.used_idx = 0
+        """Free-running used index the device last published."""
+        self.event_idx = False
+        self._pending_used = 0
+        self._notification = True
+        self._signalled_used = 0
+        self._signalled_used_valid = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<VirtQueue {self.index} size={self._size} enabled={self.enabled} "
+            f"avail={self.last_avail_idx} used={self.used_idx}>"
+        )
+
+    # -- configuration (transport side) --------------------------------------------------
+
+    def reset(self) -> None:
+        """Back to the state after device reset: disabled, max size, no vector."""
+        self._size = self.max_size
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.enabled = False
+        self.msix_vector = MSI_NO_VECTOR
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self.event_idx = False
+        self._pending_used = 0
+        self._notification = True
+        self._signalled_used = 0
+        self._signalled_used_valid = False
+
+    @property
+    def size(self) -> int:
+        """Number of entries; a power of two no larger than :attr:`max_size`."""
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self.set_size(value)
+
+    def set_size(self, size: int) -> None:
+        """Set the queue size; VirtQueueError (and no change) if it is not a power of two
+        between 1 and :attr:`max_size` (split-ring.tex: Queue Size is a power of 2)."""
+        if not ring.is_valid_queue_size(size, self.max_size):
+            raise VirtQueueError(
+                f"queue {self.index}: size {size} is not a power of two "
+                f"between 1 and {self.max_size}"
+            )
+        self._size = size
+
+    def enable(self) -> None:
+        """The driver wrote queue_enable = 1 (modern) or a non-zero PFN (legacy)."""
+        self.enabled = True
+
+    def place_contiguous(self, base: int) -> None:
+        """Legacy placement: the whole ring at ``base`` (QUEUE_PFN << 12), used ring at the
+        next 4096 boundary; ``base`` 0 disables the queue (Linux legacy del_vq)."""
+        if base == 0:
+            self.desc_addr = self.avail_addr = self.used_addr = 0
+            self.enabled = False
+            return
+        layout = ring.contiguous_layout(base, self._size)
+        self.desc_addr, self.avail_addr, self.used_addr = layout
+        self.enabled = True
+
+    # -- ring access ------------------------------------------------------------------
+
+    def _error(self, message: str) -> VirtQueueError:
+        return VirtQueueError(f"queue {self.index}: {message}")
+
+    def _ring_view(self, what: str, addr: int, length: int, writable: bool) -> memoryview:
+        try:
+            return self.memory.view(addr, length, writable=writable)
+        except GuestMemoryError as err:
+            raise self._error(f"{what} at {addr:#x} (+{length:#x}): {err}") from err
+
+    def _avail_view(self) -> memoryview:
+        return self._ring_view(
+            "available ring", self.avail_addr, ring.avail_ring_size(self._size), False
+        )
+
+    def _used_view(self) -> memoryview:
+        return self._ring_view("used ring", self.used_addr, ring.used_ring_size(self._size), True)
+
+    def _pending_in(self, avail: memoryview) -> int:
+        avail_idx: int = _U16_UNPACK(avail, ring.AVAIL_IDX_OFFSET)[0]
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if pending > self._size:
+            # QEMU virtqueue_num_heads: "Guest moved used index from %u to %u"
+            raise self._error(
+                f"available index moved from {self.last_avail_idx} to {avail_idx}, "
+                f"more than the queue size {self._size} ahead"
+            )
+        return pending
+
+    def available(self) -> int:
+        """Chains the driver has made available that the device has not popped yet."""
+        return self._pending_in(self._avail_view())
+
+    @property
+    def notification_enabled(self) -> bool:
+        """Whether the device currently asks the driver for available buffer notifications."""
+        return self._notification
+
+    def set_notification(self, enabled: bool) -> None:
+        """Ask the driver to notify (kick) on new buffers, or not (§2.7.10).
+
+        Without EVENT_IDX this is used.flags NO_NOTIFY; with it, enabling publishes
+        ``avail_event`` = the current available index (QEMU
+        virtio_queue_split_set_notification) and disabling just stops updating it. After
+        enabling, callers must look at the ring once more: buffers may have arrived before
+        the driver saw the request.
+        """
+        self._notification = enabled
+        if not self.enabled:
+            return
+        used = self._used_view()
+        if self.event_idx:
+            if enabled:
+                (avail_idx,) = _U16_UNPACK(self._avail_view(), ring.AVAIL_IDX_OFFSET)
+                _U16_PACK(used, ring.avail_event_offset(self._size), avail_idx)
+            return
+        (flags,) = _U16_UNPACK(used, ring.USED_FLAGS_OFFSET)
+        if enabled:
+            flags &= ~ring.UsedFlag.NO_NOTIFY
+        else:
+            flags |= ring.UsedFlag.NO_NOTIFY
+        _U16_PACK(used, ring.USED_FLAGS_OFFSET, flags)
+
+    # -- popping ----------------------------------------------------------------------
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available descriptor chain, or None if the driver has offered none."""
+        avail = self._avail_view()
+        if not self._pending_in(avail):
+            return None
+        slot = self.last_avail_idx & (self._size - 1)
+        (head,) = _U16_UNPACK(avail, ring.AVAIL_RING_OFFSET + 2 * slot)
+        if head >= self._size:
+            raise self._error(
+                f"available ring slot {slot} names descriptor {head}, "
+                f"but the queue has {self._size}"
+            )
+        chain = self._walk(head)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if self.event_idx and self._notification:
+            _U16_PACK(self._used_view(), ring.avail_event_offset(self._size), self.last_avail_idx)
+        return chain
+
+    def rewind(self, count: int) -> None:
+        """Give back the last ``count`` popped (and not pushed) chains, like QEMU's
+        virtqueue_unpop: they will be popped again."""
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+
+    def _walk(self, head: int) -> DescriptorChain:
+        """Follow the chain at ``head`` through the table and at most one indirect table."""
+        size = self._size
+        table = self._ring_view("descriptor table", self.desc_addr, ring.DESC_SIZE * size, False)
+        where = "descriptor table"
+        limit = size
+        chain = DescriptorChain(head)
+        seen: set[int] = set()
+        in_indirect = False
+        seen_writable = False
+        total = 0
+        idx = head
+        while True:
+            if idx in seen:
+                raise self._error(f"descriptor loop: chain {head} returns to {where} entry {idx}")
+            seen.add(idx)
+            addr, length, flags, nxt = _DESC_UNPACK(table, ring.DESC_SIZE * idx)
+            if flags & _INDIRECT:
+                if in_indirect:
+                    raise self._error(
+                        f"chain {head}: indirect table entry {idx} is itself INDIRECT "
+                        "(nested indirect tables are not allowed)"
+                    )
+                if flags & _NEXT:
+                    raise self._error(
+                        f"chain {head}: descriptor {idx} has both INDIRECT and NEXT set"
+                    )
+                if length == 0 or length % ring.DESC_SIZE:
+                    raise self._error(
+                        f"chain {head}: indirect table length {length} is not a non-zero "
+                        f"multiple of {ring.DESC_SIZE}"
+                    )
+                table = self._ring_view(f"chain {head}: indirect table", addr, length, False)
+                where = f"indirect table at {addr:#x}"
+                limit = length // ring.DESC_SIZE
+                in_indirect = True
+                seen = set()
+                idx = 0
+                continue
+            chain.descriptors += 1
+            if chain.descriptors > size:
+                raise self._error(
+                    f"chain {head} is longer than the queue size {size} "
+                    f"({where} holds {limit} entries)"
+                )
+            writable = bool(flags & _WRITE)
+            if writable:
+                seen_writable = True
+            elif seen_writable:
+                raise self._error(
+                    f"chain {head}: device-readable {where} entry {idx} "
+                    "follows a device-writable one"
+                )
+            if length:
+                total += length
+                if total > self.max_chain_bytes:
+                    raise self._error(
+                        f"chain {head} is {total} bytes or more at {where} entry {idx}, "
+                        f"over the {self.max_chain_bytes}-byte limit"
+                    )
+                try:
+                    view = self.memory.view(addr, length, writable=writable)
+                except GuestMemoryError as err:
+                    kind = "device-writable" if writable else "device-readable"
+                    raise self._error(
+                        f"chain {head}: {kind} buffer of {where} entry {idx}: {err}"
+                    ) from err
+                if writable:
+                    chain.writable.append((addr, length))
+                    chain._wviews.append(view)
+                    chain.writable_len += length
+                else:
+                    chain.readable.append((addr, length))
+                    chain._rviews.append(view)
+                    chain.readable_len += length
+            if not flags & _NEXT:
+                return chain
+            if nxt >= limit:
+                raise self._error(
+                    f"chain {head}: {where} entry {idx} links to {nxt}, "
+                    f"but there are only {limit} entries"
+                )
+            idx = nxt
+
+    # -- pushing ----------------------------------------------------------------------
+
+    def push(self, chain: DescriptorChain, written: int) -> None:
+        """Record ``chain`` as used with ``written`` bytes written into its writable buffers.
+
+        The entry becomes visible to the driver at the next :meth:`flush`.
+        """
+        if not 0 <= written <= chain.writable_len:
+            raise ValueError(
+                f"{written} bytes written into a chain with {chain.writable_len} writable"
+            )
+        used = self._used_view()
+        slot = (self.used_idx + self._pending_used) & (self._size - 1)
+        _USED_ELEM_PACK(
+            used, ring.USED_RING_OFFSET + ring.USED_ELEM_SIZE * slot, chain.head, written
+        )
+        self._pending_used += 1
+
+    def flush(self) -> bool:
+        """Publish the pushed entries (used ``idx``) and tell whether to interrupt the driver.
+
+        QEMU virtqueue_flush + virtio_should_notify: without EVENT_IDX the driver's avail
+        NO_INTERRUPT flag decides; with it, interrupt when the used index passes
+        ``used_event`` since the last interrupt.
+        """
+        if not self._pending_used:
+            return False
+        used = self._used_view()
+        old = self.used_idx
+        new = (old + self._pending_used) & 0xFFFF
+        self._pending_used = 0
+        # The entries were written before idx: the driver must never see idx first
+        # (Python stores happen in program order; x86 keeps them in order).
+        _U16_PACK(used, ring.USED_IDX_OFFSET, new)
+        self.used_idx = new
+        # QEMU virtqueue_flush: if the index we last signalled at is now behind us by less
+        # than this batch (or ahead, after a wrap), the event_idx comparison would be
+        # ambiguous, so forget it and interrupt unconditionally next time.
+        since_signalled = (new - self._signalled_used) & 0xFFFF
+        if since_signalled >= 0x8000:
+            since_signalled -= 0x10000
+        if since_signalled < (new - old) & 0xFFFF:
+            self._signalled_used_valid = False
+        return self._should_interrupt()
+
+    def _should_interrupt(self) -> bool:
+        avail = self._avail_view()
+        if not self.event_idx:
+            (flags,) = _U16_UNPACK(avail, ring.AVAIL_FLAGS_OFFSET)
+            return not flags & ring.AvailFlag.NO_INTERRUPT
+        valid = self._signalled_used_valid
+        old = self._signalled_used
+        new = self._signalled_used = self.used_idx
+        self._signalled_used_valid = True
+        (used_event,) = _U16_UNPACK(avail, ring.used_event_offset(self._size))
+        return not valid or ring.vring_need_event(used_event, new, old)
