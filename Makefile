@@ -25,8 +25,8 @@ $(STAMPS)/libvfio-user: $(STAMPS)/system-packages scripts/get-libvfio-user.sh
 
 $(STAMPS)/installed: $(STAMPS)/libvfio-user $(SETUP_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
-	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi > .deps/pip.log 2>&1 || { cat .deps/pip.log; exit 1; }
+	$(PY) -m pip install --no-build-isolation -e '.[test]' >> .deps/pip.log 2>&1 || { cat .deps/pip.log; exit 1; }
 	$(PY) -c 'import vfuserver.binding'
 	@touch $@
 
