@@ -74,6 +74,8 @@ class MsixTableBar:
 class VirtioPciTransport:
     """Common/ISR/device/notify areas of the modern BAR and interrupt routing."""
 
+    NO_VECTOR = NO_VECTOR
+
     def __init__(self, device: VirtioDevice, config: ConfigSpace, msix_cap: int) -> None:
         self.device = device
         self.config = config
@@ -196,11 +198,15 @@ class VirtioPciTransport:
                 dev.set_driver_features(self.driver_feature_select, value)
                 return
             case Reg.CONFIG_MSIX_VECTOR:
-                self.config_msix_vector = self._accept_vector(value)
+                self.config_msix_vector = self.accept_vector(value)
                 return
             case Reg.DEVICE_STATUS:
                 if value == 0:
                     self.reset_transport_state()
+                if value == 0 or dev.status == 0:
+                    # a driver using the modern interface on a fresh device drives it in
+                    # modern mode (the legacy interface does the opposite)
+                    dev.legacy = False
                 dev.set_status(value)
                 return
             case Reg.QUEUE_SELECT:
@@ -220,7 +226,7 @@ class VirtioPciTransport:
                 except VirtQueueError as exc:
                     self.device.needs_reset(str(exc))
             case Reg.QUEUE_MSIX_VECTOR:
-                queue.msix_vector = self._accept_vector(value)
+                queue.msix_vector = self.accept_vector(value)
             case Reg.QUEUE_ENABLE:
                 if value == 1:
                     queue.enable()
@@ -234,7 +240,7 @@ class VirtioPciTransport:
             case Reg.QUEUE_RESET:
                 pass  # VIRTIO_F_RING_RESET is not offered
 
-    def _accept_vector(self, vector: int) -> int:
+    def accept_vector(self, vector: int) -> int:
         """A vector the driver asks for, or NO_VECTOR if the device has no such vector
         (the driver reads it back to learn it was refused, §4.1.5.1.2)."""
         return vector if vector < self.msix_vectors else NO_VECTOR
@@ -404,6 +410,9 @@ class VirtioPciFunction:
 
     def config_region(self) -> Region:
         return _VirtioConfigRegion(self)
+
+    def bars(self) -> list[Bar]:
+        return list(self.config.bars.values())
 
     def attach_interrupts(self, interrupts: Interrupts) -> None:
         self.transport.interrupts = interrupts

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import socket
 import stat
 from types import TracebackType
@@ -44,6 +45,8 @@ _SYSLOG_TO_LOGGING = {
     lib.LOG_DEBUG: logging.DEBUG,
 }
 
+_CLIENT_COMMAND_FAILED = re.compile(r"msg0x[0-9a-f]+: cmd \d+ failed")
+
 _RESET_KINDS = {
     lib.VFU_RESET_DEVICE: ResetKind.DEVICE,
     lib.VFU_RESET_LOST_CONN: ResetKind.LOST_CONNECTION,
@@ -65,6 +68,8 @@ class VfuContext:
         self.log = logger or logging.getLogger(f"vfuserver.{function.name}")
         self.memory = memory if memory is not None else GuestMemory()
         self.pending_error: BaseException | None = None
+        self.client_attached = False
+        """Set by the serving loop while a client is attached."""
         self.unshared_ram_reported = False
         self._regions: dict[int, Region] = {}
         self._ctx: Any = ffi.NULL
@@ -98,7 +103,7 @@ class VfuContext:
         # flags at 0 so GET_REGION_INFO reports it neither readable nor writable.
         self._add_region(lib.VFU_PCI_DEV_CFG_REGION_IDX, fn.config.size, fn.config_region(),
                          lib.VFU_REGION_FLAG_RW | lib.VFU_REGION_FLAG_ALWAYS_CB)
-        for bar in fn.config.bars.values():
+        for bar in fn.bars():
             flags = lib.VFU_REGION_FLAG_RW
             if bar.kind is not BarKind.IO:
                 flags |= lib.VFU_REGION_FLAG_MEM
@@ -325,8 +330,10 @@ def vfuserver_log_cb(ctx: Any, level: int, msg: Any) -> None:
     text = ffi.string(msg).decode(errors="replace")
     py_level = _SYSLOG_TO_LOGGING.get(
         level, logging.ERROR if level < lib.LOG_ERR else logging.DEBUG)
-    if text.startswith("no fd for interrupt"):
-        py_level = logging.DEBUG  # the client has not wired that vector (yet): not an error
+    if text.startswith("no fd for interrupt") or _CLIENT_COMMAND_FAILED.match(text):
+        # the client has not wired that vector (yet), or a request of the client was
+        # refused (it got the errno): the client's business, not a server error
+        py_level = logging.DEBUG
     context.log.log(py_level, "libvfio-user: %s", text)
 
 

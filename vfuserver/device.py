@@ -1,26 +1,32 @@
 """A served device: what the operator asked for, and the objects that make it run.
 
 One :class:`ServedDevice` ties together a network backend, the virtio-net model, its PCI
-presentation and the libvfio-user context; :meth:`ServedDevice.run` is the one trio task
-tree that owns them (the context's poll fd, the backend's fds, the transmit pump).
+presentation (chosen by the profile, once, when the presentation is built) and the
+libvfio-user context; :meth:`ServedDevice.run` is the one trio task tree that owns them
+(the context's poll fd, the backend's fds, the transmit pump).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 
 import trio
 
 from vfuserver.context import VfuContext
+from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.memory import GuestMemory
+from vfuserver.devices.pci import PciFunction
 from vfuserver.devices.virtio_net import TX_QUEUE, VirtioNet
 from vfuserver.devices.virtio_pci import VirtioPciFunction
 from vfuserver.netdev import NetBackend, NetdevSpec, NoneSpec, open_netdev
 from vfuserver.protocol.pci import ClassCode
 from vfuserver.protocol.virtio_net import HDR_LEN
 from vfuserver.server import serve_device
+from vfuserver.transitional import TransitionalFunction
 
 PROFILES = ("modern", "transitional")
 DEFAULT_MAC = bytes.fromhex("525400123456")
@@ -45,6 +51,12 @@ def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
+def check_profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return profile
+
+
 @dataclass
 class DeviceSpec:
     """One device: where it listens, how it presents itself, where its frames go."""
@@ -56,26 +68,102 @@ class DeviceSpec:
     netdev: NetdevSpec = field(default_factory=NoneSpec)
 
     def __post_init__(self) -> None:
-        if self.profile not in PROFILES:
-            raise ValueError(
-                f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
+        check_profile(self.profile)
+
+
+class DeviceBusyError(RuntimeError):
+    """The change needs the device free, and a client (a VM) is attached."""
 
 
 class ServedDevice:
     """A device model behind its PCI presentation, a vfio-user socket and a backend."""
 
-    def __init__(self, spec: DeviceSpec, backend: NetBackend) -> None:
+    def __init__(self, spec: DeviceSpec, backend: NetBackend, owner: AdminOwner) -> None:
         self.spec = spec
         self.log = logging.getLogger(f"vfuserver.{spec.name}")
         self.backend = backend
-        memory = GuestMemory()
-        self.net = VirtioNet(memory, _NO_INTERRUPTS, backend, mac=spec.mac, name=spec.name)
-        self.function = VirtioPciFunction(self.net, name=spec.name,
-                                          class_code=ClassCode.NETWORK_ETHERNET)
-        self.context = VfuContext(spec.socket, self.function, memory=memory, logger=self.log)
+        self.owner = owner
+        self.memory = GuestMemory()
+        self.net = VirtioNet(self.memory, _NO_INTERRUPTS, backend, mac=spec.mac, name=spec.name)
+        self.function: PciFunction
+        self.context: VfuContext
+        self._build(spec.profile)
         self._tx_pending = trio.Event()
         self.net.on_rx_buffers = backend.wake_receiver
         self.net.on_tx_pending = self._tx_pending.set
+        self._serve_scope: trio.CancelScope | None = None
+        self._switch: _Switch | None = None
+
+    def _build(self, profile: str) -> None:
+        """The presentation for ``profile`` and the context serving it: the one place the
+        profile is looked at."""
+        modern = VirtioPciFunction(self.net, name=self.spec.name,
+                                   class_code=ClassCode.NETWORK_ETHERNET)
+        function: PciFunction = modern
+        if profile == "transitional":
+            function = TransitionalFunction(modern, self.owner)
+        try:
+            self.context = VfuContext(self.spec.socket, function, memory=self.memory,
+                                      logger=self.log)
+        except BaseException:
+            if isinstance(function, TransitionalFunction):
+                function.close()
+            raise
+        self.function = function
+        self.spec.profile = profile
+
+    @property
+    def profile(self) -> str:
+        return self.spec.profile
+
+    @property
+    def client_attached(self) -> bool:
+        return self.context.client_attached
+
+    async def set_profile(self, profile: str) -> None:
+        """Present the device with ``profile`` from now on; refused while a VM is attached."""
+        check_profile(profile)
+        if self.client_attached:
+            raise DeviceBusyError(
+                f"device {self.spec.name} has a client attached; shut the VM down or "
+                "detach the device, then set the profile")
+        if profile == self.profile:
+            return
+        if self._serve_scope is None:  # not running: rebuild right here
+            self._replace(profile)
+            return
+        switch = self._switch = _Switch(profile)
+        self._serve_scope.cancel()
+        await switch.done.wait()
+        if switch.error is not None:
+            raise switch.error
+
+    def _replace(self, profile: str) -> None:
+        old_profile = self.profile
+        self._close_presentation()
+        self.net.reset()
+        try:
+            self._build(profile)
+        except BaseException:
+            self.log.exception("cannot present %s as %s; back to %s", self.spec.name, profile,
+                               old_profile)
+            self._build(old_profile)
+            raise
+        self.log.info("profile of %s is now %s", self.spec.name, profile)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Counters of the model, the backend and (transitional) the legacy path."""
+        out = {
+            "virtio_net": dataclasses.asdict(self.net.stats),
+            "backend": dataclasses.asdict(self.backend.stats),  # type: ignore[call-overload]
+        }
+        if isinstance(self.function, TransitionalFunction):
+            out["legacy"] = self.function.stats.as_dict()
+            owner = self.owner.stats
+            out["admin"] = {f"opcode:{op}": n for op, n in owner.commands.items()}
+            out["admin"].update({f"status:{op}:{st}": n
+                                 for (op, st), n in owner.statuses.items()})
+        return out
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve clients and move frames until cancelled; the device is closed on the way out."""
@@ -83,10 +171,31 @@ class ServedDevice:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.backend.run, self._deliver)
                 nursery.start_soon(self._transmit_pump)
-                await nursery.start(serve_device, self.context)
+                await nursery.start(self._serve)
                 task_status.started()
         finally:
+            self._serve_scope = None
             self.close()
+
+    async def _serve(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """serve_device, restarted with a new context when the profile changes."""
+        started = False
+        while True:
+            with trio.CancelScope() as scope:
+                self._serve_scope = scope
+                if started:
+                    await serve_device(self.context)
+                else:
+                    started = True
+                    await serve_device(self.context, task_status=task_status)
+            switch, self._switch = self._switch, None
+            if switch is None:
+                return  # cancelled from outside
+            try:
+                self._replace(switch.profile)
+            except BaseException as exc:  # reported to set_profile's caller
+                switch.error = exc
+            switch.done.set()
 
     def _deliver(self, frame: bytes) -> bool:
         """A frame from the backend into the guest; False: no receive buffers yet."""
@@ -110,9 +219,25 @@ class ServedDevice:
             except Exception:
                 self.log.exception("bug while transmitting")
 
-    def close(self) -> None:
+    def _close_presentation(self) -> None:
         self.context.close()
+        if isinstance(self.function, TransitionalFunction):
+            self.function.close()
+
+    def close(self) -> None:
+        """Idempotent; the final counters are logged once."""
+        if not self.context.closed:
+            self.log.info("stats of %s: %s", self.spec.name, json.dumps(self.stats(),
+                                                                         sort_keys=True))
+            self._close_presentation()
         self.backend.close()
+
+
+@dataclass
+class _Switch:
+    profile: str
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
 
 
 class _NoInterrupts:
@@ -128,11 +253,15 @@ class _NoInterrupts:
 _NO_INTERRUPTS = _NoInterrupts()
 
 
-async def open_device(spec: DeviceSpec) -> ServedDevice:
-    """Open the backend, then build the device; the backend is closed if that fails."""
+async def open_device(spec: DeviceSpec, *, owner: AdminOwner | None = None) -> ServedDevice:
+    """Open the backend, then build the device; the backend is closed if that fails.
+
+    ``owner`` is the server's admin group owner (one per process); a device opened
+    without one gets a group of its own.
+    """
     backend = await open_netdev(spec.netdev)
     try:
-        return ServedDevice(spec, backend)
+        return ServedDevice(spec, backend, owner if owner is not None else AdminOwner())
     except BaseException:
         backend.close()
         raise

@@ -49,6 +49,9 @@ class ScratchFunction:
     def config_region(self) -> ConfigSpace:
         return self.config
 
+    def bars(self) -> list[Bar]:
+        return list(self.config.bars.values())
+
     def attach_interrupts(self, interrupts: Interrupts) -> None:
         self.interrupts = interrupts
 

@@ -1,0 +1,73 @@
+"""The transitional profile under QEMU 11 with a real guest: legacy and modern drivers."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+
+import pytest
+
+from .rig import TAP, Guests, NetNamespace, Servers, TcpSink
+from .traffic import check_traffic, traffic_plan
+
+pytestmark = pytest.mark.e2e
+
+# virtio admin opcodes (virtio spec admin.tex)
+LEGACY_COMMON_CFG_WRITE, LEGACY_COMMON_CFG_READ = 2, 3
+LEGACY_DEV_CFG_WRITE, LEGACY_DEV_CFG_READ = 4, 5
+VENDOR = 0x1AF4
+TRANSITIONAL_NET = 0x1000
+
+
+@pytest.mark.parametrize(("append", "version_1"), [
+    pytest.param("virtio_pci.force_legacy=1", False, id="legacy-driver"),
+    pytest.param("", True, id="modern-driver"),
+])
+def test_transitional_traffic_plan(servers: Servers, guests: Guests, netns: NetNamespace,
+                                   append: str, version_1: bool) -> None:
+    server = servers.start("--profile", "transitional", "--netdev", f"tap,ifname={TAP}")
+    with TcpSink(netns, timeout=300) as sink:
+        run = guests.boot(traffic_plan(sink.port, ids="1af4:1000"), append=append,
+                          sockets=[server.socket_path], timeout=300)
+        report = run.check_passed()
+        sink.wait(timeout=30)
+
+    function = report.pci_function(VENDOR, TRANSITIONAL_NET)
+    assert function.revision == 0
+    assert (function.subvendor, function.subdevice) == (VENDOR, 0x0001)
+    assert function.class_code == 0x020000
+    assert len(function.io_bars) == 1
+    device = report.virtio_device_on(function.bdf)
+    assert (device.device_id, device.driver) == (1, "virtio_net")
+    assert device.version_1 == version_1
+    check_traffic(report, sink)
+
+    server.stop()
+    stats = server_stats(server.log)
+    legacy = defaultdict(int, stats["legacy"])
+    admin = defaultdict(int, stats["admin"])
+    if version_1:
+        # the modern driver never touches the IO BAR
+        assert not any(k.startswith("access:") for k in legacy) and legacy["fast_notifies"] == 0
+    else:
+        # every register access of the legacy driver went through an admin command ...
+        assert legacy["access:write:STATUS"] > 0 and legacy["access:read:HOST_FEATURES"] > 0
+        assert legacy["access:write:QUEUE_PFN"] >= 3 and legacy["access:read:ISR"] >= 0
+        reads = sum(v for k, v in legacy.items() if k.startswith("access:read:"))
+        writes = sum(v for k, v in legacy.items() if k.startswith("access:write:"))
+        assert admin[f"opcode:{LEGACY_COMMON_CFG_READ}"] + admin[
+            f"opcode:{LEGACY_DEV_CFG_READ}"] == reads
+        assert admin[f"opcode:{LEGACY_COMMON_CFG_WRITE}"] + admin[
+            f"opcode:{LEGACY_DEV_CFG_WRITE}"] == writes
+        # ... and all succeeded; kicks took the fast path
+        assert admin[f"status:{LEGACY_COMMON_CFG_READ}:0"] == admin[
+            f"opcode:{LEGACY_COMMON_CFG_READ}"]
+        assert legacy["fast_notifies"] > 1000
+
+
+def server_stats(log: str) -> dict[str, dict[str, int]]:
+    match = re.search(r"stats of net0: (\{.*\})$", log, re.MULTILINE)
+    assert match, "the server logs its counters when it stops"
+    stats: dict[str, dict[str, int]] = json.loads(match.group(1))
+    return stats
