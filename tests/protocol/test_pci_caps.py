@@ -9,6 +9,7 @@ from construct import ConstError, Construct, Struct
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.protocol.roundtrip import assert_round_trip
 from vfuserver.protocol import pci_caps as pc
 from vfuserver.protocol.pci_caps import ExpressPortType, MsixControl, PmCapabilities, PmControl
 
@@ -79,18 +80,8 @@ ROUNDTRIP = [
 
 
 @pytest.mark.parametrize(("fmt", "data", "obj"), ROUNDTRIP)
-def test_parse(fmt: Construct, data: bytes, obj: dict[str, Any]) -> None:
-    assert fmt.parse(data) == obj
-
-
-@pytest.mark.parametrize(("fmt", "data", "obj"), ROUNDTRIP)
-def test_build(fmt: Construct, data: bytes, obj: dict[str, Any]) -> None:
-    assert fmt.build(obj) == data
-
-
-@pytest.mark.parametrize(("fmt", "data", "obj"), ROUNDTRIP)
-def test_sizeof(fmt: Construct, data: bytes, obj: dict[str, Any]) -> None:
-    assert fmt.sizeof() == len(data)
+def test_round_trip(fmt: Construct, data: bytes, obj: dict[str, Any]) -> None:
+    assert_round_trip(fmt, data, obj)
 
 
 @pytest.mark.parametrize(

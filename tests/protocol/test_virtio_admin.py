@@ -6,10 +6,11 @@ import struct
 from typing import Any
 
 import pytest
-from construct import Construct, SizeofError
+from construct import Construct
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.protocol.roundtrip import assert_round_trip
 from vfuserver.protocol import virtio_admin as va
 from vfuserver.protocol.virtio_admin import (
     GroupType,
@@ -123,22 +124,8 @@ ROUNDTRIP = [
 
 
 @pytest.mark.parametrize(("fmt", "data", "size", "obj"), ROUNDTRIP)
-def test_parse(fmt: Construct, data: bytes, size: int | None, obj: dict[str, Any]) -> None:
-    assert fmt.parse(data) == obj
-
-
-@pytest.mark.parametrize(("fmt", "data", "size", "obj"), ROUNDTRIP)
-def test_build(fmt: Construct, data: bytes, size: int | None, obj: dict[str, Any]) -> None:
-    assert fmt.build(obj) == data
-
-
-@pytest.mark.parametrize(("fmt", "data", "size", "obj"), ROUNDTRIP)
-def test_sizeof(fmt: Construct, data: bytes, size: int | None, obj: dict[str, Any]) -> None:
-    if size is None:
-        with pytest.raises(SizeofError):
-            fmt.sizeof()
-    else:
-        assert fmt.sizeof() == size == len(data)
+def test_round_trip(fmt: Construct, data: bytes, size: int | None, obj: dict[str, Any]) -> None:
+    assert_round_trip(fmt, data, obj, size=size)
 
 
 @pytest.mark.parametrize(

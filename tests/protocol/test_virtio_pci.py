@@ -10,6 +10,7 @@ from construct import Construct, Int8ul, Struct
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.protocol.roundtrip import assert_round_trip
 from vfuserver.protocol import virtio_pci as vp
 from vfuserver.protocol.virtio_pci import CfgType, CommonCfgRegister
 
@@ -107,18 +108,8 @@ ROUNDTRIP = [
 
 
 @pytest.mark.parametrize(("fmt", "data", "obj"), ROUNDTRIP)
-def test_parse(fmt: Construct, data: bytes, obj: dict[str, Any]) -> None:
-    assert fmt.parse(data) == obj
-
-
-@pytest.mark.parametrize(("fmt", "data", "obj"), ROUNDTRIP)
-def test_build(fmt: Construct, data: bytes, obj: dict[str, Any]) -> None:
-    assert fmt.build(obj) == data
-
-
-@pytest.mark.parametrize(("fmt", "data", "obj"), ROUNDTRIP)
-def test_sizeof(fmt: Construct, data: bytes, obj: dict[str, Any]) -> None:
-    assert fmt.sizeof() == len(data)
+def test_round_trip(fmt: Construct, data: bytes, obj: dict[str, Any]) -> None:
+    assert_round_trip(fmt, data, obj)
 
 
 @pytest.mark.parametrize(

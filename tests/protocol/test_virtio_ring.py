@@ -9,6 +9,7 @@ from construct import Container
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.protocol.roundtrip import assert_round_trip
 from vfuserver.protocol import virtio_ring as ring
 from vfuserver.protocol.virtio_ring import (
     DescFlag,
@@ -72,9 +73,7 @@ ROUND_TRIP = [
 
 @pytest.mark.parametrize(("fmt", "raw", "obj"), ROUND_TRIP)
 def test_round_trip(fmt: Any, raw: bytes, obj: Any) -> None:
-    assert fmt.parse(raw) == obj
-    assert fmt.build(obj) == raw
-    assert fmt.sizeof() == len(raw)
+    assert_round_trip(fmt, raw, obj)
 
 
 @pytest.mark.parametrize("size", [1, 2, 256, 1024, 32768])
