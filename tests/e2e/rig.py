@@ -466,11 +466,14 @@ class Guests:
         self._directory = directory
         self._ns = ns
         self.runs: list[GuestRun] = []
+        self._numbers = itertools.count()
+        self._lock = threading.Lock()
 
     def boot(self, plan: str, *, append: str = "", sockets: Iterable[Path] = (),
              builtin_net: Iterable[str] = (), no_shared_memory: bool = False,
              timeout: float = 60.0, qemu_args: Sequence[str] = ()) -> GuestRun:
-        path = self._directory / f"console-{len(self.runs)}.log"
+        with self._lock:  # boots may run in parallel threads (two VMs talking)
+            path = self._directory / f"console-{next(self._numbers)}.log"
         run = boot_guest(self._tools, path, plan, ns=self._ns, append=append, sockets=sockets,
                          builtin_net=builtin_net, no_shared_memory=no_shared_memory,
                          timeout=timeout, qemu_args=qemu_args)
