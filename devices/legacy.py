@@ -25,6 +25,7 @@ from vfuserver.protocol.virtio_legacy import Register
 
 if TYPE_CHECKING:
     from vfuserver.devices.virtio_pci import VirtioPciTransport
+    from vfuserver.devices.virtqueue import VirtQueue
 
 LEGACY_DEVICE_CONFIG_BYTES = 8
 """What the legacy BAR exposes of virtio-net's config: offsetofend(virtio_net_config,
@@ -91,7 +92,7 @@ class LegacyInterface:
         if self.device.status == 0 and not self.device.legacy:
             self.device.legacy = True
 
-    def _selected_queue(self):  # type: ignore[no-untyped-def]
+    def _selected_queue(self) -> VirtQueue | None:
         queues = self.device.queues
         return queues[self.queue_select] if self.queue_select < len(queues) else None
 

@@ -155,7 +155,7 @@ class ServedDevice:
         """Counters of the model, the backend and (transitional) the legacy path."""
         out = {
             "virtio_net": dataclasses.asdict(self.net.stats),
-            "backend": dataclasses.asdict(self.backend.stats),  # type: ignore[call-overload]
+            "backend": dataclasses.asdict(self.backend.stats),
         }
         if isinstance(self.function, TransitionalFunction):
             out["legacy"] = self.function.stats.as_dict()
