@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import trio
 
-from vfuserver.device import DEFAULT_MAC, PROFILES, DeviceSpec, format_mac, open_device, parse_mac
-from vfuserver.netdev import NETDEV_HELP, NetdevError, NetdevSpec, parse_netdev
+from vfuserver.config import ConfigError, ServerConfig, load_config
+from vfuserver.control import (
+    ControlClient,
+    Controller,
+    ControlUnreachable,
+    JsonValue,
+    ServerError,
+)
+from vfuserver.device import DEFAULT_MAC, PROFILES, DeviceSpec, format_mac, parse_mac
+from vfuserver.netdev import NETDEV_HELP, NetdevError, NetdevSpec, NoneSpec, parse_netdev
+from vfuserver.sdnotify import Notifier
+from vfuserver.server import describe_error
 
 log = logging.getLogger("vfuserver")
 
@@ -27,6 +40,19 @@ network backends (--netdev, QEMU's -netdev syntax):
 QEMU must give the server shared guest RAM:
   -object memory-backend-memfd,id=mem,size=512M,share=on -machine q35,memory-backend=mem
   -device '{{"driver":"vfio-user-pci","socket":{{"path":"SOCKET","type":"unix"}}}}'
+
+CONFIG: --config FILE serves many devices in one process (TOML; relative paths are taken
+relative to the file's directory):
+  [server]
+  control = "/run/vfuserver/control.sock"   # optional control socket
+  [[device]]                                # one table per device
+  name = "net0"                             # required
+  socket = "/run/vfuserver/net0.sock"       # required
+  profile = "modern"                        # default modern
+  mac = "52:54:00:12:34:56"                 # default 52:54:00 + 3 bytes derived from name
+  netdev = "tap,ifname=tap0"                # --netdev syntax, default none
+A device that cannot be served is logged with its name and the reason; the others go on.
+With $NOTIFY_SOCKET set (systemd Type=notify), READY=1 is sent once every socket exists.
 """
 
 
@@ -37,28 +63,155 @@ def _netdev(text: str) -> NetdevSpec:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-async def _serve(spec: DeviceSpec) -> int:
-    from vfuserver.server import serve
+# --- run --------------------------------------------------------------------------------------
 
-    try:
-        device = await open_device(spec)
-    except (OSError, NetdevError) as exc:
-        log.error("cannot serve %s: %s", spec.socket, exc)
-        return 1
-    log.info("listening on %s (device %s, profile %s, mac %s, netdev %s)",
-             device.context.socket_path, spec.name, spec.profile, format_mac(spec.mac),
-             spec.netdev)
-    await serve([device])
-    log.info("stopped")
-    return 0
+_SOCKET_ONLY = ("name", "profile", "mac", "netdev")
 
 
 def _run(args: argparse.Namespace) -> int:
-    spec = DeviceSpec(name=args.name, socket=args.socket, profile=args.profile, mac=args.mac,
-                      netdev=args.netdev)
-    result: int = trio.run(_serve, spec)
-    return result
+    parser: argparse.ArgumentParser = args.parser
+    if args.config is not None:
+        given = [f"--{key}" for key in _SOCKET_ONLY if getattr(args, key) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} describe the --socket device; with --config, "
+                         "put them in the config file's [[device]] table")
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            return 1
+    else:
+        if args.persist:
+            parser.error("--persist writes changes back to a config file: it needs --config")
+        spec = DeviceSpec(name=args.name or "net0", socket=args.socket,
+                          profile=args.profile or "modern",
+                          mac=args.mac if args.mac is not None else DEFAULT_MAC,
+                          netdev=args.netdev if args.netdev is not None else NoneSpec())
+        config = ServerConfig(devices=[spec])
+    if args.control is not None:
+        config.control = os.path.abspath(args.control)
+    controller = Controller(config, persist=args.persist, notifier=Notifier.from_environment())
+    try:
+        # Without a control socket nothing can add a device: stop once none is left.
+        stopped_by = trio.run(partial(controller.run, stop_when_empty=config.control is None))
+    except OSError as exc:  # the control socket (devices report their own failures)
+        log.error("%s", describe_error(exc))
+        return 1
+    log.info("stopped")
+    return 0 if stopped_by is not None else 1
 
+
+# --- the control commands ----------------------------------------------------------------------
+
+EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+CONTROL_ENV = "VFUSERVER_CONTROL"
+
+CONTROL_EPILOG = f"""\
+The server is the one whose control socket --control names (default: ${CONTROL_ENV}); it has
+one when started with 'vfuserver run --control PATH' or '[server] control = PATH' in its config.
+
+Output: one line per item, fields separated by single spaces, no header; --json prints the
+server's return value instead (one JSON line).
+exit status: 0 done, 1 the server refused (its reason on stderr), 2 usage error,
+3 the server cannot be reached
+"""
+
+
+def _control_path(args: argparse.Namespace) -> str:
+    path: str | None = args.control or os.environ.get(CONTROL_ENV)
+    if not path:
+        parser: argparse.ArgumentParser = args.parser
+        parser.error(f"which server? pass --control PATH or set {CONTROL_ENV}=PATH, the "
+                     "control socket the server was started with ('vfuserver run "
+                     "--control PATH' or '[server] control' in its config)")
+    return path
+
+
+def _client_command(func: Callable[[ControlClient, argparse.Namespace], JsonValue],
+                    show: Callable[[JsonValue, argparse.Namespace], list[str]],
+                    ) -> Callable[[argparse.Namespace], int]:
+    """A control command: connect, run func, print its lines (or --json), map exit codes."""
+
+    def command(args: argparse.Namespace) -> int:
+        path = _control_path(args)
+        try:
+            with ControlClient(path) as client:
+                value = func(client, args)
+        except ControlUnreachable as exc:
+            print(f"vfuserver: {exc.strerror or exc}; is the server running with "
+                  f"--control {path}?", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        except ServerError as exc:
+            print(f"vfuserver: {exc.desc}", file=sys.stderr)
+            return EXIT_SERVER_ERROR
+        if args.json:
+            print(json.dumps(value, sort_keys=True))
+        else:
+            for line in show(value, args):
+                print(line)
+        return EXIT_OK
+
+    return command
+
+
+def _no_lines(value: JsonValue, args: argparse.Namespace) -> list[str]:
+    return []
+
+
+def _profile_lines(value: JsonValue, args: argparse.Namespace) -> list[str]:
+    return [f"{p['device']} {p['current']} {','.join(p['available'])}" for p in value]
+
+
+def _status_lines(value: JsonValue, args: argparse.Namespace) -> list[str]:
+    lines = []
+    for device in value:
+        client = "-" if device["state"] != "running" else (
+            "attached" if device["client-attached"] else "detached")
+        line = f"{device['name']} {device['state']} {device['profile']} {client} {device['socket']}"
+        if "error" in device:
+            line += f" {' '.join(str(device['error']).split())}"
+        lines.append(line)
+    return lines
+
+
+def _stats_lines(value: JsonValue, args: argparse.Namespace) -> list[str]:
+    return [f"{entry['device']} {group}.{counter} {count}"
+            for entry in value
+            for group, counters in entry["stats"].items()
+            for counter, count in counters.items()]
+
+
+def _profile_list(client: ControlClient, args: argparse.Namespace) -> JsonValue:
+    return client.execute("query-profiles", **({"device": args.device} if args.device else {}))
+
+
+def _profile_set(client: ControlClient, args: argparse.Namespace) -> JsonValue:
+    return client.execute("set-profile", device=args.device, profile=args.profile)
+
+
+def _status(client: ControlClient, args: argparse.Namespace) -> JsonValue:
+    return client.execute("query-devices")
+
+
+def _stats(client: ControlClient, args: argparse.Namespace) -> JsonValue:
+    return client.execute("query-stats", **({"device": args.device} if args.device else {}))
+
+
+def _device_add(client: ControlClient, args: argparse.Namespace) -> JsonValue:
+    arguments = {"name": args.name, "socket": os.path.abspath(args.socket)}
+    for key in ("profile", "mac", "netdev"):
+        if getattr(args, key) is not None:
+            arguments[key] = getattr(args, key)
+    return client.execute("add-device", **arguments)
+
+
+def _device_remove(client: ControlClient, args: argparse.Namespace) -> JsonValue:
+    return client.execute("remove-device", name=args.name,
+                          **({"force": True} if args.force else {}))
+
+
+# --- the parser -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -73,16 +226,77 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve a device on a vfio-user socket", parents=[common],
                          epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--socket", required=True, metavar="PATH",
-                     help="UNIX socket to listen on (created 0600, removed on exit)")
-    run.add_argument("--name", default="net0", help="device name used in logs (default net0)")
-    run.add_argument("--profile", choices=PROFILES, default="modern",
+    what = run.add_mutually_exclusive_group(required=True)
+    what.add_argument("--socket", metavar="PATH",
+                      help="UNIX socket to listen on (created 0600, removed on exit)")
+    what.add_argument("--config", metavar="FILE",
+                      help="serve every device a TOML file defines (see CONFIG below)")
+    run.add_argument("--name", help="device name used in logs (default net0)")
+    run.add_argument("--profile", choices=PROFILES,
                      help="how the device presents itself to the guest (default: modern)")
-    run.add_argument("--mac", type=parse_mac, default=DEFAULT_MAC,
+    run.add_argument("--mac", type=parse_mac,
                      help=f"MAC address (default: {format_mac(DEFAULT_MAC)})")
-    run.add_argument("--netdev", type=_netdev, default=parse_netdev("none"), metavar="SPEC",
+    run.add_argument("--netdev", type=_netdev, metavar="SPEC",
                      help="network backend, e.g. tap,ifname=tap0 (default: none)")
-    run.set_defaults(func=_run)
+    run.add_argument("--control", metavar="PATH",
+                     help="control socket (created 0600) for 'vfuserver profile/status/device' "
+                          "(default: [server] control of --config, else none)")
+    run.add_argument("--persist", action="store_true",
+                     help="write runtime changes (profile set, device add/remove) back to "
+                          "--config, atomically")
+    run.set_defaults(func=_run, parser=run)
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--control", metavar="PATH",
+                        help=f"the server's control socket (default: ${CONTROL_ENV})")
+    client.add_argument("--json", action="store_true",
+                        help="print the server's return value as JSON")
+
+    def leaf(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+             help_text: str,
+             func: Callable[[ControlClient, argparse.Namespace], JsonValue],
+             show: Callable[[JsonValue, argparse.Namespace], list[str]],
+             epilog: str = "") -> argparse.ArgumentParser:
+        command = subparsers.add_parser(
+            name, help=help_text, description=help_text, parents=[common, client],
+            epilog=epilog + CONTROL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.set_defaults(func=_client_command(func, show), parser=command)
+        return command
+
+    profile = sub.add_parser("profile", help="list or set the profiles of devices")
+    profile_sub = profile.add_subparsers(dest="action", required=True)
+    listing = leaf(profile_sub, "list", "list each device's current and available profiles",
+                   _profile_list, _profile_lines,
+                   "lines: NAME CURRENT AVAILABLE (comma-separated)\n\n")
+    listing.add_argument("device", nargs="?", metavar="DEVICE", help="only this device")
+    setting = leaf(profile_sub, "set", "set a device's profile (refused while a VM uses it)",
+                   _profile_set, _no_lines,
+                   "Takes effect at once: the next VM to attach sees the device as set.\n\n")
+    setting.add_argument("device", metavar="DEVICE")
+    setting.add_argument("profile", choices=PROFILES, metavar="PROFILE",
+                         help=" or ".join(PROFILES))
+
+    leaf(sub, "status", "list the server's devices and their state", _status, _status_lines,
+         "lines: NAME STATE PROFILE CLIENT SOCKET [ERROR...]\n"
+         "  STATE running or failed; CLIENT attached, detached or - (not running)\n\n")
+    stats = leaf(sub, "stats", "show the counters of running devices", _stats, _stats_lines,
+                 "lines: NAME GROUP.COUNTER VALUE\n\n")
+    stats.add_argument("device", nargs="?", metavar="DEVICE", help="only this device")
+
+    device = sub.add_parser("device", help="add or remove devices of a running server")
+    device_sub = device.add_subparsers(dest="action", required=True)
+    add = leaf(device_sub, "add", "define and start a device", _device_add, _no_lines)
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("--socket", required=True, metavar="PATH",
+                     help="UNIX socket the device listens on")
+    add.add_argument("--profile", choices=PROFILES, help="default: modern")
+    add.add_argument("--mac", help="default: 52:54:00 and 3 bytes derived from NAME")
+    add.add_argument("--netdev", metavar="SPEC", help="network backend (default: none)")
+    remove = leaf(device_sub, "remove", "stop a device and drop its definition",
+                  _device_remove, _no_lines)
+    remove.add_argument("name", metavar="NAME")
+    remove.add_argument("--force", action="store_true",
+                        help="remove it even while a VM uses it")
     return parser
 
 

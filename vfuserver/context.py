@@ -74,7 +74,7 @@ class VfuContext:
         self._regions: dict[int, Region] = {}
         self._ctx: Any = ffi.NULL
         self._handle = ffi.new_handle(self)
-        _prepare_socket_path(self.socket_path)
+        prepare_socket_path(self.socket_path)
         old_umask = os.umask(0o177)  # the socket file is created owner-only (0600)
         try:
             self._ctx = check(
@@ -258,7 +258,7 @@ def _set_socket_timeouts(fd: int, seconds: float) -> None:
         sock.close()
 
 
-def _prepare_socket_path(path: str) -> None:
+def prepare_socket_path(path: str) -> None:
     """Remove a stale socket left by a dead server; refuse one a live server holds."""
     try:
         st = os.lstat(path)

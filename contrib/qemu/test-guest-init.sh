@@ -42,6 +42,7 @@
 #   link:IF:up|down              ip link set; operstate carrier
 #   wait-if:IF[:timeout=S]       wait until IF exists (default 10 s)
 #   wait-link:IF[:timeout=S]     wait until IF has carrier (default 10 s)
+#   wait-ping:HOST[:timeout=S]   ping once a second until HOST answers (default 30 s)
 #   stats:IF                     rx/tx packets bytes errors dropped of IF
 #   unbind[:DEV]                 unbind DEV from virtio-pci (sysfs drivers/virtio-pci/unbind)
 #   bind[:DEV][:timeout=S]       bind DEV to virtio-pci, wait for its virtio device and netdev
@@ -325,6 +326,17 @@ step_wait_link() {
         result pass "dev=$ifn" "seconds=$secs"
     fi
     result fail "dev=$ifn" "seconds=$secs" "error=no_carrier"
+}
+
+answers_ping() { ping -q -c 1 -W 1 "$1" >/dev/null 2>&1; }
+
+step_wait_ping() {
+    parse_args "$@"
+    host=${P1:-}; need HOST "$host"
+    if secs=$(wait_for "${O_timeout:-30}" answers_ping "$host"); then
+        result pass "host=$host" "seconds=$secs"
+    fi
+    result fail "host=$host" "seconds=$secs" "error=no_answer"
 }
 
 step_stats() {

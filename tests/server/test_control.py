@@ -1,0 +1,700 @@
+"""The control plane: many devices in one server, the control socket and its commands, the
+CLI on top, --persist and sd_notify readiness.
+
+Servers run in-process (Controller.run in the test's trio loop, real ServedDevice objects,
+the real libvfio-user) where a test looks inside, and as `vfuserver run --config ...`
+processes where the CLI, restarts or $NOTIFY_SOCKET are exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.server.control_helpers import (
+    VENDOR_DEVICE_MODERN,
+    VENDOR_DEVICE_TRANSITIONAL,
+    execute,
+    ids_of,
+    read_ids,
+    request,
+    run_cli,
+    server_process,
+    spec,
+    start_controller,
+)
+from vfuserver.cli import build_parser
+from vfuserver.client import Client
+from vfuserver.config import (
+    ConfigError,
+    ServerConfig,
+    default_mac,
+    dump_config,
+    load_config,
+    parse_config,
+    save_config,
+    toml_string,
+)
+from vfuserver.control import MAX_MESSAGE, ControlClient, Controller, ControlServer, ServerError
+from vfuserver.device import format_mac
+from vfuserver.protocol import vfio_user as vu
+from vfuserver.sdnotify import Notifier
+from vfuserver.server import DeviceSet, serve
+
+DGRAM_THAT_CANNOT_BIND = ("dgram,local.type=unix,local.path=/nonexistent/vfu/l.sock,"
+                          "remote.type=unix,remote.path=/nonexistent/vfu/r.sock")
+
+
+def config_text(tmp_path: Path, *devices: dict[str, str], control: str = "ctl.sock") -> str:
+    lines = ["[server]", f"control = {toml_string(control)}", ""]
+    for device in devices:
+        lines.append("[[device]]")
+        lines += [f"{key} = {toml_string(value)}" for key, value in device.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --- in-process: queries, profiles, many devices, add/remove, failures ------------------------
+
+async def test_query_devices_and_profiles(tmp_path: Path, nursery: trio.Nursery) -> None:
+    config = ServerConfig(control=str(tmp_path / "ctl.sock"), devices=[
+        spec(tmp_path, "net0"),
+        spec(tmp_path, "net1", profile="transitional", mac="52:54:00:00:00:01",
+             netdev="none"),
+    ])
+    await start_controller(nursery, config)
+
+    devices = await execute(config.control or "", "query-devices")
+    assert devices == [
+        {"name": "net0", "socket": str(tmp_path / "net0.sock"), "profile": "modern",
+         "mac": format_mac(default_mac("net0")), "netdev": "none", "state": "running",
+         "client-attached": False},
+        {"name": "net1", "socket": str(tmp_path / "net1.sock"), "profile": "transitional",
+         "mac": "52:54:00:00:00:01", "netdev": "none", "state": "running",
+         "client-attached": False},
+    ]
+    profiles = await execute(config.control or "", "query-profiles")
+    assert profiles == [
+        {"device": "net0", "current": "modern", "available": ["modern", "transitional"],
+         "changeable": True},
+        {"device": "net1", "current": "transitional",
+         "available": ["modern", "transitional"], "changeable": True},
+    ]
+    one = await execute(config.control or "", "query-profiles", device="net1")
+    assert one == profiles[1:]
+    with pytest.raises(ServerError) as raised:
+        await execute(config.control or "", "query-profiles", device="net9")
+    assert raised.value.error_class == "DeviceNotFound"
+
+    stats = await execute(config.control or "", "query-stats")
+    assert [entry["device"] for entry in stats] == ["net0", "net1"]
+    assert {"virtio_net", "backend"} <= set(stats[0]["stats"])
+    assert stats[0]["stats"]["backend"]["tx_frames"] == 0
+    assert "legacy" in stats[1]["stats"]  # the transitional presentation's counters
+    assert await execute(config.control or "", "query-stats", device="net0") == stats[:1]
+    names = {c["name"] for c in await execute(config.control or "", "query-commands")}
+    assert {"query-devices", "query-profiles", "set-profile", "query-stats", "add-device",
+            "remove-device"} <= names
+
+
+async def test_set_profile_without_client_changes_what_a_client_sees(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    config = ServerConfig(control=str(tmp_path / "ctl.sock"), devices=[spec(tmp_path, "net0")])
+    await start_controller(nursery, config)
+    sock = tmp_path / "net0.sock"
+    assert await ids_of(sock) == VENDOR_DEVICE_MODERN
+
+    assert await execute(config.control or "", "set-profile", device="net0",
+                         profile="transitional") == {}
+    assert await ids_of(sock) == VENDOR_DEVICE_TRANSITIONAL
+    [profile] = await execute(config.control or "", "query-profiles", device="net0")
+    assert profile["current"] == "transitional"
+    assert config.devices[0].profile == "transitional"  # the definition follows
+
+    assert await execute(config.control or "", "set-profile", device="net0",
+                         profile="modern") == {}
+    assert await ids_of(sock) == VENDOR_DEVICE_MODERN
+    with pytest.raises(ServerError) as raised:
+        await execute(config.control or "", "set-profile", device="net0", profile="legacy")
+    assert raised.value.error_class == "GenericError"
+    assert "unknown profile" in raised.value.desc
+
+
+async def test_set_profile_with_a_client_attached_is_refused(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    config = ServerConfig(control=str(tmp_path / "ctl.sock"), devices=[spec(tmp_path, "net0")])
+    await start_controller(nursery, config)
+    sock = str(tmp_path / "net0.sock")
+    client = await trio.to_thread.run_sync(Client, sock)
+    try:
+        # one round trip: the server has finished attaching the client
+        first = await trio.to_thread.run_sync(client.read, vu.PciRegion.CONFIG, 0, 4)
+        assert first == VENDOR_DEVICE_MODERN
+        [device] = await execute(config.control or "", "query-devices")
+        assert device["client-attached"] is True
+        [profile] = await execute(config.control or "", "query-profiles")
+        assert profile["changeable"] is False
+
+        with pytest.raises(ServerError) as raised:
+            await execute(config.control or "", "set-profile", device="net0",
+                          profile="transitional")
+        assert raised.value.error_class == "GenericError"
+        assert "client attached" in raised.value.desc
+        assert "shut the VM down" in raised.value.desc
+
+        [profile] = await execute(config.control or "", "query-profiles")
+        assert profile["current"] == "modern"
+        assert config.devices[0].profile == "modern"
+        # the attached client goes on with the same device
+        again = await trio.to_thread.run_sync(client.read, vu.PciRegion.CONFIG, 0, 4)
+        assert again == VENDOR_DEVICE_MODERN
+    finally:
+        client.close()
+    await trio.sleep(0.1)
+    assert await ids_of(sock) == VENDOR_DEVICE_MODERN
+
+
+async def test_sixty_four_devices_in_one_process_all_answer(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    config = ServerConfig(devices=[spec(tmp_path, f"d{i}") for i in range(64)])
+    controller = await start_controller(nursery, config)
+    assert len(controller.device_set) == 64
+
+    def sessions() -> list[bytes]:
+        return [read_ids(tmp_path / f"d{i}.sock") for i in range(64)]
+
+    with trio.fail_after(60):
+        assert await trio.to_thread.run_sync(sessions) == [VENDOR_DEVICE_MODERN] * 64
+
+
+async def test_add_and_remove_devices_at_runtime(tmp_path: Path, nursery: trio.Nursery) -> None:
+    control = tmp_path / "ctl.sock"
+    config = ServerConfig(control=str(control), devices=[spec(tmp_path, "net0")])
+    await start_controller(nursery, config)
+    sock = tmp_path / "net1.sock"
+    assert not sock.exists()
+
+    added = await execute(control, "add-device", name="net1", socket=str(sock),
+                          profile="transitional", mac="52:54:00:ab:cd:ef")
+    assert added == {"name": "net1", "socket": str(sock), "profile": "transitional",
+                     "mac": "52:54:00:ab:cd:ef", "netdev": "none", "state": "running",
+                     "client-attached": False}
+    assert sock.is_socket()
+    assert await ids_of(sock) == VENDOR_DEVICE_TRANSITIONAL
+    assert [d["name"] for d in await execute(control, "query-devices")] == ["net0", "net1"]
+
+    for duplicate, words in [({"name": "net1", "socket": str(tmp_path / "x.sock")}, "taken"),
+                             ({"name": "net2", "socket": str(sock)}, "already device net1"),
+                             ({"name": "net2", "socket": "rel.sock"}, "absolute"),
+                             ({"name": "bad name", "socket": str(tmp_path / "y.sock")},
+                              "not valid"),
+                             ({"name": "net2", "socket": str(tmp_path / "z.sock"),
+                               "netdev": "tap,bogus=1"}, "unknown or unsupported option")]:
+        with pytest.raises(ServerError) as raised:
+            await execute(control, "add-device", **duplicate)
+        assert words in raised.value.desc, raised.value.desc
+
+    assert await execute(control, "remove-device", name="net1") == {}
+    assert not sock.exists()
+    assert [d["name"] for d in await execute(control, "query-devices")] == ["net0"]
+    with pytest.raises(ServerError) as raised:
+        await execute(control, "remove-device", name="net1")
+    assert raised.value.error_class == "DeviceNotFound"
+
+    # the name and the socket are free again; the first device was served all along
+    await execute(control, "add-device", name="net1", socket=str(sock))
+    assert await ids_of(sock) == VENDOR_DEVICE_MODERN
+    assert await ids_of(tmp_path / "net0.sock") == VENDOR_DEVICE_MODERN
+
+
+async def test_remove_device_with_a_client_attached_needs_force(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    control = tmp_path / "ctl.sock"
+    config = ServerConfig(control=str(control), devices=[spec(tmp_path, "net0")])
+    await start_controller(nursery, config)
+    client = await trio.to_thread.run_sync(Client, str(tmp_path / "net0.sock"))
+    try:
+        await trio.to_thread.run_sync(client.read, vu.PciRegion.CONFIG, 0, 4)
+        with pytest.raises(ServerError) as raised:
+            await execute(control, "remove-device", name="net0")
+        assert "client attached" in raised.value.desc
+        assert await execute(control, "remove-device", name="net0", force=True) == {}
+        assert not (tmp_path / "net0.sock").exists()
+    finally:
+        client.close()
+
+
+async def test_failing_devices_are_reported_and_the_others_serve(
+        tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    (tmp_path / "held.sock").write_text("a regular file holds this path\n")
+    control = tmp_path / "ctl.sock"
+    config = ServerConfig(control=str(control), devices=[
+        spec(tmp_path, "net0"),
+        spec(tmp_path, "held"),
+        spec(tmp_path, "badnet", netdev=DGRAM_THAT_CANNOT_BIND),
+        spec(tmp_path, "net1"),
+    ])
+    await start_controller(nursery, config)
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("held" in m and "is not a socket" in m for m in errors), errors
+    assert any("badnet" in m and "cannot bind /nonexistent/vfu/l.sock" in m
+               for m in errors), errors
+    assert (tmp_path / "held.sock").read_text() == "a regular file holds this path\n"
+
+    devices = {d["name"]: d for d in await execute(control, "query-devices")}
+    assert [devices[n]["state"] for n in ("net0", "held", "badnet", "net1")] == [
+        "running", "failed", "failed", "running"]
+    assert "is not a socket" in devices["held"]["error"]
+    assert "cannot bind" in devices["badnet"]["error"]
+    assert await ids_of(tmp_path / "net0.sock") == VENDOR_DEVICE_MODERN
+    assert await ids_of(tmp_path / "net1.sock") == VENDOR_DEVICE_MODERN
+    with pytest.raises(ServerError) as raised:
+        await execute(control, "query-stats", device="held")
+    assert raised.value.error_class == "DeviceNotActive"
+
+    # a failing add-device is reported too, and defines nothing
+    with pytest.raises(ServerError) as raised:
+        await execute(control, "add-device", name="net2", socket=str(tmp_path / "net2.sock"),
+                      netdev=DGRAM_THAT_CANNOT_BIND)
+    assert "cannot bind" in raised.value.desc
+    assert "net2" not in {d["name"] for d in await execute(control, "query-devices")}
+    # a failed device's definition can be removed
+    assert await execute(control, "remove-device", name="held") == {}
+
+
+class _FailsLater:
+    """A device that serves, then fails with a host error (a tap deleted under it)."""
+
+    def __init__(self) -> None:
+        self.fail = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self.fail.wait()
+        raise OSError(5, "tap vfutap9 failed: File descriptor in bad state")
+
+
+class _Serves:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+
+async def test_device_set_a_device_failing_later_does_not_stop_the_others(
+        nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    device_set = DeviceSet()
+    failing = _FailsLater()
+    await nursery.start(lambda task_status: serve(
+        {"bad": failing, "good": _Serves()}, device_set=device_set, task_status=task_status))
+    assert device_set.names() == ["bad", "good"]
+    failing.fail.set()
+    with trio.fail_after(5):
+        while "bad" in device_set:
+            await trio.sleep(0.001)
+    assert device_set.names() == ["good"]
+    assert device_set.errors == {"bad": "tap vfutap9 failed: File descriptor in bad state"}
+    assert any("device bad failed: tap vfutap9" in r.getMessage() for r in caplog.records)
+    await device_set.stop("good")
+    assert len(device_set) == 0
+    assert "good" not in device_set.errors  # stopped on request: not an error
+
+
+# --- the control socket: malformed messages, permissions --------------------------------------
+
+async def test_malformed_messages_get_errors_and_the_server_goes_on(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    control = tmp_path / "ctl.sock"
+    config = ServerConfig(control=str(control), devices=[spec(tmp_path, "net0")])
+    await start_controller(nursery, config)
+    cases: list[tuple[bytes, str, str]] = [
+        (b"not json", "GenericError", "JSON parse error"),
+        (b"\xff\xfe{}", "GenericError", "JSON parse error"),
+        (b'{"execute": "query-devices", "id": NaN}', "GenericError", "JSON parse error"),
+        (b"[" * 60_000, "GenericError", "JSON parse error"),  # RecursionError inside
+        (b"[1, 2]", "GenericError", "must be a JSON object"),
+        (b'"query-devices"', "GenericError", "must be a JSON object"),
+        (b"{}", "GenericError", "lacks member 'execute'"),
+        (b'{"execute": 5}', "GenericError", "'execute' must be a string"),
+        (b'{"execute": "query-devices", "bogus": 1}', "GenericError", "'bogus' is unexpected"),
+        (b'{"execute": "query-devices", "arguments": []}', "GenericError",
+         "'arguments' must be an object"),
+        (b'{"execute": "format-disk"}', "CommandNotFound", "format-disk has not been found"),
+        (b'{"execute": "set-profile", "arguments": {"device": "net0"}}', "GenericError",
+         "Parameter 'profile' is missing"),
+        (b'{"execute": "set-profile", "arguments": {"device": 0, "profile": "modern"}}',
+         "GenericError", "Invalid parameter type for 'device', expected: string"),
+        (b'{"execute": "remove-device", "arguments": {"name": "net0", "force": "yes"}}',
+         "GenericError", "Invalid parameter type for 'force', expected: boolean"),
+        (b'{"execute": "query-devices", "arguments": {"device": "net0"}}', "GenericError",
+         "Parameter 'device' is unexpected"),
+        (b'{"execute": "set-profile", "arguments": {"device": "net9", "profile": "modern"}}',
+         "DeviceNotFound", "no device named 'net9'"),
+        (b"x" * (MAX_MESSAGE + 5000), "GenericError", f"longer than {MAX_MESSAGE} bytes"),
+    ]
+
+    def session() -> list[dict[str, Any]]:
+        with ControlClient(str(control), timeout=10) as client:
+            replies = []
+            for line, _, _ in cases:
+                client.send_line(line)
+                replies.append(client.receive())
+            client.send_line(b"")  # blank lines are skipped, not answered
+            client.send_line(b'{"execute": "query-devices", "id": {"seq": 7}}')
+            replies.append(client.receive())
+            return replies
+
+    replies = await trio.to_thread.run_sync(session)
+    for (line, error_class, words), reply in zip(cases, replies, strict=False):
+        assert reply["error"]["class"] == error_class, (line[:60], reply)
+        assert words in reply["error"]["desc"], (line[:60], reply)
+        assert set(reply) == {"error"}
+    last = replies[-1]
+    assert last["id"] == {"seq": 7}
+    assert [d["name"] for d in last["return"]] == ["net0"]
+    # the device was served all along, and a new connection is served too
+    assert await ids_of(tmp_path / "net0.sock") == VENDOR_DEVICE_MODERN
+    reply = await request(control, {"execute": "query-devices", "id": 1})
+    assert reply["id"] == 1 and reply["return"][0]["state"] == "running"
+
+
+async def test_a_client_that_disconnects_mid_line_does_not_disturb(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    control = tmp_path / "ctl.sock"
+    await start_controller(nursery, ServerConfig(control=str(control)))
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(control))
+        sock.sendall(b'{"execute": "query-dev')
+    with socket.socket(socket.AF_UNIX) as sock:  # the last line may lack its newline
+        sock.connect(str(control))
+        sock.sendall(b'{"execute": "query-devices"}')
+        sock.shutdown(socket.SHUT_WR)
+        reply = await trio.to_thread.run_sync(sock.recv, 4096)
+    assert json.loads(reply) == {"return": []}
+
+
+async def test_control_socket_is_owner_only_and_removed_on_exit(tmp_path: Path) -> None:
+    control = tmp_path / "ctl.sock"
+    async with trio.open_nursery() as nursery:
+        await start_controller(nursery, ServerConfig(control=str(control)))
+        mode = os.stat(control).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+        nursery.cancel_scope.cancel()
+    assert not control.exists()
+
+
+async def test_peers_of_another_uid_are_refused(tmp_path: Path, nursery: trio.Nursery) -> None:
+    control = tmp_path / "ctl.sock"
+    controller = Controller(ServerConfig())
+    # The test cannot connect as another user (the socket is 0600): the server is told
+    # its owner is someone else instead, so this process is the foreign peer.
+    server = ControlServer(str(control), controller, owner_uid=os.geteuid() + 4242)
+    await nursery.start(server.run)
+    with socket.socket(socket.AF_UNIX) as sock, sock.makefile("rb") as file:
+        sock.connect(str(control))
+        sock.settimeout(10)
+        refusal = await trio.to_thread.run_sync(file.readline)  # unasked
+        assert await trio.to_thread.run_sync(file.read) == b""  # then it hangs up
+    reply = json.loads(refusal)
+    assert reply["error"]["class"] == "GenericError"
+    assert "permission denied" in reply["error"]["desc"]
+    # the client reports the reason, whether the hang-up comes before its request or after
+    reply = await request(control, {"execute": "query-devices"})
+    assert "permission denied" in reply["error"]["desc"]
+
+
+async def test_control_socket_of_a_running_server_is_not_taken_over(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    control = tmp_path / "ctl.sock"
+    await start_controller(nursery, ServerConfig(control=str(control)))
+    with pytest.raises(OSError, match="held by a running server"):
+        await Controller(ServerConfig(control=str(control))).run()
+    assert await execute(control, "query-devices") == []
+
+
+# --- the config file ----------------------------------------------------------------------------
+
+def test_config_round_trip_and_relative_paths(tmp_path: Path) -> None:
+    path = tmp_path / "devices.toml"
+    path.write_text(config_text(
+        tmp_path,
+        {"name": "net0", "socket": "net0.sock"},
+        {"name": "net1", "socket": "/run/x/net1.sock", "profile": "transitional",
+         "mac": "52:54:00:00:00:02",
+         "netdev": "stream,server=on,addr.type=unix,addr.path=/tmp/a,,b.sock"},
+    ))
+    config = load_config(path)
+    assert config.control == str(tmp_path / "ctl.sock")
+    assert config.devices[0].socket == str(tmp_path / "net0.sock")
+    assert config.devices[0].mac == default_mac("net0")
+    assert config.devices[1].netdev.addr.path == "/tmp/a,b.sock"  # type: ignore[union-attr]
+    text = dump_config(config)
+    again = parse_config(text, path=path)
+    assert again.devices == config.devices and again.control == config.control
+    assert dump_config(again) == text
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    pytest.param("[[device]]\nname = 'a'\n", "socket is required", id="no-socket"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\nprofile = 'legacy'\n",
+                 "unknown profile", id="profile"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\nmac = '01:00:00:00:00:00'\n",
+                 "multicast", id="mac"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\nnetdev = 'vde'\n",
+                 "unknown backend", id="netdev"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ncolor = 'red'\n", "unknown key color",
+                 id="unknown-key"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 1\n", "socket must be a string",
+                 id="type"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\n[[device]]\nname = 'a'\n"
+                 "socket = 't'\n", "already taken", id="duplicate-name"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\n[[device]]\nname = 'b'\n"
+                 "socket = 's'\n", "already device a's", id="duplicate-socket"),
+    pytest.param("[server]\nsocket = 'x'\n", "unknown key socket", id="server-key"),
+    pytest.param("[devices]\n", "unknown table", id="table"),
+    pytest.param("[[device]\n", "not valid TOML", id="syntax"),
+])
+def test_config_errors_name_the_problem(text: str, words: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=words):
+        parse_config(text, path=tmp_path / "d.toml")
+
+
+def test_save_config_is_atomic_and_keeps_the_mode(tmp_path: Path) -> None:
+    path = tmp_path / "devices.toml"
+    path.write_text("")
+    os.chmod(path, 0o640)
+    inode = os.stat(path).st_ino
+    config = ServerConfig(devices=[spec(tmp_path, "net0", profile="transitional")], path=path)
+    save_config(config)
+    assert os.stat(path).st_ino != inode  # replaced by rename, never rewritten in place
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert load_config(path).devices == config.devices
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["devices.toml"]  # no temp left
+
+
+def test_toml_strings_escape_what_toml_requires(tmp_path: Path) -> None:
+    odd = 'a"b\\c\td\x7fe\u00e9'
+    config = ServerConfig(control=odd)
+    assert parse_config(dump_config(config)).control == odd
+
+
+# --- sd_notify ----------------------------------------------------------------------------------
+
+def test_notifier_reaches_an_abstract_socket() -> None:
+    name = f"vfuserver-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(b"\0" + name.encode())
+        receiver.settimeout(5)
+        assert Notifier(f"@{name}").notify(READY=1, STATUS="serving 1 of 1 devices")
+        assert receiver.recv(4096) == b"READY=1\nSTATUS=serving 1 of 1 devices"
+    assert not Notifier(None).notify(READY=1)
+    assert not Notifier("/nonexistent/notify").notify(READY=1)  # logged, not raised
+
+
+def test_ready_is_notified_once_every_socket_exists(tmp_path: Path) -> None:
+    notify = tmp_path / "notify.sock"
+    path = tmp_path / "devices.toml"
+    path.write_text(config_text(tmp_path, *({"name": f"n{i}", "socket": f"n{i}.sock"}
+                                            for i in range(8))))
+    sockets = [tmp_path / f"n{i}.sock" for i in range(8)] + [tmp_path / "ctl.sock"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(str(notify))
+        receiver.settimeout(30)
+        with server_process(["--config", str(path)], tmp_path / "server.log",
+                            env={"NOTIFY_SOCKET": str(notify)}) as server:
+            message = receiver.recv(4096).decode()
+            present = [p.is_socket() for p in sockets]
+            fields = dict(line.split("=", 1) for line in message.splitlines())
+            assert fields["READY"] == "1"
+            assert fields["STATUS"].startswith("serving 8 of 8 devices")
+            assert all(present), present
+            assert server.stop() == 0
+            stopping = receiver.recv(4096).decode()
+            assert "STOPPING=1" in stopping.splitlines()
+
+
+# --- `vfuserver run` and the CLI ----------------------------------------------------------------
+
+def test_cli_against_a_running_server(tmp_path: Path) -> None:
+    path = tmp_path / "devices.toml"
+    control = tmp_path / "ctl.sock"
+    path.write_text(config_text(
+        tmp_path, {"name": "net0", "socket": "net0.sock"},
+        {"name": "net1", "socket": "net1.sock", "netdev": DGRAM_THAT_CANNOT_BIND}))
+    with server_process(["--config", str(path)], tmp_path / "server.log",
+                        [control, tmp_path / "net0.sock"]) as server:
+        listed = run_cli("profile", "list", control=control)
+        assert (listed.returncode, listed.stdout) == (
+            0, "net0 modern modern,transitional\nnet1 modern modern,transitional\n")
+        status = run_cli("status", control=control)
+        assert status.returncode == 0
+        lines = status.stdout.splitlines()
+        assert lines[0] == f"net0 running modern detached {tmp_path / 'net0.sock'}"
+        assert lines[1].startswith(f"net1 failed modern - {tmp_path / 'net1.sock'} cannot bind")
+        as_json = run_cli("status", "--json", control=control)
+        assert [d["name"] for d in json.loads(as_json.stdout)] == ["net0", "net1"]
+        by_env = run_cli("profile", "list", "net0", env={"VFUSERVER_CONTROL": str(control)})
+        assert by_env.stdout == "net0 modern modern,transitional\n"
+        stats = run_cli("stats", "net0", control=control)
+        assert "net0 backend.tx_dropped 0" in stats.stdout.splitlines()
+
+        added = run_cli("device", "add", "net2", "--socket", str(tmp_path / "net2.sock"),
+                        "--profile", "transitional", control=control)
+        assert (added.returncode, added.stdout, added.stderr) == (0, "", "")
+        assert read_ids(tmp_path / "net2.sock") == VENDOR_DEVICE_TRANSITIONAL
+        profile_set = run_cli("profile", "set", "net2", "modern", control=control)
+        assert (profile_set.returncode, profile_set.stderr) == (0, "")
+        assert read_ids(tmp_path / "net2.sock") == VENDOR_DEVICE_MODERN
+        removed = run_cli("device", "remove", "net2", control=control)
+        assert removed.returncode == 0 and not (tmp_path / "net2.sock").exists()
+
+        refused = run_cli("device", "remove", "net9", control=control)
+        assert refused.returncode == 1
+        assert refused.stderr == "vfuserver: no device named 'net9'\n"
+        usage = run_cli("profile", "set", "net0", "legacy", control=control)
+        assert usage.returncode == 2
+        assert run_cli("status").returncode == 2
+        assert "VFUSERVER_CONTROL" in run_cli("status").stderr
+        gone = run_cli("status", control=tmp_path / "nobody.sock")
+        assert gone.returncode == 3 and "cannot reach the server" in gone.stderr
+        assert server.stop() == 0
+    assert not control.exists()
+    assert run_cli("status", control=control).returncode == 3
+
+
+def test_run_socket_shortcut_with_a_control_socket(tmp_path: Path) -> None:
+    control, sock = tmp_path / "ctl.sock", tmp_path / "one.sock"
+    with server_process(["--socket", str(sock), "--name", "one", "--profile", "transitional",
+                         "--control", str(control)], tmp_path / "server.log",
+                        [control, sock]) as server:
+        assert run_cli("profile", "list", control=control).stdout == (
+            "one transitional modern,transitional\n")
+        assert read_ids(sock) == VENDOR_DEVICE_TRANSITIONAL
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(["--persist", "--socket", "x.sock"], id="persist-without-config"),
+    pytest.param(["--config", "d.toml", "--profile", "modern"], id="config-and-device-option"),
+    pytest.param(["--config", "d.toml", "--socket", "x.sock"], id="config-and-socket"),
+    pytest.param([], id="nothing-to-serve"),
+])
+def test_run_usage_errors(args: list[str], tmp_path: Path) -> None:
+    result = run_cli("run", *args)
+    assert result.returncode == 2, result.stderr
+
+
+def test_run_exits_1_when_no_device_can_be_served(tmp_path: Path) -> None:
+    (tmp_path / "held.sock").write_text("")
+    result = run_cli("run", "--socket", str(tmp_path / "held.sock"))
+    assert result.returncode == 1
+    assert "device net0: cannot serve" in result.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[device]]\nname = 'a'\n")
+    result = run_cli("run", "--config", str(bad))
+    assert result.returncode == 1 and "socket is required" in result.stderr
+
+
+# --- --persist ----------------------------------------------------------------------------------
+
+def _running_state(control: Path) -> list[dict[str, Any]]:
+    with ControlClient(str(control), timeout=10) as client:
+        devices: list[dict[str, Any]] = client.execute("query-devices")
+    return devices
+
+
+def test_persist_writes_back_what_runs_and_a_restart_reproduces_it(tmp_path: Path) -> None:
+    path = tmp_path / "devices.toml"
+    control = tmp_path / "ctl.sock"
+    path.write_text("# operator's comment\n" + config_text(
+        tmp_path, {"name": "net0", "socket": "net0.sock"},
+        {"name": "net1", "socket": "net1.sock", "mac": "52:54:00:00:00:01"}))
+    os.chmod(path, 0o640)
+    args = ["--config", str(path), "--persist"]
+    stream = tmp_path / "peer,1.sock"
+    stream_netdev = f"stream,server=on,addr.type=unix,addr.path={str(stream).replace(',', ',,')}"
+    with server_process(args, tmp_path / "server-1.log", [control]) as server:
+        assert run_cli("device", "add", "net2", "--socket", str(tmp_path / "net2.sock"),
+                       "--mac", "52:54:00:00:00:02", "--netdev", stream_netdev,
+                       control=control).returncode == 0
+        assert run_cli("device", "remove", "net1", control=control).returncode == 0
+        assert run_cli("profile", "set", "net0", "transitional",
+                       control=control).returncode == 0
+        before = _running_state(control)
+        assert server.stop() == 0
+
+    written = load_config(path)
+    assert [(d.name, d.socket, d.profile, format_mac(d.mac), str(d.netdev))
+            for d in written.devices] == [
+        (d["name"], d["socket"], d["profile"], d["mac"], d["netdev"]) for d in before]
+    assert written.devices[1].netdev.addr.path == str(stream)  # type: ignore[union-attr]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+    with server_process(args, tmp_path / "server-2.log", [control]):
+        assert _running_state(control) == before
+        assert read_ids(tmp_path / "net0.sock") == VENDOR_DEVICE_TRANSITIONAL
+
+
+def test_without_persist_the_file_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "devices.toml"
+    control = tmp_path / "ctl.sock"
+    text = config_text(tmp_path, {"name": "net0", "socket": "net0.sock"})
+    path.write_text(text)
+    with server_process(["--config", str(path)], tmp_path / "server.log", [control]):
+        assert run_cli("device", "remove", "net0", control=control).returncode == 0
+    assert path.read_text() == text
+
+
+def test_save_config_through_a_symlink_replaces_its_target(tmp_path: Path) -> None:
+    real = tmp_path / "real.toml"
+    real.write_text("")
+    link = tmp_path / "devices.toml"
+    link.symlink_to(real)
+    save_config(ServerConfig(devices=[spec(tmp_path, "net0")], path=link))
+    assert link.is_symlink()
+    assert [d.name for d in load_config(real).devices] == ["net0"]
+
+
+# --- contrib/systemd ----------------------------------------------------------------------------
+
+SYSTEMD = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
+
+
+@pytest.mark.parametrize(("unit", "environment"), [
+    pytest.param("vfuserver.service", {}, id="service"),
+    pytest.param("vfuserver@.service", {"PROFILE": "transitional", "NETDEV": "none",
+                                        "VFUSERVER_ARGS": "--mac 52:54:00:00:01:00"},
+                 id="template"),
+])
+def test_systemd_units_run_what_the_cli_accepts(unit: str, environment: dict[str, str]) -> None:
+    text = (SYSTEMD / unit).read_text()
+    assert "Type=notify" in text.splitlines()
+    [exec_start] = [line for line in text.splitlines() if line.startswith("ExecStart=")]
+    words = exec_start.removeprefix("ExecStart=").replace("%i", "net0").split()
+    assert words[0] == "/usr/local/bin/vfuserver"
+    argv: list[str] = []
+    for word in words[1:]:  # systemd: ${VAR} is one word, $VAR splits at whitespace
+        if word.startswith("${"):
+            argv.append(environment[word[2:-1]])
+        elif word.startswith("$"):
+            argv += environment[word[1:]].split()
+        else:
+            argv.append(word)
+    args = build_parser().parse_args(argv)
+    assert args.command == "run" and args.control.startswith("/run/vfuserver/")
+    if unit == "vfuserver.service":
+        assert (args.config, args.persist) == ("/etc/vfuserver/devices.toml", True)
+    else:
+        assert (args.socket, args.name, args.profile) == (
+            "/run/vfuserver/net0.sock", "net0", "transitional")
+    example = parse_config((SYSTEMD / "devices.toml.example").read_text())
+    assert [d.name for d in example.devices] == ["net0", "net1"]

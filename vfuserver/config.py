@@ -1,0 +1,254 @@
+"""The device definitions of one server: a TOML file read with tomllib, written back atomically.
+
+::
+
+    [server]
+    control = "/run/vfuserver/control.sock"   # optional: the control socket
+
+    [[device]]                                # one table per device, served in this order
+    name = "net0"                             # required: [A-Za-z0-9_.-], at most 64
+    socket = "/run/vfuserver/net0.sock"       # required: the vfio-user socket
+    profile = "modern"                        # modern (default) or transitional
+    mac = "52:54:00:12:34:56"                 # default: 52:54:00 + 3 bytes derived from name
+    netdev = "tap,ifname=tap0"                # --netdev syntax (default: none)
+
+Relative paths (``control``, ``socket``) are taken relative to the file's directory, as
+an operator reading the file would expect whatever the server's working directory is; they
+are written back absolute. Anything wrong in the file is a :class:`ConfigError` naming the
+file, the device and the key: a definition is either wholly valid or the server refuses
+to start, so writing the file back (``--persist``) never drops a device silently. Whether a
+valid device can then be *served* (its backend, its socket) is decided per device at
+runtime.
+
+:func:`save_config` writes the file the way editors that care do: a temporary file in the
+same directory, fsync, rename over the old one, fsync of the directory. A reader (or a
+crash) sees either the old or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import re
+import stat
+import tempfile
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vfuserver.device import PROFILES, DeviceSpec, format_mac, parse_mac
+from vfuserver.netdev import NetdevSyntaxError, parse_netdev
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+"""Device names: they appear in log lines, CLI output columns and systemd instance names."""
+
+SERVER_KEYS = frozenset({"control"})
+DEVICE_KEYS = frozenset({"name", "socket", "profile", "mac", "netdev"})
+REQUIRED_DEVICE_KEYS = ("name", "socket")
+
+HEADER = """\
+# vfuserver device definitions (see contrib/systemd/README.md).
+# Written back by a server running with --persist: comments and layout are not kept.
+"""
+
+
+class ConfigError(ValueError):
+    """A config file, or one definition in it, that cannot be used; the message says where."""
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(
+            f"device name {name!r} is not valid: use letters, digits, '_', '.' and '-' "
+            "(at most 64, not starting with '.' or '-')")
+    return name
+
+
+def default_mac(name: str) -> bytes:
+    """52:54:00 (QEMU's locally administered prefix) + 3 bytes of sha256(name).
+
+    Stable across restarts and distinct per name (with high probability), so devices defined
+    without a MAC do not all share one address on a bridge.
+    """
+    return bytes.fromhex("525400") + hashlib.sha256(name.encode()).digest()[:3]
+
+
+@dataclass
+class ServerConfig:
+    """What one server runs: its control socket and its devices, in order."""
+
+    control: str | None = None
+    devices: list[DeviceSpec] = field(default_factory=list)
+    path: Path | None = None
+    """The file this came from (and ``--persist`` writes back to)."""
+
+
+def device_from_mapping(values: Mapping[str, Any], *, base: Path | None = None,
+                        where: str = "device") -> DeviceSpec:
+    """A :class:`DeviceSpec` from the keys of one ``[[device]]`` table (or add-device's
+    arguments); ``base`` resolves a relative socket path."""
+    unknown = sorted(set(values) - DEVICE_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(DEVICE_KEYS))})")
+    for key, value in values.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, not {type(value).__name__}")
+    for key in REQUIRED_DEVICE_KEYS:
+        if not values.get(key):
+            raise ConfigError(f"{where}: {key} is required")
+    name = check_name(values["name"])
+    where = f"{where} {name}"
+    socket = _resolve(values["socket"], base)
+    profile = values.get("profile", "modern")
+    if profile not in PROFILES:
+        raise ConfigError(f"{where}: unknown profile {profile!r}; "
+                          f"choose one of {', '.join(PROFILES)}")
+    try:
+        mac = parse_mac(values["mac"]) if "mac" in values else default_mac(name)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"{where}: mac: {exc}") from None
+    try:
+        netdev = parse_netdev(values.get("netdev", "none"))
+    except NetdevSyntaxError as exc:
+        raise ConfigError(f"{where}: netdev: {exc}") from None
+    return DeviceSpec(name=name, socket=socket, profile=profile, mac=mac, netdev=netdev)
+
+
+def device_to_mapping(spec: DeviceSpec) -> dict[str, str]:
+    """The inverse of :func:`device_from_mapping` (every key written out)."""
+    return {"name": spec.name, "socket": spec.socket, "profile": spec.profile,
+            "mac": format_mac(spec.mac), "netdev": str(spec.netdev)}
+
+
+def check_unique(devices: list[DeviceSpec], new: DeviceSpec | None = None) -> None:
+    """Names and socket paths identify devices: no two may share one."""
+    seen_names: set[str] = set()
+    seen_sockets: dict[str, str] = {}
+    for spec in [*devices, *([new] if new is not None else [])]:
+        if spec.name in seen_names:
+            raise ConfigError(f"device {spec.name}: the name is already taken")
+        other = seen_sockets.get(spec.socket)
+        if other is not None:
+            raise ConfigError(f"device {spec.name}: socket {spec.socket} is already "
+                              f"device {other}'s")
+        seen_names.add(spec.name)
+        seen_sockets[spec.socket] = spec.name
+
+
+def parse_config(text: str, *, path: Path | None = None) -> ServerConfig:
+    """Parse the TOML text of a config file (``path`` for messages and relative paths)."""
+    label = str(path) if path is not None else "config"
+    base = path.parent if path is not None else None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{label}: not valid TOML: {exc}") from None
+    unknown = sorted(set(document) - {"server", "device"})
+    if unknown:
+        raise ConfigError(f"{label}: unknown table or key {', '.join(unknown)} "
+                          "(expected [server] and [[device]])")
+    server = document.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError(f"{label}: server must be a table ([server])")
+    unknown = sorted(set(server) - SERVER_KEYS)
+    if unknown:
+        raise ConfigError(f"{label}: [server]: unknown key {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(SERVER_KEYS))})")
+    control = server.get("control")
+    if control is not None and (not isinstance(control, str) or not control):
+        raise ConfigError(f"{label}: [server] control must be a non-empty string")
+    tables = document.get("device", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{label}: devices are [[device]] tables")
+    devices = [device_from_mapping(table, base=base, where=f"{label}: [[device]] #{i + 1}")
+               for i, table in enumerate(tables)]
+    try:
+        check_unique(devices)
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+    return ServerConfig(control=_resolve(control, base) if control else None, devices=devices,
+                        path=path)
+
+
+def load_config(path: str | os.PathLike[str]) -> ServerConfig:
+    file = Path(path).absolute()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {file}: {exc}") from None
+    return parse_config(text, path=file)
+
+
+def dump_config(config: ServerConfig) -> str:
+    """The TOML text of ``config``; :func:`parse_config` reads it back equal."""
+    lines = [HEADER]
+    if config.control is not None:
+        lines += ["[server]", f"control = {toml_string(config.control)}", ""]
+    for spec in config.devices:
+        lines.append("[[device]]")
+        lines += [f"{key} = {toml_string(value)}" for key, value in device_to_mapping(spec).items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(config: ServerConfig, path: Path | None = None) -> None:
+    """Write ``config`` to ``path`` (default: where it came from), atomically."""
+    target = path or config.path
+    if target is None:
+        raise ValueError("the config has no file to be written to")
+    # Through a symlink (/etc/vfuserver/devices.toml -> elsewhere): replace its target.
+    write_atomically(Path(os.path.realpath(target)), dump_config(config).encode())
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data``: temp file in the same directory, fsync, rename, fsync.
+
+    The new file keeps the old one's permission bits (0644 for a new file); its owner is
+    whoever writes it.
+    """
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o644
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fchmod(file.fileno(), mode)
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)  # the rename itself is durable once the directory is synced
+    finally:
+        os.close(directory)
+
+
+def toml_string(value: str) -> str:
+    """A TOML basic string (TOML 1.0 "Basic strings": escape '"', '\\' and control chars)."""
+    out = ['"']
+    for char in value:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
+
+
+def _resolve(path: str, base: Path | None) -> str:
+    if base is None or os.path.isabs(path):
+        return path
+    return os.path.normpath(base / path)
