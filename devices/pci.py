@@ -230,20 +230,31 @@ class ConfigSpace:
         return self.u16(pcifmt.Offset.COMMAND)
 
 
+def intersect(offset: int, size: int, start: int, length: int) -> tuple[int, int, int] | None:
+    """Where an access [offset, offset+size) overlaps a field [start, start+length).
+
+    (position in the access, position in the field, bytes in common), or None: the
+    kernel's ``vfio_pci_core_range_intersect_range``, the one helper through which every
+    partial or unaligned access to a rewritten or shadowed field goes.
+    """
+    lo, hi = max(offset, start), min(offset + size, start + length)
+    if lo >= hi:
+        return None
+    return lo - offset, lo - start, hi - lo
+
+
 def overlay_ranges(offset: int, size: int,
                    fields: Mapping[int, bytes]) -> Iterator[tuple[int, bytes]]:
-    """Where an access [offset, offset+size) overlaps rewritten fields.
+    """(position in the access, bytes to present there) for each field an access overlaps.
 
-    ``fields`` maps a field's start offset to the bytes presented there. Yields
-    (position in the access, overlapping bytes of the field) for every overlap: the
-    kernel's ``vfio_pci_core_range_intersect_range`` idea, which makes byte-wise and
+    ``fields`` maps a field's start offset to the bytes presented there, so byte-wise and
     unaligned reads (``setpci 2.b``) see the rewritten value.
     """
-    end = offset + size
     for field_start, value in fields.items():
-        lo, hi = max(offset, field_start), min(end, field_start + len(value))
-        if lo < hi:
-            yield lo - offset, value[lo - field_start : hi - field_start]
+        overlap = intersect(offset, size, field_start, len(value))
+        if overlap is not None:
+            at, pos, length = overlap
+            yield at, value[pos : pos + length]
 
 
 class PciFunction(Protocol):

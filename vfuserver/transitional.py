@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.errors import GuestError, HostError
 from vfuserver.devices.legacy import LEGACY_DEVICE_CONFIG_BYTES, LegacyInterface
-from vfuserver.devices.pci import Bar, BarKind, Interrupts, Region, ResetKind, overlay_ranges
+from vfuserver.devices.pci import (
+    Bar,
+    BarKind,
+    Interrupts,
+    Region,
+    ResetKind,
+    intersect,
+    overlay_ranges,
+)
 from vfuserver.devices.virtio_pci import Layout, VirtioPciFunction
 from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol import virtio_admin as admin
@@ -184,14 +192,16 @@ class _TransitionalConfig:
         shadows = {_COMMAND: fn._pci_cmd.to_bytes(2, "little"),
                    _BAR0: fn._bar0.to_bytes(4, "little")}
         for field_start, current in shadows.items():
+            overlap = intersect(offset, len(data), field_start, len(current))
+            if overlap is None:
+                continue
+            at, pos, length = overlap
             value = bytearray(current)
-            lo, hi = max(offset, field_start), min(offset + len(data), field_start + len(value))
-            if lo < hi:
-                value[lo - field_start : hi - field_start] = data[lo - offset : hi - offset]
-                if field_start == _COMMAND:
-                    fn._pci_cmd = int.from_bytes(value, "little")
-                else:
-                    fn._bar0 = int.from_bytes(value, "little")
+            value[pos : pos + length] = data[at : at + length]
+            if field_start == _COMMAND:
+                fn._pci_cmd = int.from_bytes(value, "little")
+            else:
+                fn._bar0 = int.from_bytes(value, "little")
         fn._modern_config.write(offset, data)  # and to the device, as vfio_pci_core_write
 
 
