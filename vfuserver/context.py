@@ -19,6 +19,8 @@ import stat
 from types import TracebackType
 from typing import Any
 
+import trio
+
 from vfuserver.binding import check, ffi, lib
 from vfuserver.devices.errors import GuestError, GuestMemoryError
 from vfuserver.devices.memory import GuestMemory
@@ -70,6 +72,8 @@ class VfuContext:
         self.pending_error: BaseException | None = None
         self.client_attached = False
         """Set by the serving loop while a client is attached."""
+        self.quiesce_done: trio.Event | None = None
+        """Set while a deferred quiesce is pending (see :meth:`_on_quiesce`)."""
         self.unshared_ram_reported = False
         self._regions: dict[int, Region] = {}
         self._ctx: Any = ffi.NULL
@@ -172,8 +176,29 @@ class VfuContext:
         handled = lib.vfu_run_ctx(self._ctx)
         return int(handled) if handled >= 0 else -int(ffi.errno)
 
-    def quiesced(self, err: int = 0) -> None:
-        check(lib.vfu_device_quiesced(self._ctx, err), "vfu_device_quiesced")
+    def _on_quiesce(self) -> bool:
+        """libvfio-user wants the device quiet (before DMA map/unmap and reset).
+
+        The virtio models are synchronous and run on the loop's thread, so they are
+        always quiet here. A function may defer instead: its ``quiesce(done)`` returns
+        False and calls ``done()`` once quiet; until then the serving loop waits on
+        :attr:`quiesce_done` and libvfio-user holds the request.
+        """
+        quiesce = getattr(self.function, "quiesce", None)
+        if quiesce is None or quiesce(self.quiesce_complete):
+            return True
+        self.quiesce_done = trio.Event()
+        return False
+
+    def quiesce_complete(self) -> None:
+        """The function is quiet: libvfio-user runs the request it held back."""
+        event, self.quiesce_done = self.quiesce_done, None
+        if event is None or self.closed:
+            return
+        try:
+            check(lib.vfu_device_quiesced(self._ctx, 0), "vfu_device_quiesced")
+        finally:
+            event.set()
 
     def trigger(self, vector: int) -> bool:
         """Signal interrupt ``vector``; False if the client gave no eventfd for it."""
@@ -352,9 +377,17 @@ def vfuserver_reset_cb(ctx: Any, reset_type: int) -> int:
 
 @ffi.def_extern(error=-1, onerror=_region_onerror)  # type: ignore[untyped-decorator]
 def vfuserver_quiesce_cb(ctx: Any) -> int:
-    # Device models are synchronous and run on the loop's thread: whenever libvfio-user
-    # asks (before DMA map/unmap and reset), nothing of ours is in flight.
-    return 0
+    context = _context_of(ctx)
+    try:
+        if context._on_quiesce():
+            return 0
+    except Exception as exc:
+        if context.pending_error is None:
+            context.pending_error = exc
+        ffi.errno = errno.EIO
+        return -1
+    ffi.errno = errno.EBUSY  # vfu_run_ctx answers EBUSY until quiesce_complete()
+    return -1
 
 
 @ffi.def_extern(onerror=_region_onerror)  # type: ignore[untyped-decorator]

@@ -71,6 +71,12 @@ async def _run_client(context: VfuContext) -> None:
             _report_callback_error(context)
             if result == 0:
                 break
+            if result == -errno.EBUSY and context.quiesce_done is not None:
+                # the function quiesces asynchronously: libvfio-user holds the request
+                # until it is quiet (and then answers it); other devices go on meanwhile
+                await context.quiesce_done.wait()
+                _report_callback_error(context)
+                continue
             if result < 0:
                 if not _handle_run_error(context, -result, fd):
                     return
@@ -85,15 +91,6 @@ def _handle_run_error(context: VfuContext, err: int, fd: int) -> bool:
     if err == errno.ENOTCONN:
         return False  # libvfio-user reset the device and closed the connection
     if err == errno.EINTR:
-        return True
-    if err == errno.EBUSY:
-        # Our quiesce callback always answers "quiesced now"; libvfio-user still
-        # reports a quiesce in progress: complete it so the request goes on.
-        context.log.warning("libvfio-user reported a pending quiesce; completing it")
-        try:
-            context.quiesced(0)
-        except OSError as exc:
-            context.log.error("vfu_device_quiesced: %s", exc)
         return True
     context.log.warning("dropping the client after an error from vfu_run_ctx: %s",
                         os.strerror(err))

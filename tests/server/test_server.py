@@ -245,3 +245,61 @@ def test_regular_file_is_not_replaced(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="not a socket"):
         VfuContext(str(path), ScratchFunction())
     assert path.read_text() == "precious"
+
+
+class SlowQuiesceFunction(ScratchFunction):
+    """A function with work in flight: it quiesces 0.2 s after being asked."""
+
+    def __init__(self, name: str = "slow") -> None:
+        super().__init__(name)
+        self.pending: list[Any] = []
+
+    def quiesce(self, done: Any) -> bool:
+        self.pending.append(done)
+        return False
+
+
+async def test_deferred_quiesce_holds_the_request_not_the_loop(serve: Any,
+                                                               nursery: trio.Nursery) -> None:
+    slow = SlowQuiesceFunction()
+    context = await serve(slow, "slow")
+    other = await serve(ScratchFunction("other"), "other")
+
+    async def finish_quiesces() -> None:
+        while True:
+            await trio.sleep(0.01)
+            if slow.pending:
+                await trio.sleep(0.2)
+                slow.pending.pop()()
+
+    nursery.start_soon(finish_quiesces)
+
+    def reset_session() -> float:
+        with Client(context.socket_path) as client:
+            started = time.monotonic()
+            client.reset()  # libvfio-user quiesces the device before a reset
+            elapsed = time.monotonic() - started
+            assert client.read(vu.PciRegion.BAR0, 0, 4) == bytes(4)
+            return elapsed
+
+    def other_session() -> bytes:
+        with Client(other.socket_path) as client:
+            return client.read(vu.PciRegion.CONFIG, 0, 2)
+
+    async with trio.open_nursery() as inner:
+        results: dict[str, Any] = {}
+
+        finished: dict[str, float] = {}
+
+        async def run(name: str, fn: Any) -> None:
+            results[name] = await in_thread(fn)
+            finished[name] = time.monotonic()
+
+        inner.start_soon(run, "reset", reset_session)
+        await trio.sleep(0.05)
+        inner.start_soon(run, "other", other_session)
+    assert results["reset"] >= 0.2  # held until the function was quiet ...
+    assert results["other"] == b"\xf4\x1a"  # ... while the other device was served
+    assert finished["other"] < finished["reset"]
+    assert slow.resets == [ResetKind.DEVICE]
+    nursery.cancel_scope.cancel()
