@@ -203,9 +203,10 @@ class VirtioNet(VirtioDevice):
         """Called when the driver adds receive buffers (kicks the receive queue), e.g.
         after :meth:`receive` returned False."""
         self.on_tx_pending: Callable[[], None] | None = None
-        """If set, a notify sends at most :attr:`tx_burst` frames and then calls this when
-        more are waiting; the server is to call ``notify(TX_QUEUE)`` again soon (QEMU's tx
-        bottom half). If None, a notify sends everything available."""
+        """If set, a transmit kick only calls this, and the server is to call
+        :meth:`run_tx` soon, which sends at most :attr:`tx_burst` frames and calls this
+        again while more wait (QEMU's tx bottom half). If None, a kick sends everything
+        available at once."""
         self.tx_burst = TX_BURST
         self.on_guest_offloads: Callable[[int], None] | None = None
         """Called with the new guest offload bits (GUEST_CSUM/TSO4/...) when they change,
@@ -296,6 +297,13 @@ class VirtioNet(VirtioDevice):
 
     def _handle_queue(self, queue: VirtQueue) -> None:
         if queue.index == TX_QUEUE:
+            if self.on_tx_pending is not None:
+                # QEMU's tx bottom half: a kick only schedules the work, so the kick (a
+                # synchronous IO-port write for a legacy driver) is answered at once and
+                # the vCPU goes on; further kicks are suppressed until run_tx() runs.
+                queue.set_notification(False)
+                self.on_tx_pending()
+                return
             self._process_tx(queue)
         elif queue.index == CTRL_QUEUE:
             self._process_ctrl(queue)
@@ -311,6 +319,18 @@ class VirtioNet(VirtioDevice):
             self.on_rx_buffers()
 
     # -- transmit ---------------------------------------------------------------------
+
+    def run_tx(self) -> None:
+        """Transmit what the driver queued (the server's transmit bottom half, scheduled
+        through :attr:`on_tx_pending`): at most :attr:`tx_burst` frames, then it is
+        scheduled again if more wait. Never raises for guest mistakes."""
+        queue = self.queues[TX_QUEUE]
+        if not queue.enabled or not self.may_process():
+            return
+        try:
+            self._process_tx(queue)
+        except GuestError as err:
+            self.needs_reset(str(err))
 
     def _process_tx(self, queue: VirtQueue) -> None:
         # With on_tx_pending set, at most tx_burst frames per call (QEMU virtio_net_flush_tx

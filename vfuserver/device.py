@@ -20,7 +20,7 @@ from vfuserver.context import VfuContext
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.memory import GuestMemory
 from vfuserver.devices.pci import PciFunction
-from vfuserver.devices.virtio_net import TX_QUEUE, VirtioNet
+from vfuserver.devices.virtio_net import VirtioNet
 from vfuserver.devices.virtio_pci import VirtioPciFunction
 from vfuserver.netdev import NetBackend, NetdevSpec, NoneSpec, open_netdev
 from vfuserver.protocol.pci import ClassCode
@@ -208,14 +208,14 @@ class ServedDevice:
             return True
 
     async def _transmit_pump(self) -> None:
-        """Continue a transmit burst the model cut short (QEMU's tx bottom half)."""
+        """The transmit bottom half: runs after the kick that scheduled it was answered."""
         while True:
             await self._tx_pending.wait()
             self._tx_pending = trio.Event()
             self.net.on_tx_pending = self._tx_pending.set
             await trio.lowlevel.checkpoint()
             try:
-                self.net.notify(TX_QUEUE)
+                self.net.run_tx()
             except Exception:
                 self.log.exception("bug while transmitting")
 
