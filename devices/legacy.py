@@ -16,6 +16,7 @@ Linux drivers/virtio/virtio_pci_legacy_dev.c.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vfuserver.devices.errors import GuestError
@@ -42,26 +43,50 @@ class LegacyInterface:
         self.queue_select = 0
         self.notify_bar = notify_bar
         self.notify_offset = notify_offset
+        self._readers: dict[Register, Callable[[], int]] = {
+            Register.HOST_FEATURES: self._host_features,
+            Register.GUEST_FEATURES: self._guest_features,
+            Register.QUEUE_PFN: self._queue_pfn,
+            Register.QUEUE_NUM: self._queue_num,
+            Register.QUEUE_SEL: self._queue_sel,
+            Register.QUEUE_NOTIFY: self._zero,
+            Register.STATUS: self._status,
+            Register.ISR: self._isr,
+            Register.MSI_CONFIG_VECTOR: self._config_vector,
+            Register.MSI_QUEUE_VECTOR: self._queue_vector,
+        }
+        self._writers: dict[Register, Callable[[int], None]] = {
+            Register.GUEST_FEATURES: self._set_guest_features,
+            Register.QUEUE_PFN: self._set_queue_pfn,
+            Register.QUEUE_SEL: self._set_queue_sel,
+            Register.QUEUE_NOTIFY: self._notify,
+            Register.STATUS: self._set_status,
+            Register.MSI_CONFIG_VECTOR: self._set_config_vector,
+            Register.MSI_QUEUE_VECTOR: self._set_queue_vector,
+        }
 
     # -- LegacyMember -------------------------------------------------------------------
 
     def legacy_common_read(self, offset: int, size: int) -> bytes:
-        reg = self._register(offset, size)
-        value = self._read(reg).to_bytes(reg.width, "little")
-        start = offset - reg
-        return value[start : start + size]
+        reg, start = self._register(offset, size)
+        if reg is not Register.ISR:
+            self._enter_legacy_mode()
+        value = self._readers[reg]().to_bytes(_WIDTH[reg], "little")
+        return value if size == _WIDTH[reg] else value[start : start + size]
 
     def legacy_common_write(self, offset: int, data: bytes) -> None:
-        reg = self._register(offset, len(data))
-        if not reg.writable:
+        reg, start = self._register(offset, len(data))
+        writer = self._writers.get(reg)
+        if writer is None:
             raise GuestError(f"legacy {reg.name} is read-only")
-        start = offset - reg
-        if start or len(data) != reg.width:
+        if len(data) != _WIDTH[reg]:
             # a partial write updates those bytes of the register (read-modify-write)
-            current = bytearray(self._peek(reg).to_bytes(reg.width, "little"))
+            current = bytearray(self._peek(reg).to_bytes(_WIDTH[reg], "little"))
             current[start : start + len(data)] = data
             data = bytes(current)
-        self._write(reg, int.from_bytes(data, "little"))
+        if reg is not Register.STATUS:
+            self._enter_legacy_mode()
+        writer(int.from_bytes(data, "little"))
 
     def legacy_device_read(self, offset: int, size: int) -> bytes:
         self._enter_legacy_mode()
@@ -79,12 +104,18 @@ class LegacyInterface:
 
     # -- registers ----------------------------------------------------------------------
 
-    def _register(self, offset: int, size: int) -> Register:
-        reg = legacy.register_for_access(offset, size, self.transport.msix_enabled())
-        if reg is None:
-            raise GuestError(f"legacy common access of {size} bytes at {offset} is not "
-                             "within a single register")
-        return reg
+    def _register(self, offset: int, size: int) -> tuple[Register, int]:
+        """The register an access addresses and the access's offset in it; GuestError if
+        it is not within a single register (looked up in a table: the hot path)."""
+        key = (offset, size, self.transport.msix_enabled())
+        found = _ACCESSES.get(key)
+        if found is None:
+            reg = legacy.register_for_access(offset, size, key[2])
+            if reg is None:
+                raise GuestError(f"legacy common access of {size} bytes at {offset} is not "
+                                 "within a single register")
+            found = _ACCESSES[key] = (reg, offset - reg)
+        return found
 
     def _enter_legacy_mode(self) -> None:
         """A driver speaking the legacy interface to a fresh device drives it in legacy
@@ -98,64 +129,83 @@ class LegacyInterface:
 
     def _peek(self, reg: Register) -> int:
         """A register's value without side effects (ISR is not cleared)."""
-        return self.transport.isr if reg is Register.ISR else self._read(reg)
+        return self.transport.isr if reg is Register.ISR else self._readers[reg]()
 
-    def _read(self, reg: Register) -> int:
-        dev, transport = self.device, self.transport
-        if reg is not Register.ISR:
-            self._enter_legacy_mode()
+    # one small method per register, dispatched through a dict (hot path)
+
+    def _host_features(self) -> int:
+        return self.device.get_device_features(0)
+
+    def _guest_features(self) -> int:
+        return self.device.driver_features & legacy.FEATURES_MASK
+
+    def _queue_pfn(self) -> int:
         queue = self._selected_queue()
-        match reg:
-            case Register.HOST_FEATURES:
-                return dev.get_device_features(0)
-            case Register.GUEST_FEATURES:
-                return dev.driver_features & legacy.FEATURES_MASK
-            case Register.QUEUE_PFN:
-                return (queue.desc_addr >> legacy.QUEUE_ADDR_SHIFT) if queue else 0
-            case Register.QUEUE_NUM:
-                return queue.size if queue else 0
-            case Register.QUEUE_SEL:
-                return self.queue_select
-            case Register.QUEUE_NOTIFY:
-                return 0
-            case Register.STATUS:
-                return dev.status
-            case Register.ISR:
-                return transport.read_isr()  # read-to-clear; QEMU deasserts INTx on it
-            case Register.MSI_CONFIG_VECTOR:
-                return transport.config_msix_vector
-            case Register.MSI_QUEUE_VECTOR:
-                return queue.msix_vector if queue else transport.NO_VECTOR
-        raise AssertionError(reg)  # pragma: no cover - every register is matched
+        return (queue.desc_addr >> legacy.QUEUE_ADDR_SHIFT) if queue else 0
 
-    def _write(self, reg: Register, value: int) -> None:
-        dev, transport = self.device, self.transport
-        if reg is Register.STATUS and value == 0:
+    def _queue_num(self) -> int:
+        queue = self._selected_queue()
+        return queue.size if queue else 0
+
+    def _queue_sel(self) -> int:
+        return self.queue_select
+
+    def _zero(self) -> int:
+        return 0
+
+    def _status(self) -> int:
+        return self.device.status
+
+    def _isr(self) -> int:
+        return self.transport.read_isr()  # read-to-clear; QEMU deasserts INTx on it
+
+    def _config_vector(self) -> int:
+        return self.transport.config_msix_vector
+
+    def _queue_vector(self) -> int:
+        queue = self._selected_queue()
+        return queue.msix_vector if queue else self.transport.NO_VECTOR
+
+    def _set_guest_features(self, value: int) -> None:
+        self.device.set_driver_features(0, value)
+
+    def _set_queue_pfn(self, value: int) -> None:
+        queue = self._selected_queue()
+        if queue is None:
+            raise GuestError(f"QUEUE_PFN written for absent queue {self.queue_select}")
+        # PFN 0 deactivates the queue (Linux legacy del_vq)
+        queue.place_contiguous(value << legacy.QUEUE_ADDR_SHIFT)
+
+    def _set_queue_sel(self, value: int) -> None:
+        self.queue_select = value
+
+    def _notify(self, value: int) -> None:
+        self.device.notify(value)
+
+    def _set_status(self, value: int) -> None:
+        dev = self.device
+        if value == 0:
             # status 0 resets the device and the transport state; the next access by a
             # driver decides the mode again
-            transport.reset_transport_state()
+            self.transport.reset_transport_state()
             self.queue_select = 0
             dev.reset()
             dev.legacy = True
             return
         self._enter_legacy_mode()
+        dev.set_status(value)
+
+    def _set_config_vector(self, value: int) -> None:
+        self.transport.config_msix_vector = self.transport.accept_vector(value)
+
+    def _set_queue_vector(self, value: int) -> None:
         queue = self._selected_queue()
-        match reg:
-            case Register.GUEST_FEATURES:
-                dev.set_driver_features(0, value)
-            case Register.QUEUE_PFN:
-                if queue is None:
-                    raise GuestError(f"QUEUE_PFN written for absent queue {self.queue_select}")
-                # PFN 0 deactivates the queue (Linux legacy del_vq)
-                queue.place_contiguous(value << legacy.QUEUE_ADDR_SHIFT)
-            case Register.QUEUE_SEL:
-                self.queue_select = value
-            case Register.QUEUE_NOTIFY:
-                dev.notify(value)
-            case Register.STATUS:
-                dev.set_status(value)
-            case Register.MSI_CONFIG_VECTOR:
-                transport.config_msix_vector = transport.accept_vector(value)
-            case Register.MSI_QUEUE_VECTOR:
-                if queue is not None:
-                    queue.msix_vector = transport.accept_vector(value)
+        if queue is not None:
+            queue.msix_vector = self.transport.accept_vector(value)
+
+
+
+_WIDTH = {reg: reg.width for reg in Register}
+_ACCESSES: dict[tuple[int, int, bool], tuple[Register, int]] = {}
+"""(offset, size, MSI-X enabled) -> (register, offset within it): register_for_access,
+memoized (a few dozen keys at most)."""

@@ -52,8 +52,8 @@ MSIX_BAR = 1
 MSIX_BAR_SIZE = 0x1000
 MSIX_PBA_OFFSET = 0x800
 
-MSIX_CONTROL_ENABLE = caps.MsixControl.ENABLE
-MSIX_CONTROL_FUNCTION_MASK = caps.MsixControl.FUNCTION_MASK
+MSIX_CONTROL_ENABLE = int(caps.MsixControl.ENABLE)  # plain ints: IntFlag ops cost µs
+MSIX_CONTROL_FUNCTION_MASK = int(caps.MsixControl.FUNCTION_MASK)
 
 
 class MsixTableBar:
@@ -80,6 +80,7 @@ class VirtioPciTransport:
         self.device = device
         self.config = config
         self.msix_cap = msix_cap
+        self._msix_enabled = False
         self.interrupts: Interrupts = NoInterrupts()
         self.isr = 0
         self.config_msix_vector = NO_VECTOR
@@ -91,8 +92,12 @@ class VirtioPciTransport:
     # -- interrupts (VirtioInterrupts, called by the device) ------------------------------
 
     def msix_enabled(self) -> bool:
-        control = self.config.u16(self.msix_cap + 2)
-        return bool(control & MSIX_CONTROL_ENABLE)
+        """The MSI-X Enable bit, kept by :meth:`msix_control_written` (hot path)."""
+        return self._msix_enabled
+
+    def msix_control_written(self) -> None:
+        """The MSI-X message control register may have changed (a config write or reset)."""
+        self._msix_enabled = bool(self.config.u16(self.msix_cap + 2) & MSIX_CONTROL_ENABLE)
 
     def queue_interrupt(self, queue: VirtQueue) -> None:
         self._raise(vpci.IsrStatus.QUEUE, queue.msix_vector)
@@ -356,7 +361,11 @@ class VirtioPciFunction:
             "pba": caps.encode_offset_bir(MSIX_PBA_OFFSET, MSIX_BAR),
         })
         wmask = int(caps.MsixControl.ENABLE | caps.MsixControl.FUNCTION_MASK).to_bytes(2, "little")
-        return self.config.add_capability(pcifmt.CapabilityId.MSIX, raw[2:], wmask=wmask)
+        return self.config.add_capability(pcifmt.CapabilityId.MSIX, raw[2:], wmask=wmask,
+                                          hook=self._msix_written)
+
+    def _msix_written(self, offset: int, old: bytes, new: bytes) -> None:
+        self.transport.msix_control_written()
 
     def _add_virtio_capabilities(self) -> None:
         areas = [
@@ -427,6 +436,7 @@ class VirtioPciFunction:
         control = self.msix_cap + 2
         value = self.config.u16(control) & ~(MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK)
         self.config.data[control : control + 2] = value.to_bytes(2, "little")
+        self.transport.msix_control_written()
         for bar in self.config.bars.values():
             reg = pcifmt.Offset.BASE_ADDRESS_0 + 4 * bar.index
             self.config.data[reg : reg + 4] = bar.type_bits.to_bytes(4, "little")

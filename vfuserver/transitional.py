@@ -49,6 +49,7 @@ BAR0_SIZE = legacy.bar0_size(LEGACY_DEVICE_CONFIG_BYTES)
 NOTIFY_OFFSET = legacy.Register.QUEUE_NOTIFY
 LEGACY_OPCODES = frozenset(admin.LEGACY_OPCODES)
 
+_IO = int(pcifmt.Command.IO)  # plain ints on the hot path: IntFlag ops cost µs
 _COMMAND = pcifmt.Offset.COMMAND
 _BAR0 = pcifmt.Offset.BASE_ADDRESS_0
 _PACK_HEADER = admin.CMD_HEADER.pack
@@ -156,14 +157,14 @@ class TransitionalFunction:
 
     @property
     def io_enabled(self) -> bool:
-        return bool(self._pci_cmd & pcifmt.Command.IO)
+        return bool(self._pci_cmd & _IO)
 
     def msix_enabled(self) -> bool:
         return self.modern.transport.msix_enabled()
 
     def _overlay(self, command: int) -> dict[int, bytes]:
         bar0 = (self._bar0 & ~(BAR0_SIZE - 1) & 0xFFFFFFFF) | pcifmt.BAR_SPACE_IO
-        command = (command & ~pcifmt.Command.IO) | (self._pci_cmd & pcifmt.Command.IO)
+        command = (command & ~_IO) | (self._pci_cmd & _IO)
         return {
             pcifmt.Offset.DEVICE_ID: vpci.TransitionalDeviceId.NET.to_bytes(2, "little"),
             _COMMAND: command.to_bytes(2, "little"),
@@ -218,7 +219,7 @@ class LegacyBar0:
 
     def read(self, offset: int, size: int) -> bytes:
         fn = self.fn
-        if not fn._pci_cmd & pcifmt.Command.IO:
+        if not fn._pci_cmd & _IO:
             self.stats.refused["io-decode-off"] += 1
             raise GuestError("legacy BAR0 read while IO decode is off", errno=errno.EIO)
         if offset == NOTIFY_OFFSET:
@@ -238,7 +239,7 @@ class LegacyBar0:
 
     def write(self, offset: int, data: bytes) -> None:
         fn = self.fn
-        if not fn._pci_cmd & pcifmt.Command.IO:
+        if not fn._pci_cmd & _IO:
             self.stats.refused["io-decode-off"] += 1
             raise GuestError("legacy BAR0 write while IO decode is off", errno=errno.EIO)
         if offset == NOTIFY_OFFSET:
