@@ -78,11 +78,12 @@ typedef vfu_device_quiesce_cb_t *vfu_quiesce_cb_p;
 typedef vfu_dma_register_cb_t *vfu_dma_cb_p;
 typedef vfu_dev_irq_state_cb_t *vfu_irq_state_cb_p;
 
-static ssize_t vfuserver_region_cb(vfu_ctx_t *, int, char *, size_t, loff_t, bool);
+static ssize_t vfuserver_region_cb(void *, int, char *, size_t, loff_t, bool);
 
+/* The context's private pointer (its Python handle) goes straight to Python. */
 #define TRAMPOLINE(i) \
     static ssize_t trampoline_##i(vfu_ctx_t *c, char *b, size_t n, loff_t o, bool w) \
-    { return vfuserver_region_cb(c, i, b, n, o, w); }
+    { return vfuserver_region_cb(vfu_get_private(c), i, b, n, o, w); }
 TRAMPOLINE(0) TRAMPOLINE(1) TRAMPOLINE(2) TRAMPOLINE(3) TRAMPOLINE(4)
 TRAMPOLINE(5) TRAMPOLINE(6) TRAMPOLINE(7) TRAMPOLINE(8) TRAMPOLINE(9)
 #undef TRAMPOLINE
@@ -129,6 +130,30 @@ static int vfuserver_message_ready(int fd)
         return 1;
     }
     return (size_t)queued >= hdr.msg_size ? 1 : 0;
+}
+
+static int vfuserver_drain(vfu_ctx_t *ctx, int fd, int max, int polled)
+{
+    int handled = 0;
+
+    while (handled < max) {
+        int state = vfuserver_message_ready(fd);
+        if (state < 0) {
+            return -errno;
+        }
+        if (state == 0 || (state == 2 && !(polled && handled == 0))) {
+            break;      /* part of a message, or nothing more */
+        }
+        int ret = vfu_run_ctx(ctx);
+        if (ret < 0) {
+            return -errno;
+        }
+        if (ret == 0) {
+            break;
+        }
+        handled++;
+    }
+    return handled;
 }
 """,
     include_dirs=INCLUDE_DIRS,

@@ -171,6 +171,14 @@ class VfuContext:
         """
         return int(check(lib.vfuserver_message_ready(fd), "FIONREAD"))
 
+    def drain(self, fd: int, limit: int, polled: bool) -> int:
+        """Handle up to ``limit`` whole messages queued on ``fd``: how many, or -errno.
+
+        Stops at a partial message (vfu_run_ctx would block the whole loop on it) or an
+        empty queue; ``polled``: the fd just polled readable (empty then means EOF).
+        """
+        return int(lib.vfuserver_drain(self._ctx, fd, limit, polled))
+
     def run_once(self) -> int:
         """One ``vfu_run_ctx``: messages handled (0 or 1), or -errno."""
         handled = lib.vfu_run_ctx(self._ctx)
@@ -323,9 +331,9 @@ def _region_onerror(exc_type: type[BaseException], exc: BaseException,
 
 
 @ffi.def_extern(error=-1, onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_region_cb(ctx: Any, index: int, buf: Any, count: int, offset: int,
+def vfuserver_region_cb(handle: Any, index: int, buf: Any, count: int, offset: int,
                         is_write: bool) -> int:
-    context = _context_of(ctx)
+    context: VfuContext = ffi.from_handle(handle)
     region = context._regions[index]
     try:
         if is_write:

@@ -97,7 +97,14 @@ vfu_region_access_cb_p vfuserver_region_trampoline(int region_idx);
    the whole event loop until the client sends the rest. */
 int vfuserver_message_ready(int fd);
 
-extern "Python" ssize_t vfuserver_region_cb(vfu_ctx_t *, int, char *, size_t, loff_t, bool);
+/* Handle up to max complete messages queued on the connection fd (vfu_run_ctx each),
+   stopping at a partial message or an empty queue: how many were handled, or -errno if
+   libvfio-user failed. polled: fd polled readable, so an empty queue means EOF (one
+   vfu_run_ctx then reports ENOTCONN). One call per wake-up keeps the per-message
+   Python overhead off the hot path. */
+int vfuserver_drain(vfu_ctx_t *ctx, int fd, int max, int polled);
+
+extern "Python" ssize_t vfuserver_region_cb(void *, int, char *, size_t, loff_t, bool);
 extern "Python" void vfuserver_log_cb(vfu_ctx_t *, int, const char *);
 extern "Python" int vfuserver_reset_cb(vfu_ctx_t *, vfu_reset_type_t);
 extern "Python" int vfuserver_quiesce_cb(vfu_ctx_t *);
