@@ -33,9 +33,6 @@ SHARED_MEMORY_HINT = (
 )
 """The fix for DMA maps that arrive without a file descriptor (QEMU itself says nothing)."""
 
-PARTIAL, MESSAGE, NOTHING = 0, 1, 2
-"""Results of :meth:`VfuContext.queued`."""
-
 ATTACH_TIMEOUT = 5.0
 """Seconds a connected client may take to send each part of its VERSION handshake."""
 
@@ -163,14 +160,6 @@ class VfuContext:
             return 0
         return int(ffi.errno)
 
-    def queued(self, fd: int) -> int:
-        """What the connection holds: MESSAGE, PARTIAL or NOTHING (see vfuserver_message_ready).
-
-        vfu_run_ctx reads a message with blocking recv() calls; calling it on a partial
-        message would freeze the event loop (and every other device) until the rest came.
-        """
-        return int(check(lib.vfuserver_message_ready(fd), "FIONREAD"))
-
     def drain(self, fd: int, limit: int, polled: bool) -> int:
         """Handle up to ``limit`` whole messages queued on ``fd``: how many, or -errno.
 
@@ -178,11 +167,6 @@ class VfuContext:
         empty queue; ``polled``: the fd just polled readable (empty then means EOF).
         """
         return int(lib.vfuserver_drain(self._ctx, fd, limit, polled))
-
-    def run_once(self) -> int:
-        """One ``vfu_run_ctx``: messages handled (0 or 1), or -errno."""
-        handled = lib.vfu_run_ctx(self._ctx)
-        return int(handled) if handled >= 0 else -int(ffi.errno)
 
     def _on_quiesce(self) -> bool:
         """libvfio-user wants the device quiet (before DMA map/unmap and reset).

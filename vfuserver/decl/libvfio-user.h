@@ -90,16 +90,12 @@ int vfu_pci_init(vfu_ctx_t *vfu_ctx, vfu_pci_type_t pci_type, int hdr_type, int 
    forwards to the single Python entry point vfuserver_region_cb. */
 vfu_region_access_cb_p vfuserver_region_trampoline(int region_idx);
 
-/* 1 if the connection's receive queue holds at least one complete vfio-user message (or
-   a malformed or very large one: vfu_run_ctx deals with those), 0 if only part of a
-   message has arrived, 2 if nothing is queued, -1 on error (errno set). libvfio-user reads a message
-   with blocking recv() calls, so calling vfu_run_ctx on a partial message would freeze
-   the whole event loop until the client sends the rest. */
-int vfuserver_message_ready(int fd);
-
 /* Handle up to max complete messages queued on the connection fd (vfu_run_ctx each),
    stopping at a partial message or an empty queue: how many were handled, or -errno if
-   libvfio-user failed. polled: fd polled readable, so an empty queue means EOF (one
+   libvfio-user failed. libvfio-user reads a message with blocking recv() calls, so
+   calling vfu_run_ctx on a partial message would freeze the whole event loop (every
+   device) until the client sent the rest; messages larger than 64 KiB, which no socket
+   buffer holds whole, are handed over as soon as their header is in. polled: fd polled readable, so an empty queue means EOF (one
    vfu_run_ctx then reports ENOTCONN). One call per wake-up keeps the per-message
    Python overhead off the hot path. */
 int vfuserver_drain(vfu_ctx_t *ctx, int fd, int max, int polled);
