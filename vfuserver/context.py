@@ -112,9 +112,10 @@ class VfuContext:
             self._add_region(lib.VFU_PCI_DEV_BAR0_REGION_IDX + bar.index, bar.size, bar.region,
                              flags)
         if fn.intx:
+            # INTx: QEMU asserts the line on the eventfd and deasserts it at the guest's
+            # next BAR access; the ISR says why. No unmask hook is needed: an interrupt
+            # raised meanwhile just asserts the line again.
             check(lib.vfu_setup_device_nr_irqs(ctx, lib.VFU_DEV_INTX_IRQ, 1), "INTx irqs")
-            check(lib.vfu_setup_irq_state_callback(ctx, lib.VFU_DEV_INTX_IRQ,
-                                                   lib.vfuserver_intx_state_cb), "INTx state")
         if fn.msix_vectors:
             check(lib.vfu_setup_device_nr_irqs(ctx, lib.VFU_DEV_MSIX_IRQ, fn.msix_vectors),
                   "MSI-X irqs")
@@ -402,15 +403,3 @@ def vfuserver_dma_unregister_cb(ctx: Any, info: Any) -> None:
     except Exception as exc:
         if context.pending_error is None:
             context.pending_error = exc
-
-
-@ffi.def_extern(onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_intx_state_cb(ctx: Any, start: int, count: int, mask: bool) -> None:
-    context = _context_of(ctx)
-    unmask = getattr(context.function, "intx_unmasked", None)
-    if not mask and unmask is not None:
-        try:
-            unmask()
-        except Exception as exc:
-            if context.pending_error is None:
-                context.pending_error = exc

@@ -106,4 +106,3 @@ extern "Python" int vfuserver_reset_cb(vfu_ctx_t *, vfu_reset_type_t);
 extern "Python" int vfuserver_quiesce_cb(vfu_ctx_t *);
 extern "Python" void vfuserver_dma_register_cb(vfu_ctx_t *, vfu_dma_info_t *);
 extern "Python" void vfuserver_dma_unregister_cb(vfu_ctx_t *, vfu_dma_info_t *);
-extern "Python" void vfuserver_intx_state_cb(vfu_ctx_t *, uint32_t, uint32_t, bool);
