@@ -137,21 +137,7 @@ class VirtQueue:
         self.max_size = max_size
         self.max_chain_bytes = max_chain_bytes
         """Longest total (readable + writable) chain accepted; longer ones are an error."""
-        self._size = max_size
-        self.desc_addr = 0
-        self.avail_addr = 0
-        self.used_addr = 0
-        self.enabled = False
-        self.msix_vector = MSI_NO_VECTOR
-        self.last_avail_idx = 0
-        """Free-running index of the next avail ring slot the device will pop."""
-        self.used_idx = 0
-        """Free-running used index the device last published."""
-        self.event_idx = False
-        self._pending_used = 0
-        self._notification = True
-        self._signalled_used = 0
-        self._signalled_used_valid = False
+        self.reset()
 
     def __repr__(self) -> str:
         return (
@@ -168,7 +154,9 @@ class VirtQueue:
         self.enabled = False
         self.msix_vector = MSI_NO_VECTOR
         self.last_avail_idx = 0
+        """Free-running index of the next avail ring slot the device will pop."""
         self.used_idx = 0
+        """Free-running used index the device last published."""
         self.event_idx = False
         self._pending_used = 0
         self._notification = True

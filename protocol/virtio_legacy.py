@@ -109,14 +109,7 @@ LegacyCommonHeader = Struct(
 """The 20-byte common header seen while MSI-X is disabled."""
 
 LegacyCommonHeaderMsix = Struct(
-    "host_features" / Int32ul * "device feature bits 0..31",
-    "guest_features" / Int32ul * "driver feature bits 0..31",
-    "queue_pfn" / Int32ul * "selected queue address >> QUEUE_ADDR_SHIFT",
-    "queue_num" / Int16ul * "selected queue size",
-    "queue_sel" / Int16ul * "queue selector",
-    "queue_notify" / Int16ul * "queue index written to notify",
-    "status" / Int8ul * "device status (virtio_pci.DeviceStatus)",
-    "isr" / Int8ul * "ISR status (virtio_pci.IsrStatus), read-to-clear",
+    *LegacyCommonHeader.subcons,
     "msi_config_vector" / Int16ul * "config change vector, MSI_NO_VECTOR = none",
     "msi_queue_vector" / Int16ul * "vector of the selected queue, MSI_NO_VECTOR = none",
 )

@@ -58,6 +58,10 @@ _PACK_WRITE = admin.LEGACY_CFG_WRITE_HEADER.pack
 _UNPACK_STATUS = admin.CMD_STATUS.unpack_from
 _STATUS_SIZE = admin.CMD_STATUS_SIZE
 _SRIOV = admin.GroupType.SRIOV
+_COMMON_READ = admin.Opcode.LEGACY_COMMON_CFG_READ
+_COMMON_WRITE = admin.Opcode.LEGACY_COMMON_CFG_WRITE
+_DEVICE_READ = admin.Opcode.LEGACY_DEV_CFG_READ
+_DEVICE_WRITE = admin.Opcode.LEGACY_DEV_CFG_WRITE
 
 
 @dataclass
@@ -218,48 +222,47 @@ class LegacyBar0:
         self.notify_region, self.notify_offset = function._notify_region
 
     def read(self, offset: int, size: int) -> bytes:
-        fn = self.fn
-        if not fn._pci_cmd & _IO:
-            self.stats.refused["io-decode-off"] += 1
-            raise GuestError("legacy BAR0 read while IO decode is off", errno=errno.EIO)
-        if offset == NOTIFY_OFFSET:
-            if size != 2:
-                self.stats.refused["notify-width"] += 1
-                raise GuestError(f"QUEUE_NOTIFY read of {size} bytes")
+        if self._notify_access(offset, size, "read"):
             self.accesses["read:QUEUE_NOTIFY"] += 1
             return self.notify_region.read(self.notify_offset, 2)
-        start = legacy.config_offset(fn.modern.transport.msix_enabled())
-        if offset < start:
-            opcode, area_offset = admin.Opcode.LEGACY_COMMON_CFG_READ, offset
-            self.accesses["read:" + _REGISTER_NAMES.get(offset, "common")] += 1
-        else:
-            opcode, area_offset = admin.Opcode.LEGACY_DEV_CFG_READ, offset - start
-            self.accesses["read:device-config"] += 1
-        return self._execute(opcode, _PACK_READ(area_offset), size, size)
+        common, area_offset, name = self._locate(offset)
+        self.accesses["read:" + name] += 1
+        opcode = _COMMON_READ if common else _DEVICE_READ
+        return self._execute(opcode, _PACK_READ(area_offset), size)
 
     def write(self, offset: int, data: bytes) -> None:
-        fn = self.fn
-        if not fn._pci_cmd & _IO:
-            self.stats.refused["io-decode-off"] += 1
-            raise GuestError("legacy BAR0 write while IO decode is off", errno=errno.EIO)
-        if offset == NOTIFY_OFFSET:
-            if len(data) != 2:
-                self.stats.refused["notify-width"] += 1
-                raise GuestError(f"QUEUE_NOTIFY write of {len(data)} bytes")
+        if self._notify_access(offset, len(data), "write"):
             # the fast path: the queue index goes straight to the member's notify address
             self.stats.fast_notifies += 1
             self.notify_region.write(self.notify_offset, data)
             return
-        start = legacy.config_offset(fn.modern.transport.msix_enabled())
-        if offset < start:
-            opcode, area_offset = admin.Opcode.LEGACY_COMMON_CFG_WRITE, offset
-            self.accesses["write:" + _REGISTER_NAMES.get(offset, "common")] += 1
-        else:
-            opcode, area_offset = admin.Opcode.LEGACY_DEV_CFG_WRITE, offset - start
-            self.accesses["write:device-config"] += 1
-        self._execute(opcode, _PACK_WRITE(area_offset) + data, 0, len(data))
+        common, area_offset, name = self._locate(offset)
+        self.accesses["write:" + name] += 1
+        opcode = _COMMON_WRITE if common else _DEVICE_WRITE
+        self._execute(opcode, _PACK_WRITE(area_offset) + data, 0)
 
-    def _execute(self, opcode: int, data: bytes, result_size: int, size: int) -> bytes:
+    def _notify_access(self, offset: int, size: int, verb: str) -> bool:
+        """The kernel's first checks: IO decode (EIO), then offset 16 = QUEUE_NOTIFY,
+        which must be 2 bytes wide and takes the fast path."""
+        if not self.fn._pci_cmd & _IO:
+            self.stats.refused["io-decode-off"] += 1
+            raise GuestError(f"legacy BAR0 {verb} while IO decode is off", errno=errno.EIO)
+        if offset != NOTIFY_OFFSET:
+            return False
+        if size != 2:
+            self.stats.refused["notify-width"] += 1
+            raise GuestError(f"QUEUE_NOTIFY {verb} of {size} bytes")
+        return True
+
+    def _locate(self, offset: int) -> tuple[bool, int, str]:
+        """(common header?, offset in that area, counter name): the device config starts
+        at 24 while MSI-X is enabled, else at 20 (only the start offset decides)."""
+        start = legacy.config_offset(self.fn.modern.transport.msix_enabled())
+        if offset < start:
+            return True, offset, _REGISTER_NAMES.get(offset, "common")
+        return False, offset - start, "device-config"
+
+    def _execute(self, opcode: int, data: bytes, result_size: int) -> bytes:
         """One admin command for one access; its status becomes the access's errno."""
         reply = self.owner.execute(_PACK_HEADER(opcode, _SRIOV, self.member_id) + data,
                                    result_size)
