@@ -489,7 +489,7 @@ class VirtioNet(VirtioDevice):
             capacity = sum(chain.writable_len for chain in chains)
             if capacity >= total:
                 break
-            queue.rewind(len(chains))
+            queue.rewind(chains)
             if chains and (not self.mergeable_rx or len(chains) == queue.size):
                 # It can never fit: one buffer too small without MRG_RXBUF (QEMU drops the
                 # packet and keeps the buffer), or the whole ring is too small.

@@ -162,6 +162,10 @@ class VirtQueue:
         self._notification = True
         self._signalled_used = 0
         self._signalled_used_valid = False
+        self._in_flight: set[int] = set()
+        """Heads popped and not yet pushed: a head offered again meanwhile is a driver
+        bug, a head pushed that is not here a device bug (either would make the driver
+        see a used id that "is not a head")."""
 
     @property
     def size(self) -> int:
@@ -275,16 +279,24 @@ class VirtQueue:
                 f"available ring slot {slot} names descriptor {head}, "
                 f"but the queue has {self._size}"
             )
+        if head in self._in_flight:
+            raise self._error(
+                f"available ring slot {slot} offers descriptor {head}, which the device "
+                "still holds"
+            )
         chain = self._walk(head)
+        self._in_flight.add(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx and self._notification:
             _U16_PACK(self._used_view(), ring.avail_event_offset(self._size), self.last_avail_idx)
         return chain
 
-    def rewind(self, count: int) -> None:
-        """Give back the last ``count`` popped (and not pushed) chains, like QEMU's
+    def rewind(self, chains: list[DescriptorChain]) -> None:
+        """Give back the last chains popped (and not pushed), like QEMU's
         virtqueue_unpop: they will be popped again."""
-        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+        for chain in chains:
+            self._in_flight.discard(chain.head)
+        self.last_avail_idx = (self.last_avail_idx - len(chains)) & 0xFFFF
 
     def _walk(self, head: int) -> DescriptorChain:
         """Follow the chain at ``head`` through the table and at most one indirect table."""
@@ -381,6 +393,13 @@ class VirtQueue:
             raise ValueError(
                 f"{written} bytes written into a chain with {chain.writable_len} writable"
             )
+        try:
+            self._in_flight.remove(chain.head)
+        except KeyError:
+            raise RuntimeError(
+                f"device bug: queue {self.index} completes descriptor {chain.head}, "
+                "which it does not hold"
+            ) from None
         used = self._used_view()
         slot = (self.used_idx + self._pending_used) & (self._size - 1)
         _USED_ELEM_PACK(

@@ -153,12 +153,31 @@ def test_write_scatters_across_segments(ram: GuestRam) -> None:
 def test_rewind_pops_the_same_chains_again(ram: GuestRam) -> None:
     queue, drv = make(ram)
     heads = [drv.add([], [16]) for _ in range(3)]
-    popped = [queue.pop(), queue.pop()]
-    assert [c.head for c in popped if c] == heads[:2]
-    queue.rewind(2)
+    popped = [c for c in (queue.pop(), queue.pop()) if c is not None]
+    assert [c.head for c in popped] == heads[:2]
+    queue.rewind(popped)
     assert queue.available() == 3
     chain = queue.pop()
     assert chain is not None and chain.head == heads[0]
+
+
+def test_a_head_offered_while_the_device_holds_it_is_an_error(ram: GuestRam) -> None:
+    queue, drv = make(ram)
+    head = drv.add([], [16])
+    assert queue.pop() is not None
+    drv.publish(head)  # the driver offers the same chain again before getting it back
+    with pytest.raises(VirtQueueError, match="still holds"):
+        queue.pop()
+
+
+def test_completing_a_head_the_device_does_not_hold_is_a_bug(ram: GuestRam) -> None:
+    queue, drv = make(ram)
+    drv.add([], [16])
+    chain = queue.pop()
+    assert chain is not None
+    queue.push(chain, 0)
+    with pytest.raises(RuntimeError, match="device bug"):
+        queue.push(chain, 0)
 
 
 def test_avail_index_wraps(ram: GuestRam) -> None:
