@@ -1,0 +1,289 @@
+"""Section ``guest``: what a real guest sees, vfuserver's device vs QEMU's own virtio-net-pci.
+
+The end-to-end rig (tests/e2e/rig.py) boots the test guest under QEMU in a private network
+namespace with a tap at 10.0.2.1; the guest runs ``ping -A -c 1000`` and sends 64 MiB with
+nc to a sink on the host, and reports the wall time of each. The same guest, tap and plan
+run through vfuserver (modern profile; transitional profile with and without
+``virtio_pci.force_legacy=1``) and through QEMU's built-in virtio-net-pci (QEMU's default,
+transitional on q35's root bus, and the same with force_legacy), one boot each, in the
+same run. Ratios compare each vfuserver row with the QEMU row whose guest driver matches.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import JsonDict, Section, Settings, loadavg
+from tests.e2e.report import GuestReport
+from tests.e2e.rig import (
+    GUEST_ADDRESS,
+    HOST_ADDRESS,
+    PREFIX_LENGTH,
+    TAP,
+    GuestRun,
+    NamespaceNames,
+    NetNamespace,
+    RigError,
+    TcpSink,
+    Tools,
+    VfuServer,
+    boot_guest,
+    find_vfuserver,
+    unusable_machine_reason,
+)
+
+FORCE_LEGACY = "virtio_pci.force_legacy=1"
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    """One way of giving the guest its NIC."""
+
+    key: str
+    label: str
+    profile: str | None
+    """vfuserver's profile; None: QEMU's built-in virtio-net-pci."""
+    append: str = ""
+    reference: str | None = None
+    """The QEMU configuration a vfuserver row is compared with."""
+
+
+CONFIGS = (
+    GuestConfig("qemu-default", "QEMU virtio-net-pci (default)", None),
+    GuestConfig("vfuserver-modern", "vfuserver modern", "modern", reference="qemu-default"),
+    GuestConfig("vfuserver-transitional", "vfuserver transitional", "transitional",
+                reference="qemu-default"),
+    GuestConfig("qemu-force-legacy", f"QEMU virtio-net-pci, {FORCE_LEGACY}", None,
+                FORCE_LEGACY),
+    GuestConfig("vfuserver-transitional-legacy", f"vfuserver transitional, {FORCE_LEGACY}",
+                "transitional", FORCE_LEGACY, reference="qemu-force-legacy"),
+)
+SMOKE_CONFIGS = ("qemu-default", "vfuserver-modern")
+
+
+def plan(settings: Settings, sink_port: int) -> str:
+    timeout = settings.step_timeout
+    return ",".join([
+        "lspci",
+        "virtio",
+        "wait-if:eth0",
+        f"ip:{GUEST_ADDRESS}/{PREFIX_LENGTH}",
+        f"ping:{HOST_ADDRESS}:count=5:interval=0.2",  # ARP and the first interrupts
+        f"ping:{HOST_ADDRESS}:count={settings.ping_count}:flood:deadline={timeout}",
+        f"nc-send:{HOST_ADDRESS}:{sink_port}:mib={settings.transfer_mib}"
+        f":timeout={timeout}",
+    ])
+
+
+def _driver(report: GuestReport) -> JsonDict:
+    """PCI IDs of the function behind eth0 and whether the modern or legacy driver runs it."""
+    for device in report.virtio_devices():
+        if device.ifname == "eth0":
+            for function in report.pci_functions():
+                if function.bdf == device.pci:
+                    return {"pci_id": f"{function.vendor:04x}:{function.device:04x}",
+                            "driver": "modern" if device.version_1 else "legacy"}
+    return {"pci_id": None, "driver": None}
+
+
+def _device_errors(console: str, limit: int = 3) -> list[str]:
+    """The guest kernel's complaints about the NIC (e.g. "output.0:id 4 is not a head!")."""
+    lines = [line.strip() for line in console.splitlines()
+             if ("virtio_net" in line or "net eth0:" in line) and "@@VFU" not in line]
+    return lines[:limit]
+
+
+def _check_plan(run: GuestRun) -> None:
+    """RigError naming the failed steps and the kernel's NIC errors, unless all passed."""
+    report = run.report
+    failed = [str(step) for step in report.failed_steps]
+    if run.killed:
+        failed.append(f"QEMU killed by the host's timeout (console {run.console_path})")
+    if not report.complete or failed:
+        errors = _device_errors(run.console)
+        raise RigError("; ".join(failed or [report.summary()])
+                       + (f"; guest kernel: {' | '.join(errors)}" if errors else ""))
+
+
+def _result(settings: Settings, report: GuestReport, sink: TcpSink) -> JsonDict:
+    """The numbers of one boot whose plan passed; RigError if the data did not arrive."""
+    ping = report.step("ping", 1)
+    sent = report.step("nc-send")
+    size = settings.transfer_mib << 20
+    if sent.int_field("bytes") != size or (sink.received, sink.sha256) != (
+            size, sent.fields["sha256"]):
+        raise RigError(f"transfer mismatch: guest sent {sent.fields}, host got "
+                       f"{sink.received} bytes")
+    nc_seconds = sent.float_field("seconds")
+    return {
+        "ping_count": ping.int_field("count"),
+        "ping_seconds": ping.float_field("seconds"),
+        "rtt_avg_ms": float(ping.fields.get("rtt_avg", "nan")),
+        "transfer_mib": settings.transfer_mib,
+        "transfer_seconds": nc_seconds,
+        "guest_kernel": (report.boot or {}).get("kernel"),
+        **_driver(report),
+    }
+
+
+def _boot(settings: Settings, tools: Tools, ns: NetNamespace, config: GuestConfig,
+          work: Path, sockets_dir: Path, round_number: int) -> JsonDict:
+    server: VfuServer | None = None
+    try:
+        sockets: list[Path] = []
+        builtin: list[str] = []
+        if config.profile is None:
+            builtin.append(TAP)
+        else:
+            exe = find_vfuserver()
+            if exe is None:
+                raise RigError("no vfuserver console script next to this Python")
+            server = VfuServer(exe, sockets_dir / f"{config.key}.sock",
+                               work / f"guest-{config.key}-{round_number}-vfuserver.log", ns,
+                               ["--profile", config.profile, "--netdev", f"tap,ifname={TAP}"],
+                               log_level="info")
+            server.start()
+            sockets.append(server.socket_path)
+        load_before = loadavg()
+        with TcpSink(ns, timeout=settings.guest_timeout) as sink:
+            run = boot_guest(tools, work / f"guest-{config.key}-{round_number}-console.log",
+                             plan(settings, sink.port), ns=ns, append=config.append,
+                             sockets=sockets, builtin_net=builtin,
+                             timeout=settings.guest_timeout)
+            _check_plan(run)
+            sink.wait(timeout=30)
+            result = _result(settings, run.report, sink)
+        return {**result, "boot_seconds": run.seconds, "loadavg_before": load_before,
+                "loadavg_after": loadavg()}
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def run(settings: Settings, work: Path, configs: tuple[str, ...] | None = None) -> Section:
+    section = Section("guest")
+    reason = unusable_machine_reason()
+    if reason is not None:
+        section.skip(reason)
+        print(f"benchmarks: guest section skipped: {reason}", file=sys.stderr)
+        return section
+    try:
+        tools = Tools.prepare()
+    except (RigError, OSError) as exc:
+        section.skip(f"QEMU or the test guest is unavailable: {exc}")
+        return section
+    section.extra["qemu_path"] = str(tools.qemu)
+    wanted = configs or (SMOKE_CONFIGS if settings.smoke else tuple(c.key for c in CONFIGS))
+    boots: dict[str, list[JsonDict]] = {}
+    failures: dict[str, int] = {}
+    sockets_dir = Path(tempfile.mkdtemp(prefix="vfub-"))  # short paths: sun_path is 108 bytes
+    ns = NetNamespace(NamespaceNames().next())
+    try:
+        ns.create()
+        ns.add_tap(TAP)
+        for round_number in range(settings.guest_repeats):
+            for config in CONFIGS:
+                if config.key not in wanted:
+                    continue
+                try:
+                    boots.setdefault(config.key, []).append(
+                        _boot(settings, tools, ns, config, work, sockets_dir, round_number))
+                except (RigError, OSError, AssertionError) as exc:
+                    section.notes.append(f"{config.key} boot {round_number + 1} failed: {exc}")
+                    section.status = "partial"
+                    failures[config.key] = failures.get(config.key, 0) + 1
+    finally:
+        ns.delete()
+        shutil.rmtree(sockets_dir, ignore_errors=True)
+
+    kernel = next((b[0]["guest_kernel"] for b in boots.values() if b), None)
+    section.extra["setup"] = (f"QEMU TCG, 1 vCPU, 512 MiB, guest Linux {kernel}; not pinned; "
+                              f"median of {settings.guest_repeats} boots per row, the rows "
+                              "interleaved")
+    results = {key: {**_aggregate(samples), "failed_boots": failures.get(key, 0)}
+               for key, samples in boots.items() if samples}
+    for config in CONFIGS:
+        result = results.get(config.key)
+        if result is None:
+            continue
+        row: JsonDict = {"key": config.key, "label": config.label, "append": config.append,
+                         **result}
+        reference = results.get(config.reference) if config.reference else None
+        if reference is not None:
+            row["reference"] = config.reference
+            row["ping_ratio"] = _ratio(result["ping_seconds"], reference["ping_seconds"])
+            row["transfer_ratio"] = _ratio(reference["transfer_seconds"],
+                                           result["transfer_seconds"])
+            # best against best: what is left when the machine's noise is taken out
+            row["ping_ratio_best"] = _ratio(result["ping_range"][0],
+                                            reference["ping_range"][0])
+            row["transfer_ratio_best"] = _ratio(reference["transfer_range"][0],
+                                                result["transfer_range"][0])
+        section.rows.append(row)
+    if not section.rows:
+        section.status = "failed"
+    return section
+
+
+def _aggregate(samples: list[JsonDict]) -> JsonDict:
+    """Medians of the numbers of a configuration's boots; the samples themselves too."""
+    out = dict(samples[0])
+    for key in ("ping_seconds", "rtt_avg_ms", "transfer_seconds", "boot_seconds"):
+        out[key] = statistics.median(s[key] for s in samples)
+    for key in ("ping_seconds", "transfer_seconds"):
+        out[key.replace("seconds", "range")] = [min(s[key] for s in samples),
+                                                max(s[key] for s in samples)]
+    seconds = out["transfer_seconds"]
+    out["transfer_mib_per_s"] = out["transfer_mib"] / seconds if seconds else None
+    out["samples"] = [{k: s[k] for k in ("ping_seconds", "transfer_seconds", "loadavg_before",
+                                         "loadavg_after")} for s in samples]
+    del out["loadavg_before"], out["loadavg_after"]
+    return out
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    """None when the guest's clock (10 ms steps) saw no time pass."""
+    return numerator / denominator if numerator > 0 and denominator > 0 else None
+
+
+def _format(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _pair(median: float | None, best: float | None) -> str:
+    return "" if median is None else f"{median:.2f} ({_format(best)})"
+
+
+def markdown(section: Section) -> list[str]:
+    if not section.rows:
+        return []
+    first = section.rows[0]
+    lines = [
+        f"Guest-visible ({section.extra.get('setup', '')}): `ping -A -c "
+        f"{first['ping_count']}` and an nc transfer of {first['transfer_mib']} MiB from the "
+        f"guest to the host; times are medians (min-max); ratios against the QEMU row with "
+        f"the same guest driver, median (best against best); ping: time ours / QEMU, "
+        f"transfer: throughput ours / QEMU.",
+        "",
+        "| device | PCI ID, driver | boots ok / failed | ping s | rtt avg ms | transfer s "
+        "| MiB/s | ping ours / QEMU | transfer ours / QEMU |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in section.rows:
+        ping_lo, ping_hi = row["ping_range"]
+        nc_lo, nc_hi = row["transfer_range"]
+        lines.append(
+            f"| {row['label']} | {row['pci_id']}, {row['driver']} "
+            f"| {len(row['samples'])} / {row['failed_boots']} "
+            f"| {row['ping_seconds']:.2f} ({ping_lo:.2f}-{ping_hi:.2f}) "
+            f"| {row['rtt_avg_ms']:.3f} "
+            f"| {row['transfer_seconds']:.2f} ({nc_lo:.2f}-{nc_hi:.2f}) "
+            f"| {_format(row['transfer_mib_per_s'], 1)} "
+            f"| {_pair(row.get('ping_ratio'), row.get('ping_ratio_best'))} "
+            f"| {_pair(row.get('transfer_ratio'), row.get('transfer_ratio_best'))} |")
+    return lines
