@@ -227,8 +227,8 @@ class ServedDevice:
     def close(self) -> None:
         """Idempotent; the final counters are logged once."""
         if not self.context.closed:
-            self.log.info("stats of %s: %s", self.spec.name, json.dumps(self.stats(),
-                                                                         sort_keys=True))
+            self.log.info("stats of %s (profile %s): %s", self.spec.name, self.profile,
+                          json.dumps(self.stats(), sort_keys=True))
             self._close_presentation()
         self.backend.close()
 

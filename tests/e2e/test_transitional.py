@@ -67,7 +67,7 @@ def test_transitional_traffic_plan(servers: Servers, guests: Guests, netns: NetN
 
 
 def server_stats(log: str) -> dict[str, dict[str, int]]:
-    match = re.search(r"stats of net0: (\{.*\})$", log, re.MULTILINE)
+    match = re.search(r"stats of net0 \(profile transitional\): (\{.*\})$", log, re.MULTILINE)
     assert match, "the server logs its counters when it stops"
     stats: dict[str, dict[str, int]] = json.loads(match.group(1))
     return stats
