@@ -6,7 +6,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+
+from tests.e2e.rig import LoggedProcess
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -113,7 +114,7 @@ def parse_fields(line: str) -> dict[str, str]:
     return dict(word.split("=", 1) for word in line.split() if "=" in word)
 
 
-class HelperProcess:
+class HelperProcess(LoggedProcess):
     """A server process of a benchmark, its output in a log file; stopped on exit."""
 
     def __init__(self, name: str, argv: Sequence[str], log_path: Path,
@@ -147,26 +148,7 @@ class HelperProcess:
                 raise BenchmarkError(f"{self.name} not ready in {timeout} s: {self.log[-2000:]}")
             time.sleep(0.02)
 
-    @property
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, SIGKILL after timeout; the exit status (idempotent)."""
-        proc = self.process
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
 
     def __enter__(self) -> Self:
         return self

@@ -284,7 +284,36 @@ def find_vfuserver() -> Path | None:
     return Path(found) if found else None
 
 
-class VfuServer:
+class LoggedProcess:
+    """A child process whose output goes to a log file; stopped with SIGTERM, SIGKILL after
+    a timeout. Shared by the e2e rig, the control-plane tests and the benchmarks."""
+
+    process: subprocess.Popen[bytes] | None
+    log_path: Path
+
+    @property
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after timeout; the exit status (idempotent)."""
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+
+class VfuServer(LoggedProcess):
     """`vfuserver run --socket PATH ...` inside a namespace, its log captured in a file."""
 
     def __init__(self, exe: Path, socket_path: Path, log_path: Path,
@@ -315,12 +344,6 @@ class VfuServer:
                                f"its log:\n{self.log}")
             time.sleep(0.05)
 
-    @property
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         """The first match of a regex (re.MULTILINE) in the log, waiting up to timeout."""
@@ -336,18 +359,7 @@ class VfuServer:
             time.sleep(0.1)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after timeout; the exit status (idempotent)."""
-        proc = self.process
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.returncode = proc.returncode
+        self.returncode = super().stop(timeout)
         return self.returncode
 
 

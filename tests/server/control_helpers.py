@@ -9,7 +9,6 @@ client, vfuserver.client.Client) run in worker threads, as QEMU's would run else
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import trio
 
+from tests.e2e.rig import LoggedProcess
 from vfuserver.client import Client
 from vfuserver.config import ServerConfig, device_from_mapping
 from vfuserver.control import ControlClient, Controller, JsonValue
@@ -85,7 +85,7 @@ def run_cli(*args: str, control: Path | None = None, timeout: float = 30,
                           check=False, env=environment, stdin=subprocess.DEVNULL)
 
 
-class ServerProcess:
+class ServerProcess(LoggedProcess):
     """`vfuserver run ARGS` as a process, its log in a file; ready once ``wait_for`` exist."""
 
     def __init__(self, args: Sequence[str], log_path: Path,
@@ -109,26 +109,7 @@ class ServerProcess:
             time.sleep(0.05)
         return self
 
-    @property
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
-    def stop(self, timeout: float = 10) -> int | None:
-        """SIGTERM (SIGKILL after timeout); the exit status. Idempotent."""
-        proc = self.process
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
 
 
 @contextmanager
