@@ -426,6 +426,12 @@ class VirtioPciFunction:
     def attach_interrupts(self, interrupts: Interrupts) -> None:
         self.transport.interrupts = interrupts
 
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
     def reset(self, kind: ResetKind) -> None:
         self.device.reset()
         self.transport.reset_transport_state()

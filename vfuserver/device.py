@@ -106,8 +106,7 @@ class ServedDevice:
             self.context = VfuContext(self.spec.socket, function, memory=self.memory,
                                       logger=self.log)
         except BaseException:
-            if isinstance(function, TransitionalFunction):
-                function.close()
+            function.close()
             raise
         self.function = function
         self.spec.profile = profile
@@ -153,17 +152,11 @@ class ServedDevice:
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Counters of the model, the backend and (transitional) the legacy path."""
-        out = {
+        return {
             "virtio_net": dataclasses.asdict(self.net.stats),
             "backend": dataclasses.asdict(self.backend.stats),
+            **self.function.counters(),
         }
-        if isinstance(self.function, TransitionalFunction):
-            out["legacy"] = self.function.stats.as_dict()
-            owner = self.owner.stats
-            out["admin"] = {f"opcode:{op}": n for op, n in owner.commands.items()}
-            out["admin"].update({f"status:{op}:{st}": n
-                                 for (op, st), n in owner.statuses.items()})
-        return out
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve clients and move frames until cancelled; the device is closed on the way out."""
@@ -221,8 +214,7 @@ class ServedDevice:
 
     def _close_presentation(self) -> None:
         self.context.close()
-        if isinstance(self.function, TransitionalFunction):
-            self.function.close()
+        self.function.close()
 
     def close(self) -> None:
         """Idempotent; the final counters are logged once."""

@@ -154,8 +154,17 @@ class TransitionalFunction:
         self._pci_cmd = 0  # virtiovf_legacy_io_reset_done: IO decode is off after reset
 
     def close(self) -> None:
-        """Leave the owner's group."""
-        self.owner.remove_member(self.member_id)
+        """Leave the owner's group (idempotent)."""
+        if self.member_id in self.owner.members:
+            self.owner.remove_member(self.member_id)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Legacy accesses by register and fast notifies; the owner's admin commands by
+        opcode and by (opcode, status)."""
+        owner = self.owner.stats
+        admin_counts = {f"opcode:{op}": n for op, n in owner.commands.items()}
+        admin_counts.update({f"status:{op}:{st}": n for (op, st), n in owner.statuses.items()})
+        return {"legacy": self.stats.as_dict(), "admin": admin_counts}
 
     # -- what the overlay presents -------------------------------------------------------
 

@@ -58,6 +58,12 @@ class ScratchFunction:
     def reset(self, kind: ResetKind) -> None:
         self.resets.append(kind)
 
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
 
 ServeFn = Callable[..., "trio.lowlevel.Task"]
 
