@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from .rig import TAP, Guests, NetNamespace, Servers, TcpSink
-from .traffic import check_traffic, traffic_plan
+from .rig import TAP, Guests, NetNamespace, Servers
+from .traffic import check_traffic, run_traffic_plan
 
 pytestmark = pytest.mark.e2e
 
@@ -13,10 +13,7 @@ pytestmark = pytest.mark.e2e
 def test_modern_traffic_plan_and_second_boot(servers: Servers, guests: Guests,
                                              netns: NetNamespace) -> None:
     server = servers.start("--netdev", f"tap,ifname={TAP}")
-    with TcpSink(netns, timeout=300) as sink:
-        run = guests.boot(traffic_plan(sink.port), sockets=[server.socket_path], timeout=300)
-        report = run.check_passed()
-        sink.wait(timeout=30)
+    report, sink = run_traffic_plan(guests, netns, server.socket_path)
     device = report.virtio_device_on(report.pci_function(0x1AF4, 0x1041).bdf)
     assert (device.driver, device.version_1) == ("virtio_net", True)
     check_traffic(report, sink)

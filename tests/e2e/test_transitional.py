@@ -8,8 +8,8 @@ from collections import defaultdict
 
 import pytest
 
-from .rig import TAP, Guests, NetNamespace, Servers, TcpSink
-from .traffic import check_traffic, traffic_plan
+from .rig import TAP, Guests, NetNamespace, Servers
+from .traffic import check_traffic, run_traffic_plan
 
 pytestmark = pytest.mark.e2e
 
@@ -27,11 +27,8 @@ TRANSITIONAL_NET = 0x1000
 def test_transitional_traffic_plan(servers: Servers, guests: Guests, netns: NetNamespace,
                                    append: str, version_1: bool) -> None:
     server = servers.start("--profile", "transitional", "--netdev", f"tap,ifname={TAP}")
-    with TcpSink(netns, timeout=300) as sink:
-        run = guests.boot(traffic_plan(sink.port, ids="1af4:1000"), append=append,
-                          sockets=[server.socket_path], timeout=300)
-        report = run.check_passed()
-        sink.wait(timeout=30)
+    report, sink = run_traffic_plan(guests, netns, server.socket_path, append=append,
+                                    ids="1af4:1000")
 
     function = report.pci_function(VENDOR, TRANSITIONAL_NET)
     assert function.revision == 0
