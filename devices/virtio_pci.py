@@ -76,8 +76,10 @@ class VirtioPciTransport:
 
     NO_VECTOR = NO_VECTOR
 
-    def __init__(self, device: VirtioDevice, config: ConfigSpace, msix_cap: int) -> None:
+    def __init__(self, device: VirtioDevice, config: ConfigSpace, msix_cap: int,
+                 msix_vectors: int) -> None:
         self.device = device
+        self.msix_vectors = msix_vectors
         self.config = config
         self.msix_cap = msix_cap
         self._msix_enabled = False
@@ -250,8 +252,6 @@ class VirtioPciTransport:
         (the driver reads it back to learn it was refused, §4.1.5.1.2)."""
         return vector if vector < self.msix_vectors else NO_VECTOR
 
-    msix_vectors = 0
-
     def reset_transport_state(self) -> None:
         self.isr = 0
         self.config_msix_vector = NO_VECTOR
@@ -334,9 +334,8 @@ class VirtioPciFunction:
         )
         self._add_pm_capability()
         self.msix_cap = self._add_msix_capability()
-        self.transport = VirtioPciTransport(device, self.config, self.msix_cap)
+        self.transport = VirtioPciTransport(device, self.config, self.msix_cap, msix_vectors)
         device.interrupts = self.transport
-        self.transport.msix_vectors = msix_vectors
         self._add_virtio_capabilities()
         self.config.add_bar(Bar(MSIX_BAR, MSIX_BAR_SIZE, BarKind.MEM32,
                                 MsixTableBar(msix_vectors)))

@@ -71,7 +71,6 @@ class VfuContext:
         """Set by the serving loop while a client is attached."""
         self.quiesce_done: trio.Event | None = None
         """Set while a deferred quiesce is pending (see :meth:`_on_quiesce`)."""
-        self.unshared_ram_reported = False
         self._regions: dict[int, Region] = {}
         self._ctx: Any = ffi.NULL
         self._handle = ffi.new_handle(self)
@@ -197,6 +196,11 @@ class VfuContext:
         """Signal interrupt ``vector``; False if the client gave no eventfd for it."""
         return bool(lib.vfu_irq_trigger(self._ctx, vector) == 0)
 
+    def remember(self, exc: BaseException) -> None:
+        """Keep the first unexpected exception of a callback for the loop to log."""
+        if self.pending_error is None:
+            self.pending_error = exc
+
     def take_pending_error(self) -> BaseException | None:
         err, self.pending_error = self.pending_error, None
         return err
@@ -228,7 +232,6 @@ class VfuContext:
             if writable:
                 # Guest RAM arrives writable; firmware ROM arrives read-only without an fd
                 # even when RAM is shared, so only the writable case is the misconfiguration.
-                self.unshared_ram_reported = True
                 self.log.error("DMA map [%#x, +%#x) arrived without a file descriptor: %s",
                                iova, size, SHARED_MEMORY_HINT)
             else:
@@ -335,8 +338,7 @@ def vfuserver_region_cb(handle: Any, index: int, buf: Any, count: int, offset: i
         ffi.errno = exc.errno
         return -1
     except Exception as exc:
-        if context.pending_error is None:
-            context.pending_error = exc
+        context.remember(exc)
         ffi.errno = errno.EIO
         return -1
     return count
@@ -361,8 +363,7 @@ def vfuserver_reset_cb(ctx: Any, reset_type: int) -> int:
     try:
         context._on_reset(_RESET_KINDS.get(reset_type, ResetKind.DEVICE))
     except Exception as exc:
-        if context.pending_error is None:
-            context.pending_error = exc
+        context.remember(exc)
         ffi.errno = errno.EIO
         return -1
     return 0
@@ -375,8 +376,7 @@ def vfuserver_quiesce_cb(ctx: Any) -> int:
         if context._on_quiesce():
             return 0
     except Exception as exc:
-        if context.pending_error is None:
-            context.pending_error = exc
+        context.remember(exc)
         ffi.errno = errno.EIO
         return -1
     ffi.errno = errno.EBUSY  # vfu_run_ctx answers EBUSY until quiesce_complete()
@@ -391,8 +391,7 @@ def vfuserver_dma_register_cb(ctx: Any, info: Any) -> None:
     except (ValueError, GuestMemoryError) as exc:
         context.log.error("DMA map refused: %s", exc)
     except Exception as exc:
-        if context.pending_error is None:
-            context.pending_error = exc
+        context.remember(exc)
 
 
 @ffi.def_extern(onerror=_region_onerror)  # type: ignore[untyped-decorator]
@@ -401,5 +400,4 @@ def vfuserver_dma_unregister_cb(ctx: Any, info: Any) -> None:
     try:
         context._on_dma_unregister(info)
     except Exception as exc:
-        if context.pending_error is None:
-            context.pending_error = exc
+        context.remember(exc)
