@@ -20,8 +20,9 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks import cbuild, guest, inprocess, region, report, scale
+from benchmarks import cbuild, guest, inprocess, region, report, scale, stress
 from benchmarks.common import (
+    DEFAULT_SECTIONS,
     RESULTS_DIR,
     SECTIONS,
     JsonDict,
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run every benchmark very briefly (for the test suite); "
                              "writes only --out")
     parser.add_argument("--only", type=_names, metavar="SECTIONS",
-                        help=f"comma-separated sections to run ({','.join(SECTIONS)})")
+                        help=f"comma-separated sections to run ({','.join(SECTIONS)}; default: "
+                             f"{','.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--skip", type=_names, default=(), metavar="SECTIONS",
                         help="comma-separated sections not to run")
     parser.add_argument("--out", type=Path, metavar="FILE",
@@ -90,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guest-repeats", type=int, help="boots per guest configuration")
     parser.add_argument("--ping-count", type=int, help="pings of the guest section")
     parser.add_argument("--transfer-mib", type=int, help="MiB the guest sends")
+    parser.add_argument("--stress-boots", type=int, help="boots of the stress section")
+    parser.add_argument("--stress-parallel", type=int, help="stress boots at a time")
+    parser.add_argument("--stress-hogs", type=int, help="CPU hogs during the stress section")
+    parser.add_argument("--stress-mib", type=int, help="MiB each way per stress boot")
+    parser.add_argument("--stress-watch", action="store_true", default=None,
+                        help="check every used ring from outside with ring_watch "
+                             "(benchmarks/c/ring_watch.c) during the stress boots")
     parser.add_argument("--keep-work", action="store_true",
                         help="keep the work folder (server logs, guest consoles)")
     return parser
@@ -101,6 +110,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "seconds": args.seconds, "repeats": args.repeats, "placement": args.placement,
         "scale_counts": args.scale_counts, "ping_count": args.ping_count,
         "transfer_mib": args.transfer_mib, "guest_repeats": args.guest_repeats,
+        "stress_boots": args.stress_boots, "stress_parallel": args.stress_parallel,
+        "stress_hogs": args.stress_hogs, "stress_mib": args.stress_mib,
+        "stress_watch": args.stress_watch,
     }
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items()
                                             if v is not None})
@@ -130,6 +142,8 @@ def run_sections(names: Sequence[str], settings: Settings, work: Path,
                         settings, programs, work)
             elif name == "inprocess":
                 section = inprocess.run(settings, work)
+            elif name == "stress":
+                section = stress.run(settings, work)
             else:
                 section = guest.run(settings, work, guest_configs)
         except Exception:
@@ -145,7 +159,7 @@ def run_sections(names: Sequence[str], settings: Settings, work: Path,
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from(args)
-    names = [n for n in (args.only or SECTIONS) if n not in args.skip]
+    names = [n for n in (args.only or DEFAULT_SECTIONS) if n not in args.skip]
     command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
     started = time.monotonic()
     date = datetime.datetime.now(datetime.UTC)

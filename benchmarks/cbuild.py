@@ -32,6 +32,8 @@ class Programs:
     """c_reg_server: the C reference server on libvfio-user."""
     pingpong: Path
     """pingpong: raw AF_UNIX request/response, the floor."""
+    ring_watch: Path
+    """ring_watch: checks a guest's used rings against vfuserver's ring journals."""
 
 
 def _compile(source: Path, output: Path, flags: list[str]) -> None:
@@ -53,8 +55,10 @@ def build(dest: Path = BUILD_DIR) -> Programs:
     includes = [f"-I{d}" for d in INCLUDE_DIRS]
     libs = [f for d in LIBRARY_DIRS for f in (f"-L{d}", f"-Wl,-rpath,{d}")]
     dest.mkdir(parents=True, exist_ok=True)
-    programs = Programs(dest / "vfu_region_client", dest / "c_reg_server", dest / "pingpong")
+    programs = Programs(dest / "vfu_region_client", dest / "c_reg_server", dest / "pingpong",
+                        dest / "ring_watch")
     _compile(SOURCES / "vfu_region_client.c", programs.client, includes)
     _compile(SOURCES / "c_reg_server.c", programs.server, [*includes, *libs, "-lvfio-user"])
     _compile(SOURCES / "pingpong.c", programs.pingpong, [])
+    _compile(SOURCES / "ring_watch.c", programs.ring_watch, [])
     return programs

@@ -19,7 +19,9 @@ from tests.e2e.rig import LoggedProcess
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SECTIONS = ("region", "inprocess", "guest", "scale")
+SECTIONS = ("region", "inprocess", "guest", "scale", "stress")
+DEFAULT_SECTIONS = ("region", "inprocess", "guest", "scale")
+"""What a run without --only does: the stress section is long and asked for by name."""
 
 JsonDict = dict[str, Any]
 
@@ -49,12 +51,22 @@ class Settings:
     """Seconds the guest's ping and transfer may take each (a stalled device fails fast)."""
     guest_repeats: int = 3
     """Boots per guest configuration (rounds over all configurations; the median counts)."""
+    stress_boots: int = 60
+    """Loaded boots of the stress section (the configurations take turns)."""
+    stress_parallel: int = 2
+    """Stress boots at a time."""
+    stress_hogs: int = 2
+    """Busy-looping processes on the host during the stress section."""
+    stress_mib: int = 64
+    """MiB each way per stress boot."""
+    stress_watch: bool = False
+    """Run ring_watch (benchmarks/c/ring_watch.c) beside every stress boot."""
 
     @classmethod
     def smoke_settings(cls) -> Settings:
         return cls(smoke=True, seconds=0.15, repeats=1, inprocess_iterations=500,
                    scale_counts=(1, 8), ping_count=50, transfer_mib=1, guest_timeout=90.0,
-                   step_timeout=30, guest_repeats=1)
+                   step_timeout=30, guest_repeats=1, stress_boots=2, stress_mib=8)
 
     @property
     def cpus(self) -> tuple[int | None, int | None]:

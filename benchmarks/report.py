@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from benchmarks import guest, inprocess, region, scale
+from benchmarks import guest, inprocess, region, scale, stress
 from benchmarks.common import JsonDict, Section
 
 MARKDOWN: Mapping[str, Callable[[Section], list[str]]] = {
@@ -12,12 +12,14 @@ MARKDOWN: Mapping[str, Callable[[Section], list[str]]] = {
     "inprocess": inprocess.markdown,
     "guest": guest.markdown,
     "scale": scale.markdown,
+    "stress": stress.markdown,
 }
 TITLES = {
     "region": "Region accesses (legacy translation path)",
     "inprocess": "In-process cost of the translation",
     "guest": "Guest-visible (data path)",
     "scale": "Scale",
+    "stress": "Stress: loaded boots, queue failures",
 }
 
 LEGACY_ACCESS_MIN = 0.9

@@ -8,11 +8,26 @@ The server adds a map from libvfio-user's DMA register callback (a buffer over t
 library's mmap of the client's memory fd) and removes it in the unregister callback;
 tests add maps backed by a ``bytearray``. Views handed out by :meth:`GuestMemory.view` are
 valid only until control returns to the server loop: a map may be removed after that.
+
+Guest memory is shared with a driver running at the same time on another CPU, so two rules
+hold for every access the device makes to the fields of a ring:
+
+* **One store per field, of its final value.** Never ``struct.pack_into`` into guest
+  memory: CPython's ``s_pack_internal`` (Modules/_struct.c) memsets the destination to zero
+  before it stores the value, so a driver that reads in between sees 0 (a used ``idx`` of 0
+  made Linux read a used element from the previous lap: "input.0:id N is not a head!").
+  :func:`store_u16` and :func:`store_u64` store through a memoryview item assignment, one
+  ``memcpy`` of the item (PACK_SINGLE in Objects/memoryobject.c). Loads are single too
+  (``unpack_from`` copies the item once).
+* **Barriers as QEMU places them** (hw/virtio/virtio.c), from :attr:`GuestMemory.barriers`.
 """
 
 from __future__ import annotations
 
 import bisect
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vfuserver.devices.errors import GuestMemoryError
@@ -36,12 +51,58 @@ class DmaMap:
         return self.iova + self.size
 
 
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+
+
+def store_u16(view: memoryview, index: int, value: int) -> None:
+    """Store little-endian ``value`` into element ``index`` of ``view`` (format 'H'), as one
+    16-bit store (see the module docstring: never ``struct.pack_into`` on guest memory)."""
+    view[index] = value if _LITTLE_ENDIAN_HOST else int.from_bytes(value.to_bytes(2, "little"))
+
+
+def store_u64(view: memoryview, index: int, value: int) -> None:
+    """Store little-endian ``value`` into element ``index`` of ``view`` (format 'Q'), as one
+    64-bit store."""
+    view[index] = value if _LITTLE_ENDIAN_HOST else int.from_bytes(value.to_bytes(8, "little"))
+
+
+_FENCE_LOCK = threading.Lock()
+
+
+def _locked_fence() -> None:
+    # Acquiring a lock is an atomic read-modify-write, a full barrier on x86 (a LOCK-prefixed
+    # instruction); the server replaces this with __atomic_thread_fence (the cffi extension).
+    with _FENCE_LOCK:
+        pass
+
+
+@dataclass(frozen=True)
+class Barriers:
+    """Memory barriers between the device's and the driver's accesses to shared memory:
+    QEMU's smp_mb/smp_wmb/smp_rmb, Linux's virt_mb/virt_wmb/virt_rmb."""
+
+    mb: Callable[[], None]
+    """Full barrier: earlier loads and stores before later loads and stores (the only one
+    that orders a store before a later load)."""
+    wmb: Callable[[], None]
+    """Earlier stores before later stores."""
+    rmb: Callable[[], None]
+    """Earlier loads before later loads."""
+
+
+LOCK_BARRIERS = Barriers(_locked_fence, _locked_fence, _locked_fence)
+"""Barriers without the C extension (device models under test); the server installs
+``__atomic_thread_fence`` ones (vfuserver.context)."""
+
+
 class GuestMemory:
     """The set of DMA maps of one device, with bounds-checked access."""
 
-    def __init__(self) -> None:
+    def __init__(self, barriers: Barriers = LOCK_BARRIERS) -> None:
         self._starts: list[int] = []
         self._maps: list[DmaMap] = []
+        self.barriers = barriers
+        """The barriers the rings use; the server sets real CPU fences."""
 
     def __len__(self) -> int:
         return len(self._maps)

@@ -199,6 +199,7 @@ class VirtioDevice:
         event_idx = bool(features & Feature.RING_EVENT_IDX.mask)
         for queue in self.queues:
             queue.event_idx = event_idx
+            queue.publish_journal()
         self._features_changed()
 
     # -- status (§2.1, §3.1) ----------------------------------------------------------

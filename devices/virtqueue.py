@@ -23,19 +23,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vfuserver.devices.errors import GuestError, GuestMemoryError
+from vfuserver.devices.memory import store_u16, store_u64
 from vfuserver.protocol import virtio_ring as ring
 from vfuserver.protocol.virtio_pci import MSI_NO_VECTOR
 
 if TYPE_CHECKING:
     from vfuserver.devices.memory import GuestMemory
+    from vfuserver.devices.ring_journal import RingJournal
 
 DEFAULT_MAX_CHAIN_BYTES = 1 << 20
 """Default cap on the total length of one descriptor chain."""
 
 _DESC_UNPACK = ring.DESC_STRUCT.unpack_from
 _U16_UNPACK = ring.U16_STRUCT.unpack_from
-_U16_PACK = ring.U16_STRUCT.pack_into
-_USED_ELEM_PACK = ring.USED_ELEM_STRUCT.pack_into
+_USED_IDX = ring.USED_IDX_OFFSET // 2
+_USED_FLAGS = ring.USED_FLAGS_OFFSET // 2
 _NEXT = ring.DescFlag.NEXT
 _WRITE = ring.DescFlag.WRITE
 _INDIRECT = ring.DescFlag.INDIRECT
@@ -137,6 +139,8 @@ class VirtQueue:
         self.max_size = max_size
         self.max_chain_bytes = max_chain_bytes
         """Longest total (readable + writable) chain accepted; longer ones are an error."""
+        self.journal: RingJournal | None = None
+        """A debugging record of every used element stored (see ring_journal.py)."""
         self.reset()
 
     def __repr__(self) -> str:
@@ -166,6 +170,14 @@ class VirtQueue:
         """Heads popped and not yet pushed: a head offered again meanwhile is a driver
         bug, a head pushed that is not here a device bug (either would make the driver
         see a used id that "is not a head")."""
+        self.publish_journal()
+
+    def publish_journal(self) -> None:
+        """Tell the journal (if any) the ring's addresses as they are now."""
+        if self.journal is not None:
+            size = self._size if self.enabled else 0
+            self.journal.publish(size, self.desc_addr, self.avail_addr, self.used_addr,
+                                 event_idx=self.event_idx)
 
     @property
     def size(self) -> int:
@@ -189,6 +201,7 @@ class VirtQueue:
     def enable(self) -> None:
         """The driver wrote queue_enable = 1 (modern) or a non-zero PFN (legacy)."""
         self.enabled = True
+        self.publish_journal()
 
     def place_contiguous(self, base: int) -> None:
         """Legacy placement: the whole ring at ``base`` (QUEUE_PFN << 12), used ring at the
@@ -196,10 +209,11 @@ class VirtQueue:
         if base == 0:
             self.desc_addr = self.avail_addr = self.used_addr = 0
             self.enabled = False
-            return
-        layout = ring.contiguous_layout(base, self._size)
-        self.desc_addr, self.avail_addr, self.used_addr = layout
-        self.enabled = True
+        else:
+            layout = ring.contiguous_layout(base, self._size)
+            self.desc_addr, self.avail_addr, self.used_addr = layout
+            self.enabled = True
+        self.publish_journal()
 
     # -- ring access ------------------------------------------------------------------
 
@@ -217,8 +231,11 @@ class VirtQueue:
             "available ring", self.avail_addr, ring.avail_ring_size(self._size), False
         )
 
-    def _used_view(self) -> memoryview:
-        return self._ring_view("used ring", self.used_addr, ring.used_ring_size(self._size), True)
+    def _used_u16(self) -> memoryview:
+        """The used ring as 16-bit fields (flags, idx, ..., avail_event): every store into
+        it is one store (see devices/memory.py: never ``struct.pack_into``)."""
+        view = self._ring_view("used ring", self.used_addr, ring.used_ring_size(self._size), True)
+        return view.cast("H")
 
     def _pending_in(self, avail: memoryview) -> int:
         avail_idx: int = _U16_UNPACK(avail, ring.AVAIL_IDX_OFFSET)[0]
@@ -229,6 +246,10 @@ class VirtQueue:
                 f"available index moved from {self.last_avail_idx} to {avail_idx}, "
                 f"more than the queue size {self._size} ahead"
             )
+        if pending:
+            # QEMU virtqueue_num_heads: the ring entries read next must not be read before
+            # the index that exposes them.
+            self.memory.barriers.rmb()
         return pending
 
     def available(self) -> int:
@@ -252,18 +273,20 @@ class VirtQueue:
         self._notification = enabled
         if not self.enabled:
             return
-        used = self._used_view()
+        used = self._used_u16()
         if self.event_idx:
-            if enabled:
-                (avail_idx,) = _U16_UNPACK(self._avail_view(), ring.AVAIL_IDX_OFFSET)
-                _U16_PACK(used, ring.avail_event_offset(self._size), avail_idx)
-            return
-        (flags,) = _U16_UNPACK(used, ring.USED_FLAGS_OFFSET)
-        if enabled:
-            flags &= ~ring.UsedFlag.NO_NOTIFY
+            if not enabled:
+                return
+            (avail_idx,) = _U16_UNPACK(self._avail_view(), ring.AVAIL_IDX_OFFSET)
+            store_u16(used, ring.avail_event_offset(self._size) // 2, avail_idx)
         else:
-            flags |= ring.UsedFlag.NO_NOTIFY
-        _U16_PACK(used, ring.USED_FLAGS_OFFSET, flags)
+            # The device is the only writer of used.flags: the value is ours to compute.
+            store_u16(used, _USED_FLAGS, 0 if enabled else ring.UsedFlag.NO_NOTIFY)
+        if enabled:
+            # QEMU virtio_queue_split_set_notification: expose avail_event / flags before
+            # the caller looks at the available index again (a store, then a load: only a
+            # full barrier orders them; without it the driver's kick can be lost).
+            self.memory.barriers.mb()
 
     # -- popping ----------------------------------------------------------------------
 
@@ -288,7 +311,8 @@ class VirtQueue:
         self._in_flight.add(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx and self._notification:
-            _U16_PACK(self._used_view(), ring.avail_event_offset(self._size), self.last_avail_idx)
+            store_u16(self._used_u16(), ring.avail_event_offset(self._size) // 2,
+                      self.last_avail_idx)
         return chain
 
     def rewind(self, chains: list[DescriptorChain]) -> None:
@@ -400,11 +424,13 @@ class VirtQueue:
                 f"device bug: queue {self.index} completes descriptor {chain.head}, "
                 "which it does not hold"
             ) from None
-        used = self._used_view()
-        slot = (self.used_idx + self._pending_used) & (self._size - 1)
-        _USED_ELEM_PACK(
-            used, ring.USED_RING_OFFSET + ring.USED_ELEM_SIZE * slot, chain.head, written
-        )
+        index = (self.used_idx + self._pending_used) & 0xFFFF
+        element = chain.head | written << 32  # struct virtq_used_elem {le32 id; le32 len}
+        if self.journal is not None:
+            self.journal.record(index, element)
+        start = self.used_addr + ring.USED_RING_OFFSET
+        elements = self._ring_view("used ring", start, ring.USED_ELEM_SIZE * self._size, True)
+        store_u64(elements.cast("Q"), index & (self._size - 1), element)
         self._pending_used += 1
 
     def flush(self) -> bool:
@@ -416,13 +442,13 @@ class VirtQueue:
         """
         if not self._pending_used:
             return False
-        used = self._used_view()
+        used = self._used_u16()
         old = self.used_idx
         new = (old + self._pending_used) & 0xFFFF
         self._pending_used = 0
-        # The entries were written before idx: the driver must never see idx first
-        # (Python stores happen in program order; x86 keeps them in order).
-        _U16_PACK(used, ring.USED_IDX_OFFSET, new)
+        # QEMU virtqueue_split_flush: the elements before the index that exposes them.
+        self.memory.barriers.wmb()
+        store_u16(used, _USED_IDX, new)
         self.used_idx = new
         # QEMU virtqueue_flush: if the index we last signalled at is now behind us by less
         # than this batch (or ahead, after a wrap), the event_idx comparison would be
@@ -435,6 +461,10 @@ class VirtQueue:
         return self._should_interrupt()
 
     def _should_interrupt(self) -> bool:
+        # QEMU virtio_split_should_notify: expose the used index before reading the driver's
+        # used_event (or flags). A store, then a load: only a full barrier orders them, and
+        # without it an interrupt the driver asked for can be lost.
+        self.memory.barriers.mb()
         avail = self._avail_view()
         if not self.event_idx:
             (flags,) = _U16_UNPACK(avail, ring.AVAIL_FLAGS_OFFSET)

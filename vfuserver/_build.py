@@ -99,6 +99,13 @@ static vfu_region_access_cb_p vfuserver_region_trampoline(int i)
     return (i >= 0 && i < VFU_PCI_DEV_NUM_REGIONS) ? table[i] : NULL;
 }
 
+/* Barriers between the device's and the guest driver's accesses to the rings. A full
+   barrier is the only one that orders a store before a later load (mfence / lock or on
+   x86); the other two cost nothing on x86 but keep the compiler and weaker CPUs honest. */
+void vfuserver_smp_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void vfuserver_smp_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+void vfuserver_smp_rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+
 /* Messages up to this size are only handed to libvfio-user once complete. */
 #define VFUSERVER_STREAMED_MESSAGE (64 * 1024)
 

@@ -23,7 +23,7 @@ import trio
 
 from vfuserver.binding import check, ffi, lib
 from vfuserver.devices.errors import GuestError, GuestMemoryError
-from vfuserver.devices.memory import GuestMemory
+from vfuserver.devices.memory import Barriers, GuestMemory
 from vfuserver.devices.pci import BarKind, PciFunction, Region, ResetKind
 
 SHARED_MEMORY_HINT = (
@@ -34,6 +34,9 @@ SHARED_MEMORY_HINT = (
 """The fix for DMA maps that arrive without a file descriptor (QEMU itself says nothing)."""
 
 ATTACH_TIMEOUT = 5.0
+
+CPU_BARRIERS = Barriers(lib.vfuserver_smp_mb, lib.vfuserver_smp_wmb, lib.vfuserver_smp_rmb)
+"""The rings' barriers as real CPU fences (__atomic_thread_fence, in the cffi extension)."""
 """Seconds a connected client may take to send each part of its VERSION handshake."""
 
 _SYSLOG_TO_LOGGING = {
@@ -66,6 +69,7 @@ class VfuContext:
         self.function = function
         self.log = logger or logging.getLogger(f"vfuserver.{function.name}")
         self.memory = memory if memory is not None else GuestMemory()
+        self.memory.barriers = CPU_BARRIERS
         self.pending_error: BaseException | None = None
         self.client_attached = False
         """Set by the serving loop while a client is attached."""

@@ -12,7 +12,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -20,7 +22,8 @@ from vfuserver.context import VfuContext
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.memory import GuestMemory
 from vfuserver.devices.pci import PciFunction
-from vfuserver.devices.virtio_net import VirtioNet
+from vfuserver.devices.ring_journal import RingJournal
+from vfuserver.devices.virtio_net import RX_QUEUE, VirtioNet
 from vfuserver.devices.virtio_pci import VirtioPciFunction
 from vfuserver.netdev import NetBackend, NetdevSpec, NoneSpec, open_netdev
 from vfuserver.protocol.pci import ClassCode
@@ -88,6 +91,7 @@ class ServedDevice:
         self.function: PciFunction
         self.context: VfuContext
         self._build(spec.profile)
+        self._journals = _attach_journals(self.net, spec.name)
         self._tx_pending = trio.Event()
         self.net.on_rx_buffers = backend.wake_receiver
         self.net.on_tx_pending = self._tx_pending.set
@@ -223,6 +227,30 @@ class ServedDevice:
                           json.dumps(self.stats(), sort_keys=True))
             self._close_presentation()
         self.backend.close()
+        for queue in self.net.queues:
+            queue.journal = None
+        for journal in self._journals:
+            journal.close()
+        self._journals = []
+
+
+RING_JOURNAL_ENV = "VFUSERVER_RING_JOURNAL"
+"""A folder: when set, every queue keeps a ring journal there (devices/ring_journal.py),
+for an outside watcher (benchmarks/c/ring_watch.c) to check the used rings against."""
+
+
+def _attach_journals(net: VirtioNet, name: str) -> list[RingJournal]:
+    folder = os.environ.get(RING_JOURNAL_ENV)
+    if not folder:
+        return []
+    journals = []
+    for queue in net.queues:
+        journal = RingJournal(Path(folder) / f"{name}-q{queue.index}.journal", queue.index,
+                              receive=queue.index == RX_QUEUE)
+        queue.journal = journal
+        queue.publish_journal()
+        journals.append(journal)
+    return journals
 
 
 @dataclass

@@ -46,6 +46,12 @@ PREFIX_LENGTH = 24
 _CLONE_NEWNET = 0x40000000
 
 
+BROKEN_QUEUE = re.compile(r":id \d+ (is not a head!|out of range)|queue failure: -\d+")
+"""What Linux prints when a virtqueue breaks: virtio_ring.c's BAD_RING in
+virtqueue_get_buf_ctx_split ("input.0:id 214 is not a head!"), virtio_net.c's
+"Unexpected TXQ (0) queue failure: -5"."""
+
+
 class RigError(Exception):
     """The test machinery itself failed (a script, a namespace, a process start)."""
 
@@ -318,8 +324,10 @@ class VfuServer(LoggedProcess):
 
     def __init__(self, exe: Path, socket_path: Path, log_path: Path,
                  ns: NetNamespace | None = None, args: Sequence[str] = (),
-                 log_level: str = "debug") -> None:
+                 log_level: str = "debug", env: dict[str, str] | None = None) -> None:
         self.socket_path = socket_path
+        self.env = None if env is None else {**os.environ, **env}
+        """The server's environment: ours plus ``env``."""
         self.log_path = log_path
         prefix = ns.exec_prefix if ns is not None else []
         self.command = [*prefix, str(exe), "--log-level", log_level, "run",
@@ -331,7 +339,7 @@ class VfuServer(LoggedProcess):
         """Start it and wait until the socket exists."""
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=subprocess.STDOUT)
+                                            stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
         while not self.socket_path.is_socket():
             if self.process.poll() is not None:
@@ -396,11 +404,20 @@ class GuestRun:
         return self.report
 
     def check_passed(self) -> GuestReport:
-        """The report, once every step is known to have passed."""
+        """The report, once every step is known to have passed and no virtqueue broke."""
         report = self.check_complete()
         if report.failed_steps:
             raise AssertionError(f"guest steps failed\n{self.describe()}")
+        broken = self.broken_queue_lines()
+        if broken:
+            raise AssertionError(f"a virtqueue broke in the guest: {broken}\n{self.describe()}")
         return report
+
+    def broken_queue_lines(self) -> list[str]:
+        """Console lines where the guest's virtio_ring declared a queue broken (BAD_RING:
+        "id N is not a head!", "id N out of range", ...) or virtio_net saw it fail."""
+        return [line.strip() for line in self.console.splitlines()
+                if BROKEN_QUEUE.search(line)]
 
 
 def boot_guest(tools: Tools, console_path: Path, plan: str, *, ns: NetNamespace | None = None,

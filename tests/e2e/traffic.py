@@ -6,7 +6,6 @@ One plan, used for the modern profile and for the transitional profile with and 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 from .report import GuestReport
@@ -67,25 +66,14 @@ def check_traffic(report: GuestReport, sink: TcpSink, *, mib: int = TRANSFER_MIB
     assert (unbound.fields["driver"], bound.fields["driver"]) == ("none", "virtio-pci")
 
 
-KNOWN_RING_BUG = "is not a head!"
-"""The open intermittent bug (see the session's closing note): under load the guest reads a
-used-ring slot from the previous lap and stops the queue. A boot that fails with exactly
-this signature is retried once, loudly; any other failure, or a second one, fails the test."""
-
-
 def run_traffic_plan(guests: Guests, netns: NetNamespace, socket: Path, *, append: str = "",
                      ids: str = "1af4:1041") -> tuple[GuestReport, TcpSink]:
-    """Boot the guest with the traffic plan against ``socket``; the report and the sink."""
-    for attempt in (1, 2):
-        with TcpSink(netns, timeout=300) as sink:
-            run = guests.boot(traffic_plan(sink.port, ids=ids), append=append,
-                              sockets=[socket], timeout=300)
-            if (attempt == 1 and KNOWN_RING_BUG in run.console and not run.report.complete) or (
-                    attempt == 1 and KNOWN_RING_BUG in run.console and run.report.failed_steps):
-                warnings.warn(f"guest hit the known intermittent ring bug ({KNOWN_RING_BUG!r}); "
-                              f"retrying once\n{run.describe(20)}", stacklevel=2)
-                continue
-            report = run.check_passed()
-            sink.wait(timeout=30)
-            return report, sink
-    raise AssertionError("unreachable")  # pragma: no cover
+    """Boot the guest with the traffic plan against ``socket``; the report and the sink.
+
+    No retries: a boot whose queue breaks ("id N is not a head!") fails the test."""
+    with TcpSink(netns, timeout=300) as sink:
+        run = guests.boot(traffic_plan(sink.port, ids=ids), append=append, sockets=[socket],
+                          timeout=300)
+        report = run.check_passed()
+        sink.wait(timeout=30)
+        return report, sink

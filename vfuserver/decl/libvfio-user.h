@@ -100,6 +100,12 @@ vfu_region_access_cb_p vfuserver_region_trampoline(int region_idx);
    Python overhead off the hot path. */
 int vfuserver_drain(vfu_ctx_t *ctx, int fd, int max, int polled);
 
+/* CPU memory barriers for the rings shared with the guest (QEMU's smp_mb/smp_wmb/smp_rmb):
+   __atomic_thread_fence with SEQ_CST, RELEASE and ACQUIRE. */
+void vfuserver_smp_mb(void);
+void vfuserver_smp_wmb(void);
+void vfuserver_smp_rmb(void);
+
 extern "Python" ssize_t vfuserver_region_cb(void *, int, char *, size_t, loff_t, bool);
 extern "Python" void vfuserver_log_cb(vfu_ctx_t *, int, const char *);
 extern "Python" int vfuserver_reset_cb(vfu_ctx_t *, vfu_reset_type_t);
