@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stress-parallel", type=int, help="stress boots at a time")
     parser.add_argument("--stress-hogs", type=int, help="CPU hogs during the stress section")
     parser.add_argument("--stress-mib", type=int, help="MiB each way per stress boot")
+    parser.add_argument("--stress-smp", type=int, help="vCPUs of each stress guest (default 1)")
     parser.add_argument("--stress-watch", action="store_true", default=None,
                         help="check every used ring from outside with ring_watch "
                              "(benchmarks/c/ring_watch.c) during the stress boots")
@@ -112,7 +113,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "transfer_mib": args.transfer_mib, "guest_repeats": args.guest_repeats,
         "stress_boots": args.stress_boots, "stress_parallel": args.stress_parallel,
         "stress_hogs": args.stress_hogs, "stress_mib": args.stress_mib,
-        "stress_watch": args.stress_watch,
+        "stress_watch": args.stress_watch, "stress_smp": args.stress_smp,
     }
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items()
                                             if v is not None})

@@ -59,6 +59,8 @@ class Settings:
     """Busy-looping processes on the host during the stress section."""
     stress_mib: int = 64
     """MiB each way per stress boot."""
+    stress_smp: int = 1
+    """vCPUs of each stress guest."""
     stress_watch: bool = False
     """Run ring_watch (benchmarks/c/ring_watch.c) beside every stress boot."""
 

@@ -170,7 +170,7 @@ def _boot(settings: Settings, tools: Tools, config: StressConfig, number: int,
             run = boot_guest(tools, work / f"stress-{number}-{config.key}-console.log",
                              plan(source.port, sink.port, mib, timeout), ns=ns,
                              append=config.append, sockets=[server.socket_path],
-                             timeout=settings.guest_timeout)
+                             timeout=settings.guest_timeout, smp=settings.stress_smp)
             console, seconds = run.console, run.seconds
             report = run.report
             if run.killed:
@@ -222,7 +222,8 @@ def run(settings: Settings, work: Path) -> Section:
     boots: list[JsonDict] = []
     hogs = CpuHogs(settings.stress_hogs)
     section.extra["setup"] = (
-        f"{settings.stress_boots} boots, {settings.stress_parallel} at a time, "
+        f"{settings.stress_boots} boots of {settings.stress_smp}-vCPU guests, "
+        f"{settings.stress_parallel} at a time, "
         f"{settings.stress_hogs} CPU hogs; per boot: 1000 flood pings, {settings.stress_mib} "
         f"MiB host->guest and guest->host (sha256), 100 flood pings; configurations in turn: "
         + ", ".join(c.key for c in CONFIGS))

@@ -24,6 +24,9 @@ offset   size  field
 44       4     1 if the driver's ``used_event`` is its last used index (a receive
                queue of Linux's virtio_net, which re-enables callbacks with
                virtqueue_enable_cb_prepare, never the delayed variant)
+48       4     the used index the device last published, stored right *after* the
+               used ``idx`` in guest memory: memory may be ahead of it by one batch
+               at most, never behind
 =======  ====  =============================================================
 """
 
@@ -41,6 +44,7 @@ HEADER_SIZE = 64
 ENTRIES = 65536
 FILE_SIZE = HEADER_SIZE + 8 * ENTRIES
 _BODY = struct.Struct("<IIQQQII")
+_PUBLISHED = 48 // 4
 """The header from offset 8 (queue .. receive): rewritten only while generation is odd."""
 
 
@@ -58,24 +62,31 @@ class RingJournal:
         finally:
             os.close(fd)
         self._generation = 0
-        self._words = memoryview(self._map)[:8].cast("I")
-        """magic and generation, each stored with one store (a watcher reads them while the
-        device runs: see devices/memory.py on struct.pack_into)."""
+        self._words = memoryview(self._map)[:HEADER_SIZE].cast("I")
+        """The header as 32-bit words: magic, generation and the published index are each
+        stored with one store (a watcher reads them while the device runs: see
+        devices/memory.py on struct.pack_into)."""
         self._words[0] = MAGIC
         self._entries = memoryview(self._map)[HEADER_SIZE:].cast("Q")
         self.publish(0, 0, 0, 0, event_idx=False)
+
+    def published(self, used_idx: int) -> None:
+        """The device stored ``used_idx`` in the used ring's ``idx`` (called after it)."""
+        self._words[_PUBLISHED] = used_idx
 
     def record(self, index: int, element: int) -> None:
         """The used element (``id | len << 32``) stored for 16-bit used ``index``; called
         before the element is stored in guest memory."""
         store_u64(self._entries, index, element)
 
-    def publish(self, size: int, desc: int, avail: int, used: int, *, event_idx: bool) -> None:
-        """The ring's addresses as of now (size 0: not in use)."""
+    def publish(self, size: int, desc: int, avail: int, used: int, *, event_idx: bool,
+                used_idx: int = 0) -> None:
+        """The ring's addresses and used index as of now (size 0: not in use)."""
         self._generation += 1  # odd: being rewritten
         self._words[1] = self._generation
         _BODY.pack_into(self._map, 8, self.queue, size, desc, avail, used, int(event_idx),
                         int(self.receive))
+        self._words[_PUBLISHED] = used_idx
         self._generation += 1
         self._words[1] = self._generation
 

@@ -177,7 +177,7 @@ class VirtQueue:
         if self.journal is not None:
             size = self._size if self.enabled else 0
             self.journal.publish(size, self.desc_addr, self.avail_addr, self.used_addr,
-                                 event_idx=self.event_idx)
+                                 event_idx=self.event_idx, used_idx=self.used_idx)
 
     @property
     def size(self) -> int:
@@ -450,6 +450,8 @@ class VirtQueue:
         self.memory.barriers.wmb()
         store_u16(used, _USED_IDX, new)
         self.used_idx = new
+        if self.journal is not None:
+            self.journal.published(new)
         # QEMU virtqueue_flush: if the index we last signalled at is now behind us by less
         # than this batch (or ahead, after a wrap), the event_idx comparison would be
         # ambiguous, so forget it and interrupt unconditionally next time.

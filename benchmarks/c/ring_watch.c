@@ -13,7 +13,10 @@
  * ring for each 16-bit used index, written before the element itself).
  *
  * For every queue it checks, as fast as it can sample (figures in the summary):
- *   USED_BACK   used.idx in memory moved backwards or jumped by more than the queue size;
+ *   USED_BACK   used.idx in memory is not what the device published: it lies behind the
+ *               journal's "published" index read just before, or ahead of the one read
+ *               just after by more than a queue's worth (an index the device never
+ *               stored, e.g. a transient 0);
  *   USED_ELEM   the element memory exposes for a published index is not the one the device
  *               journalled for that index (a store the device did not make, or lost);
  *   GUEST_AHEAD (receive queues, where the guest's used_event is its last_used_idx) the
@@ -56,6 +59,7 @@ struct journal_header {
     uint64_t used;
     uint32_t event_idx;
     uint32_t receive; /* 1: used_event is the guest's last_used_idx (receive queue) */
+    uint32_t published; /* used idx the device last stored, written after the store */
 };
 
 struct queue {
@@ -66,7 +70,7 @@ struct queue {
     struct journal_header ring; /* the header as of generation */
     int active;
     uint16_t last;
-    uint64_t advances, published;
+    uint64_t advances, published, unchecked;
 };
 
 static volatile sig_atomic_t stop;
@@ -243,12 +247,27 @@ static void check(struct queue *q)
 {
     uint64_t used = q->ring.used, avail = q->ring.avail;
     uint32_t size = q->ring.size;
+    uint16_t before = (uint16_t)__atomic_load_n(&q->hdr->published, __ATOMIC_ACQUIRE);
     uint16_t idx = load16(used + 2), delta = (uint16_t)(idx - q->last);
+    uint16_t after = (uint16_t)__atomic_load_n(&q->hdr->published, __ATOMIC_ACQUIRE);
+    /* The device stores used.idx, then the journal's copy: memory is never behind the copy
+       read before it and at most one batch (<= size) ahead of the copy read after it. */
+    if ((uint16_t)(idx - before) > (uint16_t)(after - before) + size) {
+        event(q, "USED_BACK", "from=%u to=%u published=%u..%u size=%u", q->last, idx, before,
+              after, size);
+        q->last = idx;
+        return;
+    }
     if (delta) {
-        if (delta > size) {
-            event(q, "USED_BACK", "from=%u to=%u size=%u", q->last, idx, size);
-        } else {
-            for (uint16_t i = q->last; i != idx; i++) {
+        {
+            /* Slots of indices more than a lap behind were reused while we were not
+               looking (the watcher was descheduled): only the last lap can be checked. */
+            uint16_t first = q->last;
+            if (delta > size) {
+                first = (uint16_t)(idx - size);
+                q->unchecked += (uint16_t)(first - q->last);
+            }
+            for (uint16_t i = first; i != idx; i++) {
                 uint64_t slot = i & (size - 1);
                 uint32_t id = load32(used + 4 + 8 * slot), len = load32(used + 8 + 8 * slot);
                 uint32_t jid = q->entries[2 * i], jlen = q->entries[2 * i + 1];
@@ -341,9 +360,10 @@ int main(int argc, char **argv)
         printf("ring_watch: summary samples=%llu seconds=%.1f sample_ns=%.0f events=%lu",
                (unsigned long long)samples, secs, secs * 1e9 / (samples ? samples : 1), events);
         for (int i = 0; i < nqueues; i++)
-            printf(" %s:published=%llu,advances=%llu", queues[i].name,
+            printf(" %s:published=%llu,advances=%llu,unchecked=%llu", queues[i].name,
                    (unsigned long long)queues[i].published,
-                   (unsigned long long)queues[i].advances);
+                   (unsigned long long)queues[i].advances,
+                   (unsigned long long)queues[i].unchecked);
         putchar('\n');
     }
     return 0;

@@ -423,7 +423,7 @@ class GuestRun:
 def boot_guest(tools: Tools, console_path: Path, plan: str, *, ns: NetNamespace | None = None,
                append: str = "", sockets: Iterable[Path] = (), builtin_net: Iterable[str] = (),
                no_shared_memory: bool = False, timeout: float = 60.0,
-               qemu_args: Sequence[str] = ()) -> GuestRun:
+               qemu_args: Sequence[str] = (), smp: int = 1) -> GuestRun:
     """Boot the test guest with the launcher (inside ns) and wait until QEMU ends.
 
     QEMU is killed after timeout seconds, or on any exception; the guest's own watchdog
@@ -433,7 +433,7 @@ def boot_guest(tools: Tools, console_path: Path, plan: str, *, ns: NetNamespace 
     cmdline = f"console=ttyS0 panic=-1 vfu.timeout={watchdog} vfu.plan={plan} {append}".strip()
     cmd = [*(ns.exec_prefix if ns is not None else []), sys.executable, str(LAUNCHER),
            "--qemu", str(tools.qemu), "--kernel", str(tools.kernel),
-           "--initrd", str(tools.initrd), "--append", cmdline]
+           "--initrd", str(tools.initrd), "--append", cmdline, "--smp", str(smp)]
     for path in sockets:
         cmd += ["--socket", str(path)]
     for net in builtin_net:
