@@ -84,7 +84,7 @@ int vfu_setup_irq_state_callback(vfu_ctx_t *vfu_ctx, enum vfu_dev_irq_type type,
 int vfu_irq_trigger(vfu_ctx_t *vfu_ctx, uint32_t subindex);
 int vfu_pci_init(vfu_ctx_t *vfu_ctx, vfu_pci_type_t pci_type, int hdr_type, int revision);
 
-/* --- vfuserver's own C helpers (defined in _build.py's set_source) --- */
+/* --- vfuserver's own C helpers (defined in vfuserver/csrc/vfuserver.c) --- */
 
 /* libvfio-user's region callback carries no region index: one C trampoline per index
    forwards to the single Python entry point vfuserver_region_cb. */
