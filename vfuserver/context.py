@@ -9,13 +9,11 @@ logs it after ``vfu_run_ctx`` returns (STYLE 5).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import re
 import socket
-import stat
 from types import TracebackType
 from typing import Any
 
@@ -25,6 +23,8 @@ from vfuserver.binding import check, ffi, lib
 from vfuserver.devices.errors import GuestError, GuestMemoryError
 from vfuserver.devices.memory import Barriers, GuestMemory
 from vfuserver.devices.pci import BarKind, PciFunction, Region, ResetKind
+from vfuserver.sockfile import SocketFile, owner_only_umask
+from vfuserver.sockfile import prepare_socket_path as prepare_socket_path  # control.py's import
 
 SHARED_MEMORY_HINT = (
     "guest RAM is not shared with the device server: start QEMU with "
@@ -78,17 +78,16 @@ class VfuContext:
         self._regions: dict[int, Region] = {}
         self._ctx: Any = ffi.NULL
         self._handle = ffi.new_handle(self)
+        self._socket_file: SocketFile | None = None
         prepare_socket_path(self.socket_path)
-        old_umask = os.umask(0o177)  # the socket file is created owner-only (0600)
-        try:
+        with owner_only_umask():  # libvfio-user binds the socket inside vfu_create_ctx
             self._ctx = check(
                 lib.vfu_create_ctx(lib.VFU_TRANS_SOCK, self.socket_path.encode(),
                                    lib.LIBVFIO_USER_FLAG_ATTACH_NB, self._handle,
                                    lib.VFU_DEV_TYPE_PCI),
                 f"vfu_create_ctx({self.socket_path})")
-        finally:
-            os.umask(old_umask)
         try:
+            self._socket_file = SocketFile.at(self.socket_path)
             self._setup()
         except BaseException:
             self.close()
@@ -217,8 +216,8 @@ class VfuContext:
         self.memory.clear()
         lib.vfu_destroy_ctx(ctx)
         # libvfio-user of this vintage never unlinks the socket it bound
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        if self._socket_file is not None:
+            self._socket_file.remove()
 
     def __enter__(self) -> VfuContext:
         return self
@@ -281,31 +280,6 @@ def _set_socket_timeouts(fd: int, seconds: float) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     finally:
         sock.close()
-
-
-def prepare_socket_path(path: str) -> None:
-    """Remove a stale socket left by a dead server; refuse one a live server holds."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # nobody listens: left behind by a server that died
-        return
-    except BlockingIOError:
-        pass  # the listener's backlog is full: it is alive
-    except FileNotFoundError:
-        return
-    finally:
-        probe.close()
-    raise FileExistsError(errno.EADDRINUSE,
-                          f"{path} is held by a running server; stop it or choose another path")
 
 
 # -- C entry points -------------------------------------------------------------------------

@@ -222,6 +222,17 @@ async def test_socket_file_is_private_and_removed(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def test_close_leaves_a_socket_file_that_is_no_longer_ours(tmp_path: Path) -> None:
+    path = tmp_path / "taken.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        with VfuContext(str(path), ScratchFunction()):
+            # an operator removed our file and another server now serves on the path
+            path.unlink()
+            other.bind(str(path))
+            other.listen(1)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
 def test_stale_socket_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "stale.sock"
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
