@@ -1,10 +1,13 @@
 """A Pythonic owner of one libvfio-user context (``vfu_ctx_t *``) and its callbacks.
 
-Every C-to-Python callback is an ``@ffi.def_extern`` with ``error=-1`` (where it returns
-a value) and an ``onerror`` handler: no Python exception ever reaches C. A callback
-that fails sets ``ffi.errno`` to what the client should see and, for anything that is
-not an expected guest error, stores the exception on its context; the serving loop
-logs it after ``vfu_run_ctx`` returns (STYLE 5).
+Every C-to-Python callback is a method of :class:`VfuContext` made a C entry point by one
+decorator, :func:`c_callback` (pygit2's ``libgit2_callback``; STYLE 5): no Python
+exception ever reaches C. A callback that fails returns the C error value with
+``ffi.errno`` set to what the client should see; an expected refusal (a
+:class:`GuestError`) is answered with its errno, anything else is a bug: stored on the
+context, answered with EIO, and logged by the serving loop after ``vfu_run_ctx``
+returns. (A bare ``def_extern`` would return 0 on an exception, which libvfio-user reads
+as "0 bytes handled": a silent wrong answer.)
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import trio
 
 from vfuserver.binding import check, ffi, lib
-from vfuserver.devices.errors import GuestError, GuestMemoryError
+from vfuserver.devices.errors import GuestError
 from vfuserver.devices.memory import Barriers, GuestMemory
 from vfuserver.devices.pci import BarKind, PciFunction, Region, ResetKind
 from vfuserver.sockfile import SocketFile, owner_only_umask
@@ -34,10 +38,10 @@ SHARED_MEMORY_HINT = (
 """The fix for DMA maps that arrive without a file descriptor (QEMU itself says nothing)."""
 
 ATTACH_TIMEOUT = 5.0
+"""Seconds a connected client may take to send each part of its VERSION handshake."""
 
 CPU_BARRIERS = Barriers(lib.vfuserver_smp_mb, lib.vfuserver_smp_wmb, lib.vfuserver_smp_rmb)
 """The rings' barriers as real CPU fences (__atomic_thread_fence, in the cffi extension)."""
-"""Seconds a connected client may take to send each part of its VERSION handshake."""
 
 _SYSLOG_TO_LOGGING = {
     lib.LOG_ERR: logging.ERROR,
@@ -54,6 +58,71 @@ _RESET_KINDS = {
     lib.VFU_RESET_LOST_CONN: ResetKind.LOST_CONNECTION,
     lib.VFU_RESET_PCI_FLR: ResetKind.FLR,
 }
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class CallbackErrno(Exception):
+    """Raised by a callback to fail on purpose: libvfio-user gets the C error value with
+    ``errno`` (vfu_device_quiesce_cb_t's EBUSY: "quiet later"). Nothing is logged."""
+
+    def __init__(self, errno_value: int) -> None:
+        super().__init__(os.strerror(errno_value))
+        self.errno = errno_value
+
+
+def c_callback(name: str, *, error: int | None,
+               ) -> Callable[[Callable[Concatenate[VfuContext, P], R]],
+                             Callable[Concatenate[VfuContext, P], R]]:
+    """Make the decorated :class:`VfuContext` method the C entry point ``name``.
+
+    ``name`` is an ``extern "Python"`` of vfuserver/decl/libvfio-user.h whose first
+    argument is the ``vfu_ctx_t *``; the method gets the context it belongs to (its
+    private pointer) as ``self`` and the other C arguments as they are. ``error`` is the C
+    error value (None for a void callback). When the method raises:
+
+    * :class:`CallbackErrno`: ``error`` with its errno;
+    * :class:`GuestError` (the client asked for something invalid): ``error`` with its
+      errno, logged at debug level;
+    * anything else, a bug: stored with :meth:`VfuContext.remember` for the serving loop
+      to log (or re-raise, for a KeyboardInterrupt), ``error`` with EIO.
+
+    The method itself is returned unchanged.
+    """
+    def register(method: Callable[Concatenate[VfuContext, P], R],
+                 ) -> Callable[Concatenate[VfuContext, P], R]:
+        def entry(ctx: Any, *args: P.args, **kwargs: P.kwargs) -> R | int | None:
+            context = _context_of(ctx)
+            try:
+                return method(context, *args, **kwargs)
+            except CallbackErrno as refusal:
+                ffi.errno = refusal.errno
+            except GuestError as exc:
+                context.log.debug("%s refused the client's request: %s", name, exc)
+                ffi.errno = exc.errno
+            except BaseException as exc:
+                context.remember(exc)
+                ffi.errno = errno.EIO
+            return error
+
+        ffi.def_extern(name=name, error=error, onerror=_last_resort)(entry)
+        return method
+
+    return register
+
+
+def _context_of(ctx: Any) -> VfuContext:
+    context: VfuContext = ffi.from_handle(lib.vfu_get_private(ctx))
+    return context
+
+
+def _last_resort(exc_type: type[BaseException], exc: BaseException,
+                 tb: TracebackType | None) -> None:
+    """cffi's onerror: only reached if :func:`c_callback`'s own wrapper fails."""
+    ffi.errno = errno.EIO
+    logging.getLogger("vfuserver").error("libvfio-user callback failed",
+                                         exc_info=(exc_type, exc, tb))
 
 
 class VfuContext:
@@ -171,19 +240,9 @@ class VfuContext:
         """
         return int(lib.vfuserver_drain(self._ctx, fd, limit, polled))
 
-    def _on_quiesce(self) -> bool:
-        """libvfio-user wants the device quiet (before DMA map/unmap and reset).
-
-        The virtio models are synchronous and run on the loop's thread, so they are
-        always quiet here. A function may defer instead: its ``quiesce(done)`` returns
-        False and calls ``done()`` once quiet; until then the serving loop waits on
-        :attr:`quiesce_done` and libvfio-user holds the request.
-        """
-        quiesce = getattr(self.function, "quiesce", None)
-        if quiesce is None or quiesce(self.quiesce_complete):
-            return True
-        self.quiesce_done = trio.Event()
-        return False
+    def trigger(self, vector: int) -> bool:
+        """Signal interrupt ``vector``; False if the client gave no eventfd for it."""
+        return bool(lib.vfu_irq_trigger(self._ctx, vector) == 0)
 
     def quiesce_complete(self) -> None:
         """The function is quiet: libvfio-user runs the request it held back."""
@@ -195,18 +254,21 @@ class VfuContext:
         finally:
             event.set()
 
-    def trigger(self, vector: int) -> bool:
-        """Signal interrupt ``vector``; False if the client gave no eventfd for it."""
-        return bool(lib.vfu_irq_trigger(self._ctx, vector) == 0)
-
     def remember(self, exc: BaseException) -> None:
         """Keep the first unexpected exception of a callback for the loop to log."""
         if self.pending_error is None:
             self.pending_error = exc
 
-    def take_pending_error(self) -> BaseException | None:
-        err, self.pending_error = self.pending_error, None
-        return err
+    def report_callback_error(self) -> None:
+        """Log the exception a callback stored (a bug; the client got EIO), once the C
+        call it happened in has returned; one that is not an Exception (KeyboardInterrupt,
+        SystemExit) is re-raised here instead, outside C."""
+        exc, self.pending_error = self.pending_error, None
+        if exc is None:
+            return
+        if not isinstance(exc, Exception):
+            raise exc
+        self.log.error("bug in a device callback (the client got EIO): %r", exc, exc_info=exc)
 
     def close(self) -> None:
         """Destroy the context (idempotent); the socket file is removed."""
@@ -226,10 +288,62 @@ class VfuContext:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    # -- callback bodies (called from the def_extern functions below) --------------------
+    # -- libvfio-user's callbacks -------------------------------------------------------
 
+    @c_callback("vfuserver_region_cb", error=-1)
+    def _on_region_access(self, index: int, buf: Any, count: int, offset: int,
+                          is_write: bool) -> int:
+        """vfu_region_access_cb_t: ``count`` bytes at ``offset`` of region ``index``."""
+        region = self._regions[index]
+        if is_write:
+            region.write(offset, ffi.buffer(buf, count)[:])
+            return count
+        data = region.read(offset, count)
+        if len(data) != count:
+            raise RuntimeError(f"region {index} read returned {len(data)} of {count} bytes")
+        ffi.memmove(buf, data, count)
+        return count
+
+    @c_callback("vfuserver_log_cb", error=None)
+    def _on_log(self, level: int, msg: Any) -> None:
+        """vfu_log_fn_t: libvfio-user's own messages, at the matching logging level."""
+        text = ffi.string(msg).decode(errors="replace")
+        py_level = _SYSLOG_TO_LOGGING.get(
+            level, logging.ERROR if level < lib.LOG_ERR else logging.DEBUG)
+        if text.startswith("no fd for interrupt") or _CLIENT_COMMAND_FAILED.match(text):
+            # the client has not wired that vector (yet), or a request of the client was
+            # refused (it got the errno): the client's business, not a server error
+            py_level = logging.DEBUG
+        self.log.log(py_level, "libvfio-user: %s", text)
+
+    @c_callback("vfuserver_reset_cb", error=-1)
+    def _on_reset(self, reset_type: int) -> int:
+        """vfu_reset_cb_t: the client reset the device, or went away."""
+        kind = _RESET_KINDS.get(reset_type, ResetKind.DEVICE)
+        self.log.info("device reset (%s)", kind.value)
+        self.function.reset(kind)
+        return 0
+
+    @c_callback("vfuserver_quiesce_cb", error=-1)
+    def _on_quiesce(self) -> int:
+        """vfu_device_quiesce_cb_t: libvfio-user wants the device quiet (before DMA map and
+        unmap and reset).
+
+        The virtio models are synchronous and run on the loop's thread, so they are
+        always quiet here. A function may defer instead: its ``quiesce(done)`` returns
+        False and calls ``done()`` once quiet; until then the serving loop waits on
+        :attr:`quiesce_done`, and libvfio-user, told EBUSY, holds the request.
+        """
+        quiesce = getattr(self.function, "quiesce", None)
+        if quiesce is None or quiesce(self.quiesce_complete):
+            return 0
+        self.quiesce_done = trio.Event()
+        raise CallbackErrno(errno.EBUSY)  # vfu_run_ctx answers EBUSY until quiesce_complete()
+
+    @c_callback("vfuserver_dma_register_cb", error=None)
     def _on_dma_register(self, info: Any) -> None:
-        iova, size = int(ffi.cast("uintptr_t", info.iova.iov_base)), int(info.iova.iov_len)
+        """vfu_dma_register_cb_t: the client mapped guest memory (a RAM block or ROM)."""
+        iova, size = _dma_range(info)
         writable = bool(info.prot & lib.PROT_WRITE)
         if info.vaddr == ffi.NULL:
             if writable:
@@ -242,11 +356,18 @@ class VfuContext:
                                iova, size)
             return
         backing = ffi.buffer(ffi.cast("char *", info.vaddr), size)
-        self.memory.add(iova, backing, writable=writable)
+        try:
+            self.memory.add(iova, backing, writable=writable)
+        except ValueError as exc:  # libvfio-user refuses overlaps itself: a bug if reached
+            self.log.error("DMA map [%#x, +%#x) refused: %s", iova, size, exc)
+            return
         self.log.debug("DMA map [%#x, +%#x) %s", iova, size, "rw" if writable else "ro")
 
+    @c_callback("vfuserver_dma_unregister_cb", error=None)
     def _on_dma_unregister(self, info: Any) -> None:
-        iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
+        """vfu_dma_unregister_cb_t: a map goes away (DMA_UNMAP, a disconnect, a reset, or
+        vfu_destroy_ctx); libvfio-user unmaps its memory once this returns."""
+        iova, _ = _dma_range(info)
         if info.vaddr == ffi.NULL:
             return
         try:
@@ -254,9 +375,10 @@ class VfuContext:
         except KeyError:
             self.log.warning("DMA unmap of unknown map at %#x", iova)
 
-    def _on_reset(self, kind: ResetKind) -> None:
-        self.log.info("device reset (%s)", kind.value)
-        self.function.reset(kind)
+
+def _dma_range(info: Any) -> tuple[int, int]:
+    """A vfu_dma_info_t's guest range: (iova, size in bytes)."""
+    return int(ffi.cast("uintptr_t", info.iova.iov_base)), int(info.iova.iov_len)
 
 
 class _VfuInterrupts:
@@ -280,102 +402,3 @@ def _set_socket_timeouts(fd: int, seconds: float) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     finally:
         sock.close()
-
-
-# -- C entry points -------------------------------------------------------------------------
-
-
-def _context_of(ctx: Any) -> VfuContext:
-    context: VfuContext = ffi.from_handle(lib.vfu_get_private(ctx))
-    return context
-
-
-def _region_onerror(exc_type: type[BaseException], exc: BaseException,
-                    tb: TracebackType | None) -> None:
-    ffi.errno = errno.EIO
-    logging.getLogger("vfuserver").error("region callback failed", exc_info=(exc_type, exc, tb))
-
-
-@ffi.def_extern(error=-1, onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_region_cb(handle: Any, index: int, buf: Any, count: int, offset: int,
-                        is_write: bool) -> int:
-    context: VfuContext = ffi.from_handle(handle)
-    region = context._regions[index]
-    try:
-        if is_write:
-            region.write(offset, ffi.buffer(buf, count)[:])
-        else:
-            data = region.read(offset, count)
-            if len(data) != count:
-                raise RuntimeError(f"region {index} read returned {len(data)} of {count} bytes")
-            ffi.memmove(buf, data, count)
-    except GuestError as exc:
-        # expected: the guest asked for something invalid; it gets the errno
-        context.log.debug("region %d %s at %#x+%d refused: %s", index,
-                          "write" if is_write else "read", offset, count, exc)
-        ffi.errno = exc.errno
-        return -1
-    except Exception as exc:
-        context.remember(exc)
-        ffi.errno = errno.EIO
-        return -1
-    return count
-
-
-@ffi.def_extern(onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_log_cb(ctx: Any, level: int, msg: Any) -> None:
-    context = _context_of(ctx)
-    text = ffi.string(msg).decode(errors="replace")
-    py_level = _SYSLOG_TO_LOGGING.get(
-        level, logging.ERROR if level < lib.LOG_ERR else logging.DEBUG)
-    if text.startswith("no fd for interrupt") or _CLIENT_COMMAND_FAILED.match(text):
-        # the client has not wired that vector (yet), or a request of the client was
-        # refused (it got the errno): the client's business, not a server error
-        py_level = logging.DEBUG
-    context.log.log(py_level, "libvfio-user: %s", text)
-
-
-@ffi.def_extern(error=-1, onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_reset_cb(ctx: Any, reset_type: int) -> int:
-    context = _context_of(ctx)
-    try:
-        context._on_reset(_RESET_KINDS.get(reset_type, ResetKind.DEVICE))
-    except Exception as exc:
-        context.remember(exc)
-        ffi.errno = errno.EIO
-        return -1
-    return 0
-
-
-@ffi.def_extern(error=-1, onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_quiesce_cb(ctx: Any) -> int:
-    context = _context_of(ctx)
-    try:
-        if context._on_quiesce():
-            return 0
-    except Exception as exc:
-        context.remember(exc)
-        ffi.errno = errno.EIO
-        return -1
-    ffi.errno = errno.EBUSY  # vfu_run_ctx answers EBUSY until quiesce_complete()
-    return -1
-
-
-@ffi.def_extern(onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_dma_register_cb(ctx: Any, info: Any) -> None:
-    context = _context_of(ctx)
-    try:
-        context._on_dma_register(info)
-    except (ValueError, GuestMemoryError) as exc:
-        context.log.error("DMA map refused: %s", exc)
-    except Exception as exc:
-        context.remember(exc)
-
-
-@ffi.def_extern(onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_dma_unregister_cb(ctx: Any, info: Any) -> None:
-    context = _context_of(ctx)
-    try:
-        context._on_dma_unregister(info)
-    except Exception as exc:
-        context.remember(exc)

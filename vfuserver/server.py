@@ -64,8 +64,7 @@ async def _run_client(context: VfuContext) -> None:
         while True:
             # every whole message already queued, in one call (no trio wake-up each)
             result = context.drain(fd, MESSAGES_PER_TURN, polled)
-            if context.pending_error is not None:
-                _report_callback_error(context)
+            context.report_callback_error()
             if result == -errno.EBUSY and context.quiesce_done is not None:
                 # the function quiesces asynchronously: libvfio-user holds the request
                 # until it is quiet (and then answers it); other devices go on meanwhile
@@ -97,13 +96,6 @@ def _handle_run_error(context: VfuContext, err: int, fd: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def _report_callback_error(context: VfuContext) -> None:
-    exc = context.take_pending_error()
-    if exc is not None:
-        context.log.error("bug in a device callback (the client got EIO): %r", exc,
-                          exc_info=exc)
 
 
 class Servable(Protocol):

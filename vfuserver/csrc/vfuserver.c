@@ -24,12 +24,12 @@ typedef vfu_device_quiesce_cb_t *vfu_quiesce_cb_p;
 typedef vfu_dma_register_cb_t *vfu_dma_cb_p;
 typedef vfu_dev_irq_state_cb_t *vfu_irq_state_cb_p;
 
-static ssize_t vfuserver_region_cb(void *, int, char *, size_t, loff_t, bool);
+static ssize_t vfuserver_region_cb(vfu_ctx_t *, int, char *, size_t, loff_t, bool);
 
-/* The context's private pointer (its Python handle) goes straight to Python. */
+/* Like every other callback, the region one gets the context first; the index follows. */
 #define TRAMPOLINE(i) \
     static ssize_t trampoline_##i(vfu_ctx_t *c, char *b, size_t n, loff_t o, bool w) \
-    { return vfuserver_region_cb(vfu_get_private(c), i, b, n, o, w); }
+    { return vfuserver_region_cb(c, i, b, n, o, w); }
 TRAMPOLINE(0) TRAMPOLINE(1) TRAMPOLINE(2) TRAMPOLINE(3) TRAMPOLINE(4)
 TRAMPOLINE(5) TRAMPOLINE(6) TRAMPOLINE(7) TRAMPOLINE(8) TRAMPOLINE(9)
 #undef TRAMPOLINE
