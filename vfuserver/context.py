@@ -129,6 +129,9 @@ class VfuContext:
     """One vfio-user device endpoint: a listening socket and the function behind it.
 
     Closing is idempotent and also happens on ``__exit__``; the socket file is removed.
+    Errors: a libvfio-user call that fails raises the OSError subclass for its errno
+    (:func:`~vfuserver.binding.check`), from the constructor, :meth:`attach` and
+    :meth:`drain` alike.
     """
 
     def __init__(self, socket_path: str, function: PciFunction, *,
@@ -226,19 +229,24 @@ class VfuContext:
         """
         _set_socket_timeouts(self.poll_fd(), ATTACH_TIMEOUT)
 
-    def attach(self) -> int:
-        """One non-blocking ``vfu_attach_ctx``: 0 attached, else the errno (EAGAIN: none)."""
-        if lib.vfu_attach_ctx(self._ctx) == 0:
-            return 0
-        return int(ffi.errno)
+    def attach(self) -> None:
+        """One non-blocking ``vfu_attach_ctx``: returns once a client is attached.
+
+        Errors: OSError with libvfio-user's errno (:func:`~vfuserver.binding.check`);
+        BlockingIOError (EAGAIN) when no client is waiting.
+        """
+        check(lib.vfu_attach_ctx(self._ctx), "vfu_attach_ctx")
 
     def drain(self, fd: int, limit: int, polled: bool) -> int:
-        """Handle up to ``limit`` whole messages queued on ``fd``: how many, or -errno.
+        """Handle up to ``limit`` whole messages queued on ``fd``: how many were handled.
 
         Stops at a partial message (vfu_run_ctx would block the whole loop on it) or an
         empty queue; ``polled``: the fd just polled readable (empty then means EOF).
+        Errors: OSError with the errno of vfu_run_ctx (or of the peek at the socket),
+        via :func:`~vfuserver.binding.check`: ENOTCONN once the client is gone, EBUSY
+        while a deferred quiesce holds a request (:attr:`quiesce_done`).
         """
-        return int(lib.vfuserver_drain(self._ctx, fd, limit, polled))
+        return int(check(lib.vfuserver_drain(self._ctx, fd, limit, polled), "vfu_run_ctx"))
 
     def trigger(self, vector: int) -> bool:
         """Signal interrupt ``vector``; False if the client gave no eventfd for it."""

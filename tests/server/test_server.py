@@ -218,6 +218,26 @@ async def test_base_exception_in_a_callback_is_raised_once_c_has_returned(
     assert errnos == [errno.EIO]
 
 
+def test_attach_and_drain_raise_oserror_with_the_errno(tmp_path: Path) -> None:
+    with VfuContext(str(tmp_path / "e.sock"), ScratchFunction()) as context:
+        with pytest.raises(BlockingIOError):  # EAGAIN: nobody is connecting
+            context.attach()
+        with Client(context.socket_path, negotiate=False) as client:
+            caps = {"max_msg_fds": 16, "max_data_xfer_size": vu.MAX_DATA_XFER_SIZE}
+            version = client.send(vu.Command.VERSION, vu.build_version(0, 0, caps))
+            context.attach()  # the VERSION message is already queued
+            client.receive(version, vu.Command.VERSION)
+            fd = context.poll_fd()
+            read = client.send(vu.Command.REGION_READ,
+                               vu.REGION_ACCESS.pack(0, vu.PciRegion.CONFIG, 2))
+            assert context.drain(fd, 8, True) == 1
+            reply = client.receive(read, vu.Command.REGION_READ)
+            assert reply[vu.REGION_ACCESS.size:] == b"\xf4\x1a"
+        with pytest.raises(OSError) as raised:  # the client hung up
+            context.drain(fd, 8, True)
+        assert raised.value.errno == errno.ENOTCONN
+
+
 async def test_disconnect_then_second_client(serve: Any) -> None:
     function = ScratchFunction()
     context = await serve(function)

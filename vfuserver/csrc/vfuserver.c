@@ -92,14 +92,14 @@ static int vfuserver_drain(vfu_ctx_t *ctx, int fd, int max, int polled)
     while (handled < max) {
         int state = vfuserver_message_ready(fd);
         if (state < 0) {
-            return -errno;
+            return -1;  /* errno from ioctl() or recv() */
         }
         if (state == 0 || (state == 2 && !(polled && handled == 0))) {
             break;      /* part of a message, or nothing more */
         }
         int ret = vfu_run_ctx(ctx);
         if (ret < 0) {
-            return -errno;
+            return -1;  /* errno from vfu_run_ctx() */
         }
         if (ret == 0) {
             break;

@@ -91,8 +91,8 @@ int vfu_pci_init(vfu_ctx_t *vfu_ctx, vfu_pci_type_t pci_type, int hdr_type, int 
 vfu_region_access_cb_p vfuserver_region_trampoline(int region_idx);
 
 /* Handle up to max complete messages queued on the connection fd (vfu_run_ctx each),
-   stopping at a partial message or an empty queue: how many were handled, or -errno
-   if libvfio-user (or the peek at the socket) failed. libvfio-user reads a
+   stopping at a partial message or an empty queue: how many were handled, or -1 with
+   errno set if libvfio-user (or the peek at the socket) failed. libvfio-user reads a
    message with blocking recv() calls, so calling vfu_run_ctx on a partial message would
    freeze the whole event loop (every device) until the client sent the rest; messages
    larger than 64 KiB, which no socket buffer holds whole, are handed over as soon as
