@@ -148,6 +148,9 @@ class VfuContext:
         self.quiesce_done: trio.Event | None = None
         """Set while a deferred quiesce is pending (see :meth:`_on_quiesce`)."""
         self._regions: dict[int, Region] = {}
+        self._unused_maps: set[tuple[int, int]] = set()
+        """DMA maps libvfio-user holds that :attr:`memory` lacks, as (iova, size): without
+        an fd (firmware ROM) or refused. Known, so their unmap is no surprise."""
         self._ctx: Any = ffi.NULL
         self._handle = ffi.new_handle(self)
         self._socket_file: SocketFile | None = None
@@ -279,15 +282,23 @@ class VfuContext:
         self.log.error("bug in a device callback (the client got EIO): %r", exc, exc_info=exc)
 
     def close(self) -> None:
-        """Destroy the context (idempotent); the socket file is removed."""
+        """Destroy the context (idempotent); the socket file is removed.
+
+        ``vfu_destroy_ctx`` ends a client's session as a disconnect does: every DMA map
+        goes through the unregister callback (which forgets it in :attr:`memory`), then
+        the function is reset (LOST_CONNECTION). A bug in those callbacks is logged here.
+        """
         ctx, self._ctx = self._ctx, ffi.NULL
         if ctx == ffi.NULL:
             return
-        self.memory.clear()
         lib.vfu_destroy_ctx(ctx)
+        # libvfio-user unmapped every region: nothing may still point into them
+        self.memory.clear()
+        self._unused_maps.clear()
         # libvfio-user of this vintage never unlinks the socket it bound
         if self._socket_file is not None:
             self._socket_file.remove()
+        self.report_callback_error()
 
     def __enter__(self) -> VfuContext:
         return self
@@ -354,6 +365,7 @@ class VfuContext:
         iova, size = _dma_range(info)
         writable = bool(info.prot & lib.PROT_WRITE)
         if info.vaddr == ffi.NULL:
+            self._unused_maps.add((iova, size))
             if writable:
                 # Guest RAM arrives writable; firmware ROM arrives read-only without an fd
                 # even when RAM is shared, so only the writable case is the misconfiguration.
@@ -367,6 +379,7 @@ class VfuContext:
         try:
             self.memory.add(iova, backing, writable=writable)
         except ValueError as exc:  # libvfio-user refuses overlaps itself: a bug if reached
+            self._unused_maps.add((iova, size))
             self.log.error("DMA map [%#x, +%#x) refused: %s", iova, size, exc)
             return
         self.log.debug("DMA map [%#x, +%#x) %s", iova, size, "rw" if writable else "ro")
@@ -375,8 +388,9 @@ class VfuContext:
     def _on_dma_unregister(self, info: Any) -> None:
         """vfu_dma_unregister_cb_t: a map goes away (DMA_UNMAP, a disconnect, a reset, or
         vfu_destroy_ctx); libvfio-user unmaps its memory once this returns."""
-        iova, _ = _dma_range(info)
-        if info.vaddr == ffi.NULL:
+        iova, size = _dma_range(info)
+        if (iova, size) in self._unused_maps:
+            self._unused_maps.remove((iova, size))
             return
         try:
             self.memory.remove(iova)
