@@ -59,8 +59,8 @@ _RESET_KINDS = {
     lib.VFU_RESET_PCI_FLR: ResetKind.FLR,
 }
 
-P = ParamSpec("P")
-R = TypeVar("R")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class CallbackErrno(Exception):
@@ -73,8 +73,8 @@ class CallbackErrno(Exception):
 
 
 def c_callback(name: str, *, error: int | None,
-               ) -> Callable[[Callable[Concatenate[VfuContext, P], R]],
-                             Callable[Concatenate[VfuContext, P], R]]:
+               ) -> Callable[[Callable[Concatenate[VfuContext, _P], _R]],
+                             Callable[Concatenate[VfuContext, _P], _R]]:
     """Make the decorated :class:`VfuContext` method the C entry point ``name``.
 
     ``name`` is an ``extern "Python"`` of vfuserver/decl/libvfio-user.h whose first
@@ -90,9 +90,9 @@ def c_callback(name: str, *, error: int | None,
 
     The method itself is returned unchanged.
     """
-    def register(method: Callable[Concatenate[VfuContext, P], R],
-                 ) -> Callable[Concatenate[VfuContext, P], R]:
-        def entry(ctx: Any, *args: P.args, **kwargs: P.kwargs) -> R | int | None:
+    def register(method: Callable[Concatenate[VfuContext, _P], _R],
+                 ) -> Callable[Concatenate[VfuContext, _P], _R]:
+        def entry(ctx: Any, *args: _P.args, **kwargs: _P.kwargs) -> _R | int | None:
             context = _context_of(ctx)
             try:
                 return method(context, *args, **kwargs)
