@@ -18,6 +18,9 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 DECLARATIONS = HERE / "decl" / "libvfio-user.h"
+"""The cdef: what Python sees of libvfio-user and of C_SOURCE."""
+C_SOURCE = HERE / "csrc" / "vfuserver.c"
+"""vfuserver's own C code, compiled with the generated module."""
 
 
 def _pkg_config() -> tuple[list[str], list[str]] | None:
@@ -59,110 +62,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(DECLARATIONS.read_text())
 ffibuilder.set_source(
     "vfuserver._vfu_cffi",
-    r"""
-#include <errno.h>
-#include <stdbool.h>
-#include <stdint.h>
-#include <sys/ioctl.h>
-#include <sys/mman.h>
-#include <sys/socket.h>
-#include <sys/types.h>
-#include <syslog.h>
-#include "libvfio-user.h"
-#include "vfio-user.h"
-
-typedef vfu_region_access_cb_t *vfu_region_access_cb_p;
-typedef vfu_log_fn_t *vfu_log_fn_p;
-typedef vfu_reset_cb_t *vfu_reset_cb_p;
-typedef vfu_device_quiesce_cb_t *vfu_quiesce_cb_p;
-typedef vfu_dma_register_cb_t *vfu_dma_cb_p;
-typedef vfu_dev_irq_state_cb_t *vfu_irq_state_cb_p;
-
-static ssize_t vfuserver_region_cb(void *, int, char *, size_t, loff_t, bool);
-
-/* The context's private pointer (its Python handle) goes straight to Python. */
-#define TRAMPOLINE(i) \
-    static ssize_t trampoline_##i(vfu_ctx_t *c, char *b, size_t n, loff_t o, bool w) \
-    { return vfuserver_region_cb(vfu_get_private(c), i, b, n, o, w); }
-TRAMPOLINE(0) TRAMPOLINE(1) TRAMPOLINE(2) TRAMPOLINE(3) TRAMPOLINE(4)
-TRAMPOLINE(5) TRAMPOLINE(6) TRAMPOLINE(7) TRAMPOLINE(8) TRAMPOLINE(9)
-#undef TRAMPOLINE
-
-static vfu_region_access_cb_p vfuserver_region_trampoline(int i)
-{
-    static vfu_region_access_cb_p const table[] = {
-        trampoline_0, trampoline_1, trampoline_2, trampoline_3, trampoline_4,
-        trampoline_5, trampoline_6, trampoline_7, trampoline_8, trampoline_9,
-    };
-    _Static_assert(sizeof(table) / sizeof(table[0]) == VFU_PCI_DEV_NUM_REGIONS,
-                   "one trampoline per region index");
-    return (i >= 0 && i < VFU_PCI_DEV_NUM_REGIONS) ? table[i] : NULL;
-}
-
-/* Barriers between the device's and the guest driver's accesses to the rings. A full
-   barrier is the only one that orders a store before a later load (mfence / lock or on
-   x86); the other two cost nothing on x86 but keep the compiler and weaker CPUs honest. */
-void vfuserver_smp_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-void vfuserver_smp_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
-void vfuserver_smp_rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
-
-/* Messages up to this size are only handed to libvfio-user once complete. */
-#define VFUSERVER_STREAMED_MESSAGE (64 * 1024)
-
-static int vfuserver_message_ready(int fd)
-{
-    struct vfio_user_header hdr;
-    int queued = 0;
-    ssize_t n;
-
-    if (ioctl(fd, FIONREAD, &queued) < 0) {
-        return -1;
-    }
-    if (queued == 0) {
-        return 2;       /* nothing queued: if the fd polled readable, the peer is gone */
-    }
-    if ((size_t)queued < sizeof(hdr)) {
-        return 0;
-    }
-    n = recv(fd, &hdr, sizeof(hdr), MSG_PEEK | MSG_DONTWAIT);
-    if (n < 0) {
-        return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
-    }
-    if ((size_t)n < sizeof(hdr)) {
-        return 0;
-    }
-    if (hdr.msg_size < sizeof(hdr) || hdr.msg_size > VFUSERVER_STREAMED_MESSAGE) {
-        /* Malformed (vfu_run_ctx rejects it), or larger than a socket buffer can hold:
-           the rest can only arrive while the library reads, so let it read. */
-        return 1;
-    }
-    return (size_t)queued >= hdr.msg_size ? 1 : 0;
-}
-
-static int vfuserver_drain(vfu_ctx_t *ctx, int fd, int max, int polled)
-{
-    int handled = 0;
-
-    while (handled < max) {
-        int state = vfuserver_message_ready(fd);
-        if (state < 0) {
-            return -errno;
-        }
-        if (state == 0 || (state == 2 && !(polled && handled == 0))) {
-            break;      /* part of a message, or nothing more */
-        }
-        int ret = vfu_run_ctx(ctx);
-        if (ret < 0) {
-            return -errno;
-        }
-        if (ret == 0) {
-            break;
-        }
-        handled++;
-    }
-    return handled;
-}
-""",
+    C_SOURCE.read_text(),
     include_dirs=INCLUDE_DIRS,
     library_dirs=LIBRARY_DIRS,
     runtime_library_dirs=LIBRARY_DIRS,

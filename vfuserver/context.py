@@ -1,30 +1,34 @@
 """A Pythonic owner of one libvfio-user context (``vfu_ctx_t *``) and its callbacks.
 
-Every C-to-Python callback is an ``@ffi.def_extern`` with ``error=-1`` (where it returns
-a value) and an ``onerror`` handler: no Python exception ever reaches C. A callback
-that fails sets ``ffi.errno`` to what the client should see and, for anything that is
-not an expected guest error, stores the exception on its context; the serving loop
-logs it after ``vfu_run_ctx`` returns (STYLE 5).
+Every C-to-Python callback is a method of :class:`VfuContext` made a C entry point by one
+decorator, :func:`c_callback` (pygit2's ``libgit2_callback``; STYLE 5): no Python
+exception ever reaches C. A callback that fails returns the C error value with
+``ffi.errno`` set to what the client should see; an expected refusal (a
+:class:`GuestError`) is answered with its errno, anything else is a bug: stored on the
+context, answered with EIO, and logged by the serving loop after ``vfu_run_ctx``
+returns. (A bare ``def_extern`` would return 0 on an exception, which libvfio-user reads
+as "0 bytes handled": a silent wrong answer.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import re
 import socket
-import stat
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import trio
 
 from vfuserver.binding import check, ffi, lib
-from vfuserver.devices.errors import GuestError, GuestMemoryError
+from vfuserver.devices.errors import GuestError
 from vfuserver.devices.memory import Barriers, GuestMemory
 from vfuserver.devices.pci import BarKind, PciFunction, Region, ResetKind
+from vfuserver.sockfile import SocketFile, owner_only_umask
+from vfuserver.sockfile import prepare_socket_path as prepare_socket_path  # control.py's import
 
 SHARED_MEMORY_HINT = (
     "guest RAM is not shared with the device server: start QEMU with "
@@ -34,10 +38,10 @@ SHARED_MEMORY_HINT = (
 """The fix for DMA maps that arrive without a file descriptor (QEMU itself says nothing)."""
 
 ATTACH_TIMEOUT = 5.0
+"""Seconds a connected client may take to send each part of its VERSION handshake."""
 
 CPU_BARRIERS = Barriers(lib.vfuserver_smp_mb, lib.vfuserver_smp_wmb, lib.vfuserver_smp_rmb)
 """The rings' barriers as real CPU fences (__atomic_thread_fence, in the cffi extension)."""
-"""Seconds a connected client may take to send each part of its VERSION handshake."""
 
 _SYSLOG_TO_LOGGING = {
     lib.LOG_ERR: logging.ERROR,
@@ -55,11 +59,79 @@ _RESET_KINDS = {
     lib.VFU_RESET_PCI_FLR: ResetKind.FLR,
 }
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class CallbackErrno(Exception):
+    """Raised by a callback to fail on purpose: libvfio-user gets the C error value with
+    ``errno`` (vfu_device_quiesce_cb_t's EBUSY: "quiet later"). Nothing is logged."""
+
+    def __init__(self, errno_value: int) -> None:
+        super().__init__(os.strerror(errno_value))
+        self.errno = errno_value
+
+
+def c_callback(name: str, *, error: int | None,
+               ) -> Callable[[Callable[Concatenate[VfuContext, _P], _R]],
+                             Callable[Concatenate[VfuContext, _P], _R]]:
+    """Make the decorated :class:`VfuContext` method the C entry point ``name``.
+
+    ``name`` is an ``extern "Python"`` of vfuserver/decl/libvfio-user.h whose first
+    argument is the ``vfu_ctx_t *``; the method gets the context it belongs to (its
+    private pointer) as ``self`` and the other C arguments as they are. ``error`` is the C
+    error value (None for a void callback). When the method raises:
+
+    * :class:`CallbackErrno`: ``error`` with its errno;
+    * :class:`GuestError` (the client asked for something invalid): ``error`` with its
+      errno, logged at debug level;
+    * anything else, a bug: stored with :meth:`VfuContext.remember` for the serving loop
+      to log (or re-raise, for a KeyboardInterrupt), ``error`` with EIO.
+
+    The method itself is returned unchanged.
+    """
+    def register(method: Callable[Concatenate[VfuContext, _P], _R],
+                 ) -> Callable[Concatenate[VfuContext, _P], _R]:
+        def entry(ctx: Any, *args: _P.args, **kwargs: _P.kwargs) -> _R | int | None:
+            context = _context_of(ctx)
+            try:
+                return method(context, *args, **kwargs)
+            except CallbackErrno as refusal:
+                ffi.errno = refusal.errno
+            except GuestError as exc:
+                context.log.debug("%s refused the client's request: %s", name, exc)
+                ffi.errno = exc.errno
+            except BaseException as exc:
+                context.remember(exc)
+                ffi.errno = errno.EIO
+            return error
+
+        ffi.def_extern(name=name, error=error, onerror=_last_resort)(entry)
+        return method
+
+    return register
+
+
+def _context_of(ctx: Any) -> VfuContext:
+    context: VfuContext = ffi.from_handle(lib.vfu_get_private(ctx))
+    return context
+
+
+def _last_resort(exc_type: type[BaseException], exc: BaseException,
+                 tb: TracebackType | None) -> None:
+    """cffi's onerror: only reached if :func:`c_callback`'s own wrapper fails."""
+    ffi.errno = errno.EIO
+    logging.getLogger("vfuserver").error("libvfio-user callback failed",
+                                         exc_info=(exc_type, exc, tb))
+
 
 class VfuContext:
     """One vfio-user device endpoint: a listening socket and the function behind it.
 
     Closing is idempotent and also happens on ``__exit__``; the socket file is removed.
+    Errors: a libvfio-user call that fails raises the OSError subclass for its errno
+    (:func:`~vfuserver.binding.check`), from the constructor, :meth:`attach` and
+    :meth:`drain` alike.
     """
 
     def __init__(self, socket_path: str, function: PciFunction, *,
@@ -76,19 +148,21 @@ class VfuContext:
         self.quiesce_done: trio.Event | None = None
         """Set while a deferred quiesce is pending (see :meth:`_on_quiesce`)."""
         self._regions: dict[int, Region] = {}
+        self._unused_maps: set[tuple[int, int]] = set()
+        """DMA maps libvfio-user holds that :attr:`memory` lacks, as (iova, size): without
+        an fd (firmware ROM) or refused. Known, so their unmap is no surprise."""
         self._ctx: Any = ffi.NULL
         self._handle = ffi.new_handle(self)
+        self._socket_file: SocketFile | None = None
         prepare_socket_path(self.socket_path)
-        old_umask = os.umask(0o177)  # the socket file is created owner-only (0600)
-        try:
+        with owner_only_umask():  # libvfio-user binds the socket inside vfu_create_ctx
             self._ctx = check(
                 lib.vfu_create_ctx(lib.VFU_TRANS_SOCK, self.socket_path.encode(),
                                    lib.LIBVFIO_USER_FLAG_ATTACH_NB, self._handle,
                                    lib.VFU_DEV_TYPE_PCI),
                 f"vfu_create_ctx({self.socket_path})")
-        finally:
-            os.umask(old_umask)
         try:
+            self._socket_file = SocketFile.at(self.socket_path)
             self._setup()
         except BaseException:
             self.close()
@@ -158,33 +232,28 @@ class VfuContext:
         """
         _set_socket_timeouts(self.poll_fd(), ATTACH_TIMEOUT)
 
-    def attach(self) -> int:
-        """One non-blocking ``vfu_attach_ctx``: 0 attached, else the errno (EAGAIN: none)."""
-        if lib.vfu_attach_ctx(self._ctx) == 0:
-            return 0
-        return int(ffi.errno)
+    def attach(self) -> None:
+        """One non-blocking ``vfu_attach_ctx``: returns once a client is attached.
+
+        Errors: OSError with libvfio-user's errno (:func:`~vfuserver.binding.check`);
+        BlockingIOError (EAGAIN) when no client is waiting.
+        """
+        check(lib.vfu_attach_ctx(self._ctx), "vfu_attach_ctx")
 
     def drain(self, fd: int, limit: int, polled: bool) -> int:
-        """Handle up to ``limit`` whole messages queued on ``fd``: how many, or -errno.
+        """Handle up to ``limit`` whole messages queued on ``fd``: how many were handled.
 
         Stops at a partial message (vfu_run_ctx would block the whole loop on it) or an
         empty queue; ``polled``: the fd just polled readable (empty then means EOF).
+        Errors: OSError with the errno of vfu_run_ctx (or of the peek at the socket),
+        via :func:`~vfuserver.binding.check`: ENOTCONN once the client is gone, EBUSY
+        while a deferred quiesce holds a request (:attr:`quiesce_done`).
         """
-        return int(lib.vfuserver_drain(self._ctx, fd, limit, polled))
+        return int(check(lib.vfuserver_drain(self._ctx, fd, limit, polled), "vfu_run_ctx"))
 
-    def _on_quiesce(self) -> bool:
-        """libvfio-user wants the device quiet (before DMA map/unmap and reset).
-
-        The virtio models are synchronous and run on the loop's thread, so they are
-        always quiet here. A function may defer instead: its ``quiesce(done)`` returns
-        False and calls ``done()`` once quiet; until then the serving loop waits on
-        :attr:`quiesce_done` and libvfio-user holds the request.
-        """
-        quiesce = getattr(self.function, "quiesce", None)
-        if quiesce is None or quiesce(self.quiesce_complete):
-            return True
-        self.quiesce_done = trio.Event()
-        return False
+    def trigger(self, vector: int) -> bool:
+        """Signal interrupt ``vector``; False if the client gave no eventfd for it."""
+        return bool(lib.vfu_irq_trigger(self._ctx, vector) == 0)
 
     def quiesce_complete(self) -> None:
         """The function is quiet: libvfio-user runs the request it held back."""
@@ -196,29 +265,40 @@ class VfuContext:
         finally:
             event.set()
 
-    def trigger(self, vector: int) -> bool:
-        """Signal interrupt ``vector``; False if the client gave no eventfd for it."""
-        return bool(lib.vfu_irq_trigger(self._ctx, vector) == 0)
-
     def remember(self, exc: BaseException) -> None:
         """Keep the first unexpected exception of a callback for the loop to log."""
         if self.pending_error is None:
             self.pending_error = exc
 
-    def take_pending_error(self) -> BaseException | None:
-        err, self.pending_error = self.pending_error, None
-        return err
+    def report_callback_error(self) -> None:
+        """Log the exception a callback stored (a bug; the client got EIO), once the C
+        call it happened in has returned; one that is not an Exception (KeyboardInterrupt,
+        SystemExit) is re-raised here instead, outside C."""
+        exc, self.pending_error = self.pending_error, None
+        if exc is None:
+            return
+        if not isinstance(exc, Exception):
+            raise exc
+        self.log.error("bug in a device callback (the client got EIO): %r", exc, exc_info=exc)
 
     def close(self) -> None:
-        """Destroy the context (idempotent); the socket file is removed."""
+        """Destroy the context (idempotent); the socket file is removed.
+
+        ``vfu_destroy_ctx`` ends a client's session as a disconnect does: every DMA map
+        goes through the unregister callback (which forgets it in :attr:`memory`), then
+        the function is reset (LOST_CONNECTION). A bug in those callbacks is logged here.
+        """
         ctx, self._ctx = self._ctx, ffi.NULL
         if ctx == ffi.NULL:
             return
-        self.memory.clear()
         lib.vfu_destroy_ctx(ctx)
+        # libvfio-user unmapped every region: nothing may still point into them
+        self.memory.clear()
+        self._unused_maps.clear()
         # libvfio-user of this vintage never unlinks the socket it bound
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        if self._socket_file is not None:
+            self._socket_file.remove()
+        self.report_callback_error()
 
     def __enter__(self) -> VfuContext:
         return self
@@ -227,12 +307,65 @@ class VfuContext:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    # -- callback bodies (called from the def_extern functions below) --------------------
+    # -- libvfio-user's callbacks -------------------------------------------------------
 
+    @c_callback("vfuserver_region_cb", error=-1)
+    def _on_region_access(self, index: int, buf: Any, count: int, offset: int,
+                          is_write: bool) -> int:
+        """vfu_region_access_cb_t: ``count`` bytes at ``offset`` of region ``index``."""
+        region = self._regions[index]
+        if is_write:
+            region.write(offset, ffi.buffer(buf, count)[:])
+            return count
+        data = region.read(offset, count)
+        if len(data) != count:
+            raise RuntimeError(f"region {index} read returned {len(data)} of {count} bytes")
+        ffi.memmove(buf, data, count)
+        return count
+
+    @c_callback("vfuserver_log_cb", error=None)
+    def _on_log(self, level: int, msg: Any) -> None:
+        """vfu_log_fn_t: libvfio-user's own messages, at the matching logging level."""
+        text = ffi.string(msg).decode(errors="replace")
+        py_level = _SYSLOG_TO_LOGGING.get(
+            level, logging.ERROR if level < lib.LOG_ERR else logging.DEBUG)
+        if text.startswith("no fd for interrupt") or _CLIENT_COMMAND_FAILED.match(text):
+            # the client has not wired that vector (yet), or a request of the client was
+            # refused (it got the errno): the client's business, not a server error
+            py_level = logging.DEBUG
+        self.log.log(py_level, "libvfio-user: %s", text)
+
+    @c_callback("vfuserver_reset_cb", error=-1)
+    def _on_reset(self, reset_type: int) -> int:
+        """vfu_reset_cb_t: the client reset the device, or went away."""
+        kind = _RESET_KINDS.get(reset_type, ResetKind.DEVICE)
+        self.log.info("device reset (%s)", kind.value)
+        self.function.reset(kind)
+        return 0
+
+    @c_callback("vfuserver_quiesce_cb", error=-1)
+    def _on_quiesce(self) -> int:
+        """vfu_device_quiesce_cb_t: libvfio-user wants the device quiet (before DMA map and
+        unmap and reset).
+
+        The virtio models are synchronous and run on the loop's thread, so they are
+        always quiet here. A function may defer instead: its ``quiesce(done)`` returns
+        False and calls ``done()`` once quiet; until then the serving loop waits on
+        :attr:`quiesce_done`, and libvfio-user, told EBUSY, holds the request.
+        """
+        quiesce = getattr(self.function, "quiesce", None)
+        if quiesce is None or quiesce(self.quiesce_complete):
+            return 0
+        self.quiesce_done = trio.Event()
+        raise CallbackErrno(errno.EBUSY)  # vfu_run_ctx answers EBUSY until quiesce_complete()
+
+    @c_callback("vfuserver_dma_register_cb", error=None)
     def _on_dma_register(self, info: Any) -> None:
-        iova, size = int(ffi.cast("uintptr_t", info.iova.iov_base)), int(info.iova.iov_len)
+        """vfu_dma_register_cb_t: the client mapped guest memory (a RAM block or ROM)."""
+        iova, size = _dma_range(info)
         writable = bool(info.prot & lib.PROT_WRITE)
         if info.vaddr == ffi.NULL:
+            self._unused_maps.add((iova, size))
             if writable:
                 # Guest RAM arrives writable; firmware ROM arrives read-only without an fd
                 # even when RAM is shared, so only the writable case is the misconfiguration.
@@ -243,21 +376,31 @@ class VfuContext:
                                iova, size)
             return
         backing = ffi.buffer(ffi.cast("char *", info.vaddr), size)
-        self.memory.add(iova, backing, writable=writable)
+        try:
+            self.memory.add(iova, backing, writable=writable)
+        except ValueError as exc:  # libvfio-user refuses overlaps itself: a bug if reached
+            self._unused_maps.add((iova, size))
+            self.log.error("DMA map [%#x, +%#x) refused: %s", iova, size, exc)
+            return
         self.log.debug("DMA map [%#x, +%#x) %s", iova, size, "rw" if writable else "ro")
 
+    @c_callback("vfuserver_dma_unregister_cb", error=None)
     def _on_dma_unregister(self, info: Any) -> None:
-        iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
-        if info.vaddr == ffi.NULL:
+        """vfu_dma_unregister_cb_t: a map goes away (DMA_UNMAP, a disconnect, a reset, or
+        vfu_destroy_ctx); libvfio-user unmaps its memory once this returns."""
+        iova, size = _dma_range(info)
+        if (iova, size) in self._unused_maps:
+            self._unused_maps.remove((iova, size))
             return
         try:
             self.memory.remove(iova)
         except KeyError:
             self.log.warning("DMA unmap of unknown map at %#x", iova)
 
-    def _on_reset(self, kind: ResetKind) -> None:
-        self.log.info("device reset (%s)", kind.value)
-        self.function.reset(kind)
+
+def _dma_range(info: Any) -> tuple[int, int]:
+    """A vfu_dma_info_t's guest range: (iova, size in bytes)."""
+    return int(ffi.cast("uintptr_t", info.iova.iov_base)), int(info.iova.iov_len)
 
 
 class _VfuInterrupts:
@@ -281,127 +424,3 @@ def _set_socket_timeouts(fd: int, seconds: float) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     finally:
         sock.close()
-
-
-def prepare_socket_path(path: str) -> None:
-    """Remove a stale socket left by a dead server; refuse one a live server holds."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # nobody listens: left behind by a server that died
-        return
-    except BlockingIOError:
-        pass  # the listener's backlog is full: it is alive
-    except FileNotFoundError:
-        return
-    finally:
-        probe.close()
-    raise FileExistsError(errno.EADDRINUSE,
-                          f"{path} is held by a running server; stop it or choose another path")
-
-
-# -- C entry points -------------------------------------------------------------------------
-
-
-def _context_of(ctx: Any) -> VfuContext:
-    context: VfuContext = ffi.from_handle(lib.vfu_get_private(ctx))
-    return context
-
-
-def _region_onerror(exc_type: type[BaseException], exc: BaseException,
-                    tb: TracebackType | None) -> None:
-    ffi.errno = errno.EIO
-    logging.getLogger("vfuserver").error("region callback failed", exc_info=(exc_type, exc, tb))
-
-
-@ffi.def_extern(error=-1, onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_region_cb(handle: Any, index: int, buf: Any, count: int, offset: int,
-                        is_write: bool) -> int:
-    context: VfuContext = ffi.from_handle(handle)
-    region = context._regions[index]
-    try:
-        if is_write:
-            region.write(offset, ffi.buffer(buf, count)[:])
-        else:
-            data = region.read(offset, count)
-            if len(data) != count:
-                raise RuntimeError(f"region {index} read returned {len(data)} of {count} bytes")
-            ffi.memmove(buf, data, count)
-    except GuestError as exc:
-        # expected: the guest asked for something invalid; it gets the errno
-        context.log.debug("region %d %s at %#x+%d refused: %s", index,
-                          "write" if is_write else "read", offset, count, exc)
-        ffi.errno = exc.errno
-        return -1
-    except Exception as exc:
-        context.remember(exc)
-        ffi.errno = errno.EIO
-        return -1
-    return count
-
-
-@ffi.def_extern(onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_log_cb(ctx: Any, level: int, msg: Any) -> None:
-    context = _context_of(ctx)
-    text = ffi.string(msg).decode(errors="replace")
-    py_level = _SYSLOG_TO_LOGGING.get(
-        level, logging.ERROR if level < lib.LOG_ERR else logging.DEBUG)
-    if text.startswith("no fd for interrupt") or _CLIENT_COMMAND_FAILED.match(text):
-        # the client has not wired that vector (yet), or a request of the client was
-        # refused (it got the errno): the client's business, not a server error
-        py_level = logging.DEBUG
-    context.log.log(py_level, "libvfio-user: %s", text)
-
-
-@ffi.def_extern(error=-1, onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_reset_cb(ctx: Any, reset_type: int) -> int:
-    context = _context_of(ctx)
-    try:
-        context._on_reset(_RESET_KINDS.get(reset_type, ResetKind.DEVICE))
-    except Exception as exc:
-        context.remember(exc)
-        ffi.errno = errno.EIO
-        return -1
-    return 0
-
-
-@ffi.def_extern(error=-1, onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_quiesce_cb(ctx: Any) -> int:
-    context = _context_of(ctx)
-    try:
-        if context._on_quiesce():
-            return 0
-    except Exception as exc:
-        context.remember(exc)
-        ffi.errno = errno.EIO
-        return -1
-    ffi.errno = errno.EBUSY  # vfu_run_ctx answers EBUSY until quiesce_complete()
-    return -1
-
-
-@ffi.def_extern(onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_dma_register_cb(ctx: Any, info: Any) -> None:
-    context = _context_of(ctx)
-    try:
-        context._on_dma_register(info)
-    except (ValueError, GuestMemoryError) as exc:
-        context.log.error("DMA map refused: %s", exc)
-    except Exception as exc:
-        context.remember(exc)
-
-
-@ffi.def_extern(onerror=_region_onerror)  # type: ignore[untyped-decorator]
-def vfuserver_dma_unregister_cb(ctx: Any, info: Any) -> None:
-    context = _context_of(ctx)
-    try:
-        context._on_dma_unregister(info)
-    except Exception as exc:
-        context.remember(exc)

@@ -46,14 +46,16 @@ async def _attach(context: VfuContext) -> None:
     context.bound_handshake()
     while True:
         await trio.lowlevel.wait_readable(context.poll_fd())
-        err = await trio.to_thread.run_sync(context.attach)
-        if err == 0:
+        try:
+            await trio.to_thread.run_sync(context.attach)
+        except OSError as exc:
+            if exc.errno in _NO_CLIENT:
+                continue
+            context.log.warning("client failed to attach: %s", os.strerror(exc.errno or errno.EIO))
+            if exc.errno in _OUT_OF_RESOURCES:
+                await trio.sleep(0.1)  # the listening socket stays readable: do not spin
+        else:
             return
-        if err in _NO_CLIENT:
-            continue
-        context.log.warning("client failed to attach: %s", os.strerror(err))
-        if err in _OUT_OF_RESOURCES:
-            await trio.sleep(0.1)  # the listening socket stays readable: do not spin
 
 
 async def _run_client(context: VfuContext) -> None:
@@ -63,20 +65,21 @@ async def _run_client(context: VfuContext) -> None:
         polled = True
         while True:
             # every whole message already queued, in one call (no trio wake-up each)
-            result = context.drain(fd, MESSAGES_PER_TURN, polled)
-            if context.pending_error is not None:
-                _report_callback_error(context)
-            if result == -errno.EBUSY and context.quiesce_done is not None:
-                # the function quiesces asynchronously: libvfio-user holds the request
-                # until it is quiet (and then answers it); other devices go on meanwhile
-                await context.quiesce_done.wait()
-                polled = False
-                continue
-            if result < 0:
-                if not _handle_run_error(context, -result, fd):
+            try:
+                handled = context.drain(fd, MESSAGES_PER_TURN, polled)
+            except OSError as exc:
+                context.report_callback_error()
+                if exc.errno == errno.EBUSY and context.quiesce_done is not None:
+                    # the function quiesces asynchronously: libvfio-user holds the request
+                    # until it is quiet (and then answers it); other devices go on meanwhile
+                    await context.quiesce_done.wait()
+                    polled = False
+                    continue
+                if not _handle_run_error(context, exc.errno or errno.EIO, fd):
                     return
                 break
-            if result < MESSAGES_PER_TURN:
+            context.report_callback_error()
+            if handled < MESSAGES_PER_TURN:
                 break
             polled = False
             await trio.lowlevel.checkpoint()  # a busy client does not starve the others
@@ -97,13 +100,6 @@ def _handle_run_error(context: VfuContext, err: int, fd: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def _report_callback_error(context: VfuContext) -> None:
-    exc = context.take_pending_error()
-    if exc is not None:
-        context.log.error("bug in a device callback (the client got EIO): %r", exc,
-                          exc_info=exc)
 
 
 class Servable(Protocol):

@@ -18,6 +18,7 @@ from vfuserver.client import Client, VfioUserError
 from vfuserver.context import ATTACH_TIMEOUT, VfuContext
 from vfuserver.devices.pci import ResetKind
 from vfuserver.protocol import vfio_user as vu
+from vfuserver.server import serve_device
 
 
 def in_thread(fn: Any, *args: Any) -> Any:
@@ -134,6 +135,109 @@ async def test_bug_in_a_model_gives_eio_and_the_server_goes_on(
                for r in caplog.records)
 
 
+class CallbackBug(ZeroDivisionError):
+    """What a bug in a model raises inside a libvfio-user callback."""
+
+
+class BuggyFunction(ScratchFunction):
+    """A function whose ``broken`` step raises a bug (from inside the C callback)."""
+
+    def __init__(self, broken: str) -> None:
+        super().__init__(f"buggy-{broken}")
+        self.broken = broken
+
+    def quiesce(self, done: Any) -> bool:
+        if self.broken == "quiesce":
+            raise CallbackBug("quiesce bug")
+        return True
+
+    def reset(self, kind: ResetKind) -> None:
+        if self.broken == "reset":
+            raise CallbackBug("reset bug")
+        super().reset(kind)
+
+
+def bar0_write(client: Client) -> None:
+    client.write(vu.PciRegion.BAR0, 0, b"\x01")
+
+
+@pytest.mark.parametrize(("broken", "request_"), [
+    pytest.param("region write", bar0_write, id="region-write"),
+    pytest.param("reset", Client.reset, id="reset"),
+    pytest.param("quiesce", Client.reset, id="quiesce"),  # libvfio-user quiesces first
+])
+async def test_bug_in_any_callback_gives_the_client_eio_and_is_logged(
+        serve: Any, caplog: pytest.LogCaptureFixture, broken: str, request_: Any) -> None:
+    function = BuggyFunction(broken)
+
+    def broken_write(offset: int, data: bytes) -> None:
+        raise CallbackBug("region write bug")
+
+    if broken == "region write":
+        function.bar0.write = broken_write  # type: ignore[method-assign]
+    context = await serve(function)
+
+    def session() -> int | None:
+        with Client(context.socket_path) as client:
+            with pytest.raises(VfioUserError) as raised:
+                request_(client)
+            return raised.value.errno
+
+    assert await in_thread(session) == errno.EIO
+    bugs = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], CallbackBug)]
+    assert bugs and bugs[0].levelname == "ERROR"
+    assert f"{broken} bug" in str(bugs[0].exc_info[1])  # type: ignore[index]
+
+
+class Interrupted(BaseException):
+    """Not an Exception: must not be swallowed as a logged bug."""
+
+
+async def test_base_exception_in_a_callback_is_raised_once_c_has_returned(
+        tmp_path: Path) -> None:
+    function = ScratchFunction()
+
+    def interrupted_read(offset: int, size: int) -> bytes:
+        raise Interrupted
+
+    function.bar0.read = interrupted_read  # type: ignore[method-assign]
+
+    def session(path: str) -> int | None:
+        with Client(path) as client, pytest.raises(VfioUserError) as raised:
+            client.read(vu.PciRegion.BAR0, 0, 4)
+        return raised.value.errno
+
+    errnos: list[int | None] = []
+    with VfuContext(str(tmp_path / "i.sock"), function) as context, \
+            pytest.raises(BaseExceptionGroup) as raised, trio.fail_after(ATTACH_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_device, context)
+            errnos.append(await in_thread(session, context.socket_path))
+            await trio.sleep_forever()  # until serve_device re-raises it
+    assert raised.group_contains(Interrupted)
+    assert errnos == [errno.EIO]
+
+
+def test_attach_and_drain_raise_oserror_with_the_errno(tmp_path: Path) -> None:
+    with VfuContext(str(tmp_path / "e.sock"), ScratchFunction()) as context:
+        with pytest.raises(BlockingIOError):  # EAGAIN: nobody is connecting
+            context.attach()
+        with Client(context.socket_path, negotiate=False) as client:
+            caps = {"max_msg_fds": 16, "max_data_xfer_size": vu.MAX_DATA_XFER_SIZE}
+            version = client.send(vu.Command.VERSION, vu.build_version(0, 0, caps))
+            context.attach()  # the VERSION message is already queued
+            client.receive(version, vu.Command.VERSION)
+            fd = context.poll_fd()
+            read = client.send(vu.Command.REGION_READ,
+                               vu.REGION_ACCESS.pack(0, vu.PciRegion.CONFIG, 2))
+            assert context.drain(fd, 8, True) == 1
+            reply = client.receive(read, vu.Command.REGION_READ)
+            assert reply[vu.REGION_ACCESS.size:] == b"\xf4\x1a"
+        with pytest.raises(OSError) as raised:  # the client hung up
+            context.drain(fd, 8, True)
+        assert raised.value.errno == errno.ENOTCONN
+
+
 async def test_disconnect_then_second_client(serve: Any) -> None:
     function = ScratchFunction()
     context = await serve(function)
@@ -220,6 +324,17 @@ async def test_socket_file_is_private_and_removed(tmp_path: Path) -> None:
         assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
         assert context.socket_path == str(path)
     assert not path.exists()
+
+
+def test_close_leaves_a_socket_file_that_is_no_longer_ours(tmp_path: Path) -> None:
+    path = tmp_path / "taken.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        with VfuContext(str(path), ScratchFunction()):
+            # an operator removed our file and another server now serves on the path
+            path.unlink()
+            other.bind(str(path))
+            other.listen(1)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
 
 
 def test_stale_socket_is_replaced(tmp_path: Path) -> None:

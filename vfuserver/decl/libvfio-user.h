@@ -84,20 +84,21 @@ int vfu_setup_irq_state_callback(vfu_ctx_t *vfu_ctx, enum vfu_dev_irq_type type,
 int vfu_irq_trigger(vfu_ctx_t *vfu_ctx, uint32_t subindex);
 int vfu_pci_init(vfu_ctx_t *vfu_ctx, vfu_pci_type_t pci_type, int hdr_type, int revision);
 
-/* --- vfuserver's own C helpers (defined in _build.py's set_source) --- */
+/* --- vfuserver's own C helpers (defined in vfuserver/csrc/vfuserver.c) --- */
 
 /* libvfio-user's region callback carries no region index: one C trampoline per index
    forwards to the single Python entry point vfuserver_region_cb. */
 vfu_region_access_cb_p vfuserver_region_trampoline(int region_idx);
 
 /* Handle up to max complete messages queued on the connection fd (vfu_run_ctx each),
-   stopping at a partial message or an empty queue: how many were handled, or -errno if
-   libvfio-user failed. libvfio-user reads a message with blocking recv() calls, so
-   calling vfu_run_ctx on a partial message would freeze the whole event loop (every
-   device) until the client sent the rest; messages larger than 64 KiB, which no socket
-   buffer holds whole, are handed over as soon as their header is in. polled: fd polled readable, so an empty queue means EOF (one
-   vfu_run_ctx then reports ENOTCONN). One call per wake-up keeps the per-message
-   Python overhead off the hot path. */
+   stopping at a partial message or an empty queue: how many were handled, or -1 with
+   errno set if libvfio-user (or the peek at the socket) failed. libvfio-user reads a
+   message with blocking recv() calls, so calling vfu_run_ctx on a partial message would
+   freeze the whole event loop (every device) until the client sent the rest; messages
+   larger than 64 KiB, which no socket buffer holds whole, are handed over as soon as
+   their header is in. polled: fd polled readable, so an empty queue means EOF (one
+   vfu_run_ctx then reports ENOTCONN). One call per wake-up keeps the per-message Python
+   overhead off the hot path. */
 int vfuserver_drain(vfu_ctx_t *ctx, int fd, int max, int polled);
 
 /* CPU memory barriers for the rings shared with the guest (QEMU's smp_mb/smp_wmb/smp_rmb):
@@ -106,7 +107,7 @@ void vfuserver_smp_mb(void);
 void vfuserver_smp_wmb(void);
 void vfuserver_smp_rmb(void);
 
-extern "Python" ssize_t vfuserver_region_cb(void *, int, char *, size_t, loff_t, bool);
+extern "Python" ssize_t vfuserver_region_cb(vfu_ctx_t *, int, char *, size_t, loff_t, bool);
 extern "Python" void vfuserver_log_cb(vfu_ctx_t *, int, const char *);
 extern "Python" int vfuserver_reset_cb(vfu_ctx_t *, vfu_reset_type_t);
 extern "Python" int vfuserver_quiesce_cb(vfu_ctx_t *);
