@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TypeVar
 
 import trio
 
@@ -20,12 +21,14 @@ from vfuserver.control import (
     JsonValue,
     ServerError,
 )
-from vfuserver.device import DEFAULT_MAC, PROFILES, DeviceSpec, format_mac, parse_mac
-from vfuserver.netdev import NETDEV_HELP, NetdevError, NetdevSpec, NoneSpec, parse_netdev
+from vfuserver.netdev import NETDEV_HELP, NetdevSyntaxError, NoneSpec, parse_netdev
 from vfuserver.sdnotify import Notifier
 from vfuserver.server import describe_error
+from vfuserver.spec import PROFILES, DeviceSpec, SpecError, format_mac, parse_mac
 
 log = logging.getLogger("vfuserver")
+_T = TypeVar("_T")
+DEFAULT_MAC = bytes.fromhex("525400123456")
 
 RUN_EPILOG = f"""\
 profiles:
@@ -56,11 +59,17 @@ With $NOTIFY_SOCKET set (systemd Type=notify), READY=1 is sent once every socket
 """
 
 
-def _netdev(text: str) -> NetdevSpec:
-    try:
-        return parse_netdev(text)
-    except NetdevError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _argument_type(parse: Callable[[str], _T]) -> Callable[[str], _T]:
+    """``parse`` as an argparse type: its error becomes a usage error with its message
+    (argparse would turn a plain ValueError into "invalid value")."""
+
+    def convert(text: str) -> _T:
+        try:
+            return parse(text)
+        except (SpecError, NetdevSyntaxError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 # --- run --------------------------------------------------------------------------------------
@@ -234,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="device name used in logs (default net0)")
     run.add_argument("--profile", choices=PROFILES,
                      help="how the device presents itself to the guest (default: modern)")
-    run.add_argument("--mac", type=parse_mac,
+    run.add_argument("--mac", type=_argument_type(parse_mac),
                      help=f"MAC address (default: {format_mac(DEFAULT_MAC)})")
-    run.add_argument("--netdev", type=_netdev, metavar="SPEC",
+    run.add_argument("--netdev", type=_argument_type(parse_netdev), metavar="SPEC",
                      help="network backend, e.g. tap,ifname=tap0 (default: none)")
     run.add_argument("--control", metavar="PATH",
                      help="control socket (created 0600) for 'vfuserver profile/status/device' "

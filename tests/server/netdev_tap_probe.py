@@ -23,7 +23,10 @@ from typing import Any
 
 import trio
 
-from vfuserver.netdev import NetdevHostError, TapBackend, open_netdev, parse_netdev
+from vfuserver.netdev.errors import NetdevHostError
+from vfuserver.netdev.open import open_netdev
+from vfuserver.netdev.options import parse_netdev
+from vfuserver.netdev.tap import TapBackend
 
 GUEST_MAC = bytes.fromhex("525400123456")
 GUEST_IP = "10.0.2.15"

@@ -25,24 +25,21 @@ from typing import Any
 import pytest
 import trio
 
-from vfuserver.netdev import (
+from vfuserver.netdev.backend import NetBackend
+from vfuserver.netdev.errors import NetdevError, NetdevHostError, NetdevSyntaxError
+from vfuserver.netdev.open import open_netdev
+from vfuserver.netdev.options import (
     NETDEV_HELP,
-    DgramBackend,
     DgramSpec,
     InetAddress,
-    NetBackend,
-    NetdevError,
-    NetdevHostError,
-    NetdevSyntaxError,
     NoneSpec,
-    StreamBackend,
     StreamSpec,
-    TapBackend,
     TapSpec,
     UnixAddress,
-    open_netdev,
     parse_netdev,
 )
+from vfuserver.netdev.sockets import DgramBackend, StreamBackend
+from vfuserver.netdev.tap import TapBackend
 
 LENGTH = struct.Struct(">I")
 TIMEOUT = 5
