@@ -24,11 +24,10 @@ from vfuserver.control import (
 from vfuserver.netdev import NETDEV_HELP, NetdevSyntaxError, NoneSpec, parse_netdev
 from vfuserver.sdnotify import Notifier
 from vfuserver.server import describe_error
-from vfuserver.spec import PROFILES, DeviceSpec, SpecError, format_mac, parse_mac
+from vfuserver.spec import PROFILES, DeviceSpec, SpecError, default_mac, parse_mac
 
 log = logging.getLogger("vfuserver")
 _T = TypeVar("_T")
-DEFAULT_MAC = bytes.fromhex("525400123456")
 
 RUN_EPILOG = f"""\
 profiles:
@@ -92,9 +91,11 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if args.persist:
             parser.error("--persist writes changes back to a config file: it needs --config")
+        # As a [[device]] table, the default MAC is derived from the name; without --name
+        # every such device is net0, so from the socket path, which two servers cannot share.
+        mac = args.mac or default_mac(args.name or os.path.abspath(args.socket))
         spec = DeviceSpec(name=args.name or "net0", socket=args.socket,
-                          profile=args.profile or "modern",
-                          mac=args.mac if args.mac is not None else DEFAULT_MAC,
+                          profile=args.profile or "modern", mac=mac,
                           netdev=args.netdev if args.netdev is not None else NoneSpec())
         config = ServerConfig(devices=[spec])
     if args.control is not None:
@@ -244,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", choices=PROFILES,
                      help="how the device presents itself to the guest (default: modern)")
     run.add_argument("--mac", type=_argument_type(parse_mac),
-                     help=f"MAC address (default: {format_mac(DEFAULT_MAC)})")
+                     help="MAC address (default: 52:54:00 and 3 bytes derived from --name, "
+                          "or without --name from the socket's absolute path)")
     run.add_argument("--netdev", type=_argument_type(parse_netdev), metavar="SPEC",
                      help="network backend, e.g. tap,ifname=tap0 (default: none)")
     run.add_argument("--control", metavar="PATH",
