@@ -24,7 +24,7 @@ from vfuserver.devices.pci import PciFunction
 from vfuserver.devices.ring_journal import RingJournal
 from vfuserver.devices.virtio_net import RX_QUEUE, VirtioNet
 from vfuserver.devices.virtio_pci import VirtioPciFunction
-from vfuserver.netdev.backend import NetBackend
+from vfuserver.netdev.backend import NetBackend, NetOffloads
 from vfuserver.netdev.open import open_netdev
 from vfuserver.protocol.pci import ClassCode
 from vfuserver.protocol.virtio_net import HDR_LEN
@@ -53,9 +53,15 @@ class ServedDevice:
         self._journals = _attach_journals(self.net, spec.name)
         self._tx_pending = trio.Event()
         self.net.on_rx_buffers = backend.wake_receiver
+        self.net.on_guest_offloads = self._apply_guest_offloads
         self.net.on_tx_pending = self._tx_pending.set
         self._serve_scope: trio.CancelScope | None = None
         self._switch: _Switch | None = None
+
+    def _apply_guest_offloads(self, offloads: int) -> None:
+        """The offloads the driver negotiated or set go to the backend, as QEMU's
+        virtio_net_apply_guest_offloads(): a tap then hands the guest only what it takes."""
+        self.backend.set_offload(NetOffloads.from_guest_offloads(offloads))
 
     def _build(self, profile: str) -> None:
         """The presentation for ``profile`` and the context serving it: the one place the

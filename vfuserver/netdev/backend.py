@@ -20,6 +20,8 @@ from typing import NoReturn, Protocol
 
 import trio
 
+from vfuserver.protocol.virtio_net import NetFeature
+
 log = logging.getLogger("vfuserver.netdev")
 
 VNET_HDR_LEN = 12
@@ -49,6 +51,30 @@ class NetStats:
 Deliver = Callable[[bytes], bool]
 
 
+@dataclass(frozen=True)
+class NetOffloads:
+    """Offloads the guest can receive, as QEMU's NetOffloads (include/net/net.h): a backend
+    may hand the guest frames with a partial checksum (``csum``) or segmentation work left
+    to do (``tso4``, ``tso6``, ``ecn``, ``ufo``, ``uso4``, ``uso6``) only while they are on."""
+
+    csum: bool = False
+    tso4: bool = False
+    tso6: bool = False
+    ecn: bool = False
+    ufo: bool = False
+    uso4: bool = False
+    uso6: bool = False
+
+    @classmethod
+    def from_guest_offloads(cls, offloads: int) -> NetOffloads:
+        """From virtio-net GUEST_* feature bits (the negotiated ones, or those set with
+        VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET): QEMU's virtio_net_apply_guest_offloads()."""
+        return cls(*(bool(offloads & feature.mask) for feature in (
+            NetFeature.GUEST_CSUM, NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6,
+            NetFeature.GUEST_ECN, NetFeature.GUEST_UFO, NetFeature.GUEST_USO4,
+            NetFeature.GUEST_USO6)))
+
+
 class NetBackend(Protocol):
     vnet_hdr: bool
     """Frames carry a 12-byte virtio_net_hdr_v1 in front, both ways (received ones with
@@ -68,6 +94,11 @@ class NetBackend(Protocol):
 
     def wake_receiver(self) -> None:
         """The guest posted receive buffers: retry the frame deliver() refused."""
+
+    def set_offload(self, offloads: NetOffloads) -> None:
+        """The guest now takes ``offloads`` (QEMU's qemu_set_offload()); a backend that
+        never hands over offloaded frames ignores it. Never raises: a host that refuses
+        is logged, and the device model undoes what the guest cannot take."""
 
     def close(self) -> None:
         """Release the fds (waking trio tasks waiting on them); idempotent."""
@@ -102,6 +133,9 @@ class NoneBackend:
         await trio.sleep_forever()
 
     def wake_receiver(self) -> None:
+        pass
+
+    def set_offload(self, offloads: NetOffloads) -> None:
         pass
 
     def close(self) -> None:
@@ -151,6 +185,10 @@ class QueuedBackend:
     def wake_receiver(self) -> None:
         self._rx_woken = True
         self._rx_lot.unpark_all()
+
+    def set_offload(self, offloads: NetOffloads) -> None:
+        """Sockets carry no virtio-net header, so no offloaded frame (QEMU's stream and
+        dgram netdevs have no set_offload either)."""
 
     def _flush(self) -> bool:
         """Write queued frames until the host would block; True if anything was written."""

@@ -112,7 +112,8 @@ network backend (--netdev, QEMU's -netdev syntax; id=... is accepted and ignored
                   a tap device in the server's network namespace, attached if it exists
                   (ip tuntap add dev NAME mode tap [user USER]), else created (and gone
                   when the server exits); without ifname= the kernel names it (tapN);
-                  vnet_hdr=on (default): frames carry the 12-byte virtio-net header
+                  vnet_hdr=on (default): frames carry the 12-byte virtio-net header,
+                  and the tap is told the offloads the guest's driver takes
   stream,server=on|off,addr.type=unix,addr.path=PATH[,reconnect=SECONDS]
   stream,server=on|off,addr.type=inet,addr.host=HOST,addr.port=PORT[,reconnect=SECONDS]
                   a peer of QEMU's -netdev stream: server=on listens for one peer at a

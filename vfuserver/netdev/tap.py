@@ -2,11 +2,14 @@
 net/tap-linux.c).
 
 Frames carry the 12-byte virtio_net_hdr_v1 in front when ``vnet_hdr=on`` (the default, as
-QEMU's tap does when the kernel supports it).
+QEMU's tap does when the kernel supports it); the offloads the guest takes are passed on
+with TUNSETOFFLOAD, so the kernel hands over checksum and segmentation work only to a guest
+that does it.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import fcntl
 import os
@@ -19,8 +22,10 @@ from vfuserver.netdev.backend import (
     TX_QUEUE_LIMIT,
     VNET_HDR_LEN,
     Deliver,
+    NetOffloads,
     QueuedBackend,
     close_waking,
+    log,
 )
 from vfuserver.netdev.errors import NetdevHostError
 
@@ -28,11 +33,41 @@ TUN_DEVICE = "/dev/net/tun"
 
 # <linux/if_tun.h>, <linux/if.h>
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 _IFREQ = struct.Struct("16sH22x")
+
+
+class TunOffload(enum.IntFlag):
+    """TUNSETOFFLOAD's argument (<linux/if_tun.h> TUN_F_*): what the reader of the tap,
+    here the guest, can take in the virtio-net header of a received frame."""
+
+    CSUM = 0x01
+    TSO4 = 0x02
+    TSO6 = 0x04
+    TSO_ECN = 0x08
+    UFO = 0x10
+    USO4 = 0x20
+    USO6 = 0x40
+
+
+def tun_offload(offloads: NetOffloads) -> TunOffload:
+    """The TUN_F_* flags for ``offloads``, as QEMU's tap_fd_set_offload(): nothing without
+    checksum offload (segmentation needs it), ECN only with TSO."""
+    flags = TunOffload(0)
+    if not offloads.csum:
+        return flags
+    flags |= TunOffload.CSUM
+    for on, flag in ((offloads.tso4, TunOffload.TSO4), (offloads.tso6, TunOffload.TSO6),
+                     (offloads.ecn and (offloads.tso4 or offloads.tso6), TunOffload.TSO_ECN),
+                     (offloads.ufo, TunOffload.UFO), (offloads.uso4, TunOffload.USO4),
+                     (offloads.uso6, TunOffload.USO6)):
+        if on:
+            flags |= flag
+    return flags
 
 
 def _user_name() -> str:
@@ -70,6 +105,8 @@ class TapBackend(QueuedBackend):
     def __init__(self, fd: int, ifname: str, vnet_hdr: bool, **kwargs: int) -> None:
         super().__init__(**kwargs)
         self.fd, self.ifname, self.vnet_hdr = fd, ifname, vnet_hdr
+        self.offload: TunOffload | None = None
+        """What TUNSETOFFLOAD last set (None: not set yet)."""
 
     @classmethod
     def open(cls, ifname: str = "", *, vnet_hdr: bool = True, tun_device: str = TUN_DEVICE,
@@ -90,7 +127,30 @@ class TapBackend(QueuedBackend):
         except OSError as exc:
             os.close(fd)
             raise _tap_error(exc, ifname, tun_device) from exc
-        return cls(fd, name, vnet_hdr, tx_queue_limit=tx_queue_limit)
+        tap = cls(fd, name, vnet_hdr, tx_queue_limit=tx_queue_limit)
+        # No guest offloads until a driver takes them (QEMU's net_tap_fd_init()): a tap kept
+        # from an earlier user may still have some on.
+        tap.set_offload(NetOffloads())
+        return tap
+
+    def set_offload(self, offloads: NetOffloads) -> None:
+        """TUNSETOFFLOAD, as QEMU's tap_fd_set_offload(): a kernel that refuses USO (before
+        Linux 6.2), then UFO too, gets the rest; one that refuses even that is logged."""
+        if self._closed:
+            return
+        wanted = tun_offload(offloads)
+        uso = TunOffload.USO4 | TunOffload.USO6
+        error: OSError | None = None
+        for flags in dict.fromkeys((wanted, wanted & ~uso, wanted & ~uso & ~TunOffload.UFO)):
+            try:
+                fcntl.ioctl(self.fd, TUNSETOFFLOAD, int(flags))
+            except OSError as exc:
+                error = exc
+                continue
+            self.offload = flags
+            return
+        log.warning("tap %s: cannot set offloads %s (TUNSETOFFLOAD): %s", self.ifname,
+                    wanted, error)
 
     def _write(self, data: memoryview) -> int:
         return os.write(self.fd, data)
