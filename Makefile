@@ -1,6 +1,7 @@
 # vfuserver: the two commands of the README, and what they need.
 #   make demo   set up everything, start vfuserver, boot a guest against it, show what it sees
-#   make test   set up everything, run ruff, mypy and the whole test suite (incl. QEMU e2e)
+#   make test   set up everything, run ruff, mypy, the import contracts and the whole test
+#               suite (incl. QEMU e2e)
 # Both are idempotent: set-up steps are skipped when their result is up to date.
 
 PYTHON ?= python3
@@ -34,6 +35,7 @@ $(STAMPS)/installed: $(STAMPS)/libvfio-user $(SETUP_INPUTS)
 lint: setup
 	$(VENV)/bin/ruff check .
 	scripts/typecheck.sh
+	scripts/lint-imports.sh
 
 test: lint
 	$(PY) -m pytest

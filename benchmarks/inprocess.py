@@ -27,8 +27,9 @@ from benchmarks.accesses import (
     AccessKind,
 )
 from benchmarks.common import REPO, JsonDict, Section, Settings
-from vfuserver.device import DeviceSpec, ServedDevice, open_device
+from vfuserver.device import ServedDevice, open_device
 from vfuserver.devices.pci import Region
+from vfuserver.spec import DeviceSpec
 
 RUNS = 5
 PROFILE_TOP = 15

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import trio
 
-from vfuserver.device import PROFILES, DeviceSpec, ServedDevice, open_device
+from vfuserver.device import ServedDevice, open_device
 from vfuserver.devices.admin import AdminOwner
+from vfuserver.spec import PROFILES, DeviceSpec
 
 FDS_PER_DEVICE_BUDGET = 8
 """Generous: a device holds its listening socket (a connection and eventfds once a client

@@ -3,7 +3,7 @@
 # and run the end-to-end tests. Installs only what is missing; needs root for that.
 set -euo pipefail
 PKGS=(meson ninja-build pkg-config gcc libc6-dev linux-libc-dev libjson-c-dev libcmocka-dev
-      xz-utils dpkg-dev iproute2 busybox-static python3-venv cpio pciutils)
+      xz-utils dpkg-dev iproute2 busybox-static python3-venv cpio pciutils ethtool)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -5,10 +5,7 @@
 set -euo pipefail
 TOP=$(cd "$(dirname "$0")/.." && pwd)
 SHADOW=$TOP/.deps/typecheck
-rm -rf "$SHADOW"; mkdir -p "$SHADOW/vfuserver"
-for f in "$TOP"/vfuserver/*.py "$TOP"/vfuserver/py.typed; do ln -s "$f" "$SHADOW/vfuserver/"; done
-ln -s "$TOP/devices" "$SHADOW/vfuserver/devices"
-ln -s "$TOP/protocol" "$SHADOW/vfuserver/protocol"
+"$TOP/scripts/package-tree.sh" "$SHADOW"
 ln -s "$TOP/tests" "$SHADOW/tests"
 [ -d "$TOP/benchmarks" ] && ln -s "$TOP/benchmarks" "$SHADOW/benchmarks"
 cd "$SHADOW"

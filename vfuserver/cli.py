@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TypeVar
 
 import trio
 
@@ -20,12 +21,13 @@ from vfuserver.control import (
     JsonValue,
     ServerError,
 )
-from vfuserver.device import DEFAULT_MAC, PROFILES, DeviceSpec, format_mac, parse_mac
-from vfuserver.netdev import NETDEV_HELP, NetdevError, NetdevSpec, NoneSpec, parse_netdev
+from vfuserver.netdev import NETDEV_HELP, NetdevSyntaxError, NoneSpec, parse_netdev
 from vfuserver.sdnotify import Notifier
 from vfuserver.server import describe_error
+from vfuserver.spec import PROFILES, DeviceSpec, SpecError, default_mac, parse_mac
 
 log = logging.getLogger("vfuserver")
+_T = TypeVar("_T")
 
 RUN_EPILOG = f"""\
 profiles:
@@ -56,11 +58,17 @@ With $NOTIFY_SOCKET set (systemd Type=notify), READY=1 is sent once every socket
 """
 
 
-def _netdev(text: str) -> NetdevSpec:
-    try:
-        return parse_netdev(text)
-    except NetdevError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _argument_type(parse: Callable[[str], _T]) -> Callable[[str], _T]:
+    """``parse`` as an argparse type: its error becomes a usage error with its message
+    (argparse would turn a plain ValueError into "invalid value")."""
+
+    def convert(text: str) -> _T:
+        try:
+            return parse(text)
+        except (SpecError, NetdevSyntaxError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 # --- run --------------------------------------------------------------------------------------
@@ -83,9 +91,11 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if args.persist:
             parser.error("--persist writes changes back to a config file: it needs --config")
+        # As a [[device]] table, the default MAC is derived from the name; without --name
+        # every such device is net0, so from the socket path, which two servers cannot share.
+        mac = args.mac or default_mac(args.name or os.path.abspath(args.socket))
         spec = DeviceSpec(name=args.name or "net0", socket=args.socket,
-                          profile=args.profile or "modern",
-                          mac=args.mac if args.mac is not None else DEFAULT_MAC,
+                          profile=args.profile or "modern", mac=mac,
                           netdev=args.netdev if args.netdev is not None else NoneSpec())
         config = ServerConfig(devices=[spec])
     if args.control is not None:
@@ -234,9 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="device name used in logs (default net0)")
     run.add_argument("--profile", choices=PROFILES,
                      help="how the device presents itself to the guest (default: modern)")
-    run.add_argument("--mac", type=parse_mac,
-                     help=f"MAC address (default: {format_mac(DEFAULT_MAC)})")
-    run.add_argument("--netdev", type=_netdev, metavar="SPEC",
+    run.add_argument("--mac", type=_argument_type(parse_mac),
+                     help="MAC address (default: 52:54:00 and 3 bytes derived from --name, "
+                          "or without --name from the socket's absolute path)")
+    run.add_argument("--netdev", type=_argument_type(parse_netdev), metavar="SPEC",
                      help="network backend, e.g. tap,ifname=tap0 (default: none)")
     run.add_argument("--control", metavar="PATH",
                      help="control socket (created 0600) for 'vfuserver profile/status/device' "

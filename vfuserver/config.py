@@ -27,9 +27,7 @@ crash) sees either the old or the new file, never half of one.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import hashlib
 import os
 import re
 import stat
@@ -40,8 +38,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vfuserver.device import PROFILES, DeviceSpec, format_mac, parse_mac
-from vfuserver.netdev import NetdevSyntaxError, parse_netdev
+from vfuserver.netdev.errors import NetdevSyntaxError
+from vfuserver.netdev.options import parse_netdev
+from vfuserver.spec import (
+    DeviceSpec,
+    SpecError,
+    check_profile,
+    default_mac,
+    format_mac,
+    parse_mac,
+)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 """Device names: they appear in log lines, CLI output columns and systemd instance names."""
@@ -66,15 +72,6 @@ def check_name(name: str) -> str:
             f"device name {name!r} is not valid: use letters, digits, '_', '.' and '-' "
             "(at most 64, not starting with '.' or '-')")
     return name
-
-
-def default_mac(name: str) -> bytes:
-    """52:54:00 (QEMU's locally administered prefix) + 3 bytes of sha256(name).
-
-    Stable across restarts and distinct per name (with high probability), so devices defined
-    without a MAC do not all share one address on a bridge.
-    """
-    return bytes.fromhex("525400") + hashlib.sha256(name.encode()).digest()[:3]
 
 
 @dataclass
@@ -104,13 +101,13 @@ def device_from_mapping(values: Mapping[str, Any], *, base: Path | None = None,
     name = check_name(values["name"])
     where = f"{where} {name}"
     socket = _resolve(values["socket"], base)
-    profile = values.get("profile", "modern")
-    if profile not in PROFILES:
-        raise ConfigError(f"{where}: unknown profile {profile!r}; "
-                          f"choose one of {', '.join(PROFILES)}")
+    try:
+        profile = check_profile(values.get("profile", "modern"))
+    except SpecError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     try:
         mac = parse_mac(values["mac"]) if "mac" in values else default_mac(name)
-    except argparse.ArgumentTypeError as exc:
+    except SpecError as exc:
         raise ConfigError(f"{where}: mac: {exc}") from None
     try:
         netdev = parse_netdev(values.get("netdev", "none"))

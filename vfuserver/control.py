@@ -45,10 +45,11 @@ from vfuserver.config import (
     save_config,
 )
 from vfuserver.context import prepare_socket_path
-from vfuserver.device import PROFILES, DeviceBusyError, DeviceSpec, format_mac, open_device
+from vfuserver.device import DeviceBusyError, open_device
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.sdnotify import Notifier
 from vfuserver.server import DeviceSet, Service, describe_error, serve
+from vfuserver.spec import PROFILES, DeviceSpec, format_mac
 
 log = logging.getLogger("vfuserver.control")
 device_log = logging.getLogger("vfuserver")

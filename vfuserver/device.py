@@ -8,7 +8,6 @@ libvfio-user context; :meth:`ServedDevice.run` is the one trio task tree that ow
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -25,53 +24,13 @@ from vfuserver.devices.pci import PciFunction
 from vfuserver.devices.ring_journal import RingJournal
 from vfuserver.devices.virtio_net import RX_QUEUE, VirtioNet
 from vfuserver.devices.virtio_pci import VirtioPciFunction
-from vfuserver.netdev import NetBackend, NetdevSpec, NoneSpec, open_netdev
+from vfuserver.netdev.backend import NetBackend, NetOffloads
+from vfuserver.netdev.open import open_netdev
 from vfuserver.protocol.pci import ClassCode
 from vfuserver.protocol.virtio_net import HDR_LEN
 from vfuserver.server import serve_device
+from vfuserver.spec import DeviceSpec, check_profile
 from vfuserver.transitional import TransitionalFunction
-
-PROFILES = ("modern", "transitional")
-DEFAULT_MAC = bytes.fromhex("525400123456")
-
-
-def parse_mac(text: str) -> bytes:
-    """'52:54:00:12:34:56' -> 6 bytes; a unicast address is required."""
-    parts = text.split(":")
-    try:
-        if len(parts) != 6:
-            raise ValueError
-        mac = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a MAC address like 52:54:00:12:34:56") from None
-    if mac[0] & 1:
-        raise argparse.ArgumentTypeError(f"{text} is a multicast address; a device needs unicast")
-    return mac
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
-
-
-def check_profile(profile: str) -> str:
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    return profile
-
-
-@dataclass
-class DeviceSpec:
-    """One device: where it listens, how it presents itself, where its frames go."""
-
-    name: str
-    socket: str
-    profile: str = "modern"
-    mac: bytes = DEFAULT_MAC
-    netdev: NetdevSpec = field(default_factory=NoneSpec)
-
-    def __post_init__(self) -> None:
-        check_profile(self.profile)
 
 
 class DeviceBusyError(RuntimeError):
@@ -94,9 +53,15 @@ class ServedDevice:
         self._journals = _attach_journals(self.net, spec.name)
         self._tx_pending = trio.Event()
         self.net.on_rx_buffers = backend.wake_receiver
+        self.net.on_guest_offloads = self._apply_guest_offloads
         self.net.on_tx_pending = self._tx_pending.set
         self._serve_scope: trio.CancelScope | None = None
         self._switch: _Switch | None = None
+
+    def _apply_guest_offloads(self, offloads: int) -> None:
+        """The offloads the driver negotiated or set go to the backend, as QEMU's
+        virtio_net_apply_guest_offloads(): a tap then hands the guest only what it takes."""
+        self.backend.set_offload(NetOffloads.from_guest_offloads(offloads))
 
     def _build(self, profile: str) -> None:
         """The presentation for ``profile`` and the context serving it: the one place the

@@ -23,8 +23,8 @@ from tests.e2e.rig import LoggedProcess
 from vfuserver.client import Client
 from vfuserver.config import ServerConfig, device_from_mapping
 from vfuserver.control import ControlClient, Controller, JsonValue
-from vfuserver.device import DeviceSpec
 from vfuserver.protocol import vfio_user as vu
+from vfuserver.spec import DeviceSpec
 
 VENDOR_DEVICE_MODERN = bytes.fromhex("f41a4110")  # 1af4:1041, little-endian in config space
 VENDOR_DEVICE_TRANSITIONAL = bytes.fromhex("f41a0010")  # 1af4:1000

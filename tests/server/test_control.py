@@ -36,7 +36,6 @@ from vfuserver.client import Client
 from vfuserver.config import (
     ConfigError,
     ServerConfig,
-    default_mac,
     dump_config,
     load_config,
     parse_config,
@@ -44,10 +43,10 @@ from vfuserver.config import (
     toml_string,
 )
 from vfuserver.control import MAX_MESSAGE, ControlClient, Controller, ControlServer, ServerError
-from vfuserver.device import format_mac
 from vfuserver.protocol import vfio_user as vu
 from vfuserver.sdnotify import Notifier
 from vfuserver.server import DeviceSet, serve
+from vfuserver.spec import default_mac, format_mac
 
 DGRAM_THAT_CANNOT_BIND = ("dgram,local.type=unix,local.path=/nonexistent/vfu/l.sock,"
                           "remote.type=unix,remote.path=/nonexistent/vfu/r.sock")

@@ -25,24 +25,22 @@ from typing import Any
 import pytest
 import trio
 
-from vfuserver.netdev import (
+from vfuserver.netdev.backend import NetBackend, NetOffloads
+from vfuserver.netdev.errors import NetdevError, NetdevHostError, NetdevSyntaxError
+from vfuserver.netdev.open import open_netdev
+from vfuserver.netdev.options import (
     NETDEV_HELP,
-    DgramBackend,
     DgramSpec,
     InetAddress,
-    NetBackend,
-    NetdevError,
-    NetdevHostError,
-    NetdevSyntaxError,
     NoneSpec,
-    StreamBackend,
     StreamSpec,
-    TapBackend,
     TapSpec,
     UnixAddress,
-    open_netdev,
     parse_netdev,
 )
+from vfuserver.netdev.sockets import DgramBackend, StreamBackend
+from vfuserver.netdev.tap import TapBackend, TunOffload, tun_offload
+from vfuserver.protocol.virtio_net import NetFeature
 
 LENGTH = struct.Struct(">I")
 TIMEOUT = 5
@@ -601,6 +599,29 @@ def test_tun_device_missing(tmp_path: Path) -> None:
     assert isinstance(info.value, OSError)
 
 
+@pytest.mark.parametrize(("features", "offloads", "flags"), [
+    pytest.param([], NetOffloads(), TunOffload(0), id="none"),
+    pytest.param(["GUEST_CSUM"], NetOffloads(csum=True), TunOffload.CSUM, id="csum"),
+    pytest.param(["GUEST_CSUM", "GUEST_TSO4", "GUEST_TSO6", "GUEST_ECN", "GUEST_UFO",
+                  "GUEST_USO4", "GUEST_USO6"], NetOffloads(*[True] * 7), TunOffload(0x7F),
+                 id="all"),
+    pytest.param(["GUEST_TSO4", "GUEST_TSO6", "GUEST_UFO"],
+                 NetOffloads(tso4=True, tso6=True, ufo=True), TunOffload(0),
+                 id="no-csum-no-offload"),
+    pytest.param(["GUEST_CSUM", "GUEST_ECN"], NetOffloads(csum=True, ecn=True),
+                 TunOffload.CSUM, id="ecn-needs-tso"),
+    pytest.param(["GUEST_CSUM", "GUEST_TSO6", "GUEST_ECN"],
+                 NetOffloads(csum=True, tso6=True, ecn=True),
+                 TunOffload.CSUM | TunOffload.TSO6 | TunOffload.TSO_ECN, id="tso6-ecn"),
+])
+def test_guest_offloads_to_tun_flags(features: list[str], offloads: NetOffloads,
+                                     flags: TunOffload) -> None:
+    # QEMU virtio_net_apply_guest_offloads(), then tap-linux.c tap_fd_set_offload().
+    bits = sum(NetFeature[name].mask for name in features)
+    assert NetOffloads.from_guest_offloads(bits) == offloads
+    assert tun_offload(offloads) == flags
+
+
 # --- tap, in a network namespace of its own ------------------------------------------------
 
 def _tap_skip_reason() -> str | None:
@@ -615,7 +636,8 @@ def _tap_skip_reason() -> str | None:
 
 needs_tap = pytest.mark.skipif(_tap_skip_reason() is not None,
                                reason=_tap_skip_reason() or "")
-PROBE = Path(__file__).with_name("netdev_tap_probe.py")
+PROBE = "tests.server.netdev_tap_probe"
+REPO = Path(__file__).parents[2]
 _namespaces = itertools.count()
 NO_NET_ADMIN = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"]
 
@@ -650,8 +672,8 @@ async def probe(netns: str, mode: str, netdev: str, *, wrapper: tuple[str, ...] 
                 ) -> dict[str, Any]:
     """Run netdev_tap_probe.py inside the namespace (this process never changes namespace)."""
     result = await trio.run_process(
-        ["ip", "netns", "exec", netns, *wrapper, sys.executable, str(PROBE), mode, netdev],
-        capture_stdout=True, capture_stderr=True, check=False)
+        ["ip", "netns", "exec", netns, *wrapper, sys.executable, "-m", PROBE, mode, netdev],
+        capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
     assert result.returncode == 0, result.stderr.decode()
     outcome: dict[str, Any] = json.loads(result.stdout)
     return outcome
@@ -729,3 +751,26 @@ async def test_tun_device_not_accessible(netns: str) -> None:
     else:
         assert outcome["errno"] == errno.EACCES
         assert outcome["message"].startswith("no permission to open /dev/net/tun: run as root")
+
+
+@needs_tap
+@pytest.mark.skipif(shutil.which("ethtool") is None, reason="needs ethtool (system-packages.sh)")
+async def test_tap_offloads_follow_the_guest(netns: str) -> None:
+    # QEMU's virtio_net_apply_guest_offloads() and tap_fd_set_offload(): the tap hands the
+    # guest checksum and segmentation work only while the guest takes it (ethtool -k shows
+    # the tap's tx side: what the kernel sends to the tap's reader, the guest).
+    host_tap(netns, "vfutap0")
+    outcome = await probe(netns, "offloads", "tap,ifname=vfutap0")
+    csum, tso4, ecn, tso6 = ("tx-checksum-ip-generic", "tx-tcp-segmentation",
+                             "tx-tcp-ecn-segmentation", "tx-tcp6-segmentation")
+    assert outcome == {
+        "opened": [],  # no driver yet (QEMU's net_tap_fd_init())
+        "negotiated csum,tso4,tso6,ecn": [csum, tso4, ecn, tso6],
+        "ack csum,tso4": 0, "set csum,tso4": [csum, tso4],
+        "ack tso4": 0, "set tso4": [],  # segmentation without checksum: none (tap-linux.c)
+        "ack csum,tso6,ecn": 0, "set csum,tso6,ecn": [csum, ecn, tso6],
+        "ack none": 0, "set none": [],
+        "negotiated csum": [csum],
+        "reset": [],
+        "earlier user": [csum, tso4], "reopened": [],  # persistent tap: QEMU starts at none
+    }

@@ -1,0 +1,264 @@
+"""What every network backend is: the :class:`NetBackend` interface, its counters, the
+``none`` backend and :class:`QueuedBackend`, the part the fd-based backends share.
+
+The device model calls :meth:`~NetBackend.send` synchronously from a libvfio-user
+callback, so sending never blocks (a bounded queue, then drop and count), and one trio
+task runs :meth:`~NetBackend.run` to pump received frames into the guest. All methods
+must be called from the trio thread that runs :meth:`~NetBackend.run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import NoReturn, Protocol
+
+import trio
+
+from vfuserver.protocol.virtio_net import NetFeature
+
+log = logging.getLogger("vfuserver.netdev")
+
+VNET_HDR_LEN = 12
+"""struct virtio_net_hdr_v1 (virtio 1.x 5.1.6), num_buffers included."""
+NET_BUFSIZE = 4096 + 65536
+"""The largest frame a backend takes, as QEMU's NET_BUFSIZE (include/net/net.h)."""
+TX_QUEUE_LIMIT = 256
+"""Frames queued towards the host while it cannot take them; more are dropped and counted."""
+RX_BATCH = 64
+"""Frames read back to back before the receive task lets other tasks run."""
+TX_RETRY_DELAY = 0.001
+"""Pause after a "writable" wake-up that still could not write (see _flush_loop)."""
+
+
+@dataclass
+class NetStats:
+    """Frame counters; bytes count Ethernet frames, without any virtio-net header."""
+
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    tx_dropped: int = 0
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    rx_dropped: int = 0
+
+
+Deliver = Callable[[bytes], bool]
+
+
+@dataclass(frozen=True)
+class NetOffloads:
+    """Offloads the guest can receive, as QEMU's NetOffloads (include/net/net.h): a backend
+    may hand the guest frames with a partial checksum (``csum``) or segmentation work left
+    to do (``tso4``, ``tso6``, ``ecn``, ``ufo``, ``uso4``, ``uso6``) only while they are on."""
+
+    csum: bool = False
+    tso4: bool = False
+    tso6: bool = False
+    ecn: bool = False
+    ufo: bool = False
+    uso4: bool = False
+    uso6: bool = False
+
+    @classmethod
+    def from_guest_offloads(cls, offloads: int) -> NetOffloads:
+        """From virtio-net GUEST_* feature bits (the negotiated ones, or those set with
+        VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET): QEMU's virtio_net_apply_guest_offloads()."""
+        return cls(*(bool(offloads & feature.mask) for feature in (
+            NetFeature.GUEST_CSUM, NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6,
+            NetFeature.GUEST_ECN, NetFeature.GUEST_UFO, NetFeature.GUEST_USO4,
+            NetFeature.GUEST_USO6)))
+
+
+class NetBackend(Protocol):
+    vnet_hdr: bool
+    """Frames carry a 12-byte virtio_net_hdr_v1 in front, both ways (received ones with
+    num_buffers = 1; the device model rewrites it when a frame spans several buffers)."""
+    stats: NetStats
+
+    def send(self, frame: bytes | bytearray | memoryview) -> None:
+        """Write ``frame`` now, or queue it (bounded), or drop and count it; never blocks."""
+
+    async def run(self, deliver: Deliver, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Pump received frames into ``deliver`` and flush queued ones, until cancelled.
+
+        ``deliver(frame)`` returns False when the guest has no receive buffers: the frame
+        is kept (not dropped) and nothing more is read until :meth:`wake_receiver`.
+        """
+
+    def wake_receiver(self) -> None:
+        """The guest posted receive buffers: retry the frame deliver() refused."""
+
+    def set_offload(self, offloads: NetOffloads) -> None:
+        """The guest now takes ``offloads`` (QEMU's qemu_set_offload()); a backend that
+        never hands over offloaded frames ignores it. Never raises: a host that refuses
+        is logged, and the device model undoes what the guest cannot take."""
+
+    def close(self) -> None:
+        """Release the fds (waking trio tasks waiting on them); idempotent."""
+
+
+def close_waking(sock_or_fd: socket.socket | int) -> None:
+    """Close after waking any trio task waiting on it (they get ClosedResourceError)."""
+    if isinstance(sock_or_fd, socket.socket) and sock_or_fd.fileno() == -1:
+        return  # already closed
+    with suppress(RuntimeError):  # outside trio.run nobody can be waiting
+        trio.lowlevel.notify_closing(sock_or_fd)
+    if isinstance(sock_or_fd, socket.socket):
+        sock_or_fd.close()
+    else:
+        os.close(sock_or_fd)
+
+
+class NoneBackend:
+    """``none``: what the guest sends is dropped and counted; nothing is ever received."""
+
+    vnet_hdr = False
+
+    def __init__(self) -> None:
+        self.stats = NetStats()
+
+    def send(self, frame: bytes | bytearray | memoryview) -> None:
+        self.stats.tx_dropped += 1
+
+    async def run(self, deliver: Deliver, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    def wake_receiver(self) -> None:
+        pass
+
+    def set_offload(self, offloads: NetOffloads) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class QueuedBackend:
+    """What the fd-based backends share: the bounded transmit queue and guest backpressure."""
+
+    vnet_hdr = False
+
+    def __init__(self, *, tx_queue_limit: int = TX_QUEUE_LIMIT) -> None:
+        self.stats = NetStats()
+        self._tx_queue: deque[tuple[bytes, int]] = deque()  # (bytes for the host, frame length)
+        self._tx_sent = 0  # bytes of the head already written (stream sockets write partially)
+        self._tx_limit = tx_queue_limit
+        self._tx_lot = trio.lowlevel.ParkingLot()
+        self._rx_lot = trio.lowlevel.ParkingLot()
+        self._rx_woken = False
+        self._closed = False
+
+    # What a backend defines.
+    def _connected(self) -> bool:
+        return not self._closed
+
+    def _encode(self, frame: bytes | bytearray | memoryview) -> bytes:
+        return bytes(frame)
+
+    def _write(self, data: memoryview) -> int:
+        raise NotImplementedError
+
+    def _write_failed(self, exc: OSError) -> None:
+        log.debug("%s: frame dropped: %s", type(self).__name__, exc)
+
+    # The shared part.
+    def send(self, frame: bytes | bytearray | memoryview) -> None:
+        length = len(frame) - (VNET_HDR_LEN if self.vnet_hdr else 0)
+        if length <= 0 or not self._connected() or len(self._tx_queue) >= self._tx_limit:
+            self.stats.tx_dropped += 1
+            return
+        self._tx_queue.append((self._encode(frame), length))
+        if len(self._tx_queue) == 1:
+            self._flush()
+        if self._tx_queue:
+            self._tx_lot.unpark_all()
+
+    def wake_receiver(self) -> None:
+        self._rx_woken = True
+        self._rx_lot.unpark_all()
+
+    def set_offload(self, offloads: NetOffloads) -> None:
+        """Sockets carry no virtio-net header, so no offloaded frame (QEMU's stream and
+        dgram netdevs have no set_offload either)."""
+
+    def _flush(self) -> bool:
+        """Write queued frames until the host would block; True if anything was written."""
+        progress = False
+        while self._tx_queue:
+            data, length = self._tx_queue[0]
+            try:
+                written = self._write(memoryview(data)[self._tx_sent:])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._tx_queue.popleft()
+                self._tx_sent = 0
+                self.stats.tx_dropped += 1
+                self._write_failed(exc)
+                continue
+            progress = True
+            self._tx_sent += written
+            if self._tx_sent == len(data):
+                self._tx_queue.popleft()
+                self._tx_sent = 0
+                self.stats.tx_frames += 1
+                self.stats.tx_bytes += length
+        return progress
+
+    def _drop_tx_queue(self) -> None:
+        self.stats.tx_dropped += len(self._tx_queue)
+        self._tx_queue.clear()
+        self._tx_sent = 0
+
+    async def _flush_loop(self, target: socket.socket | int) -> NoReturn:
+        while True:
+            if not self._tx_queue:
+                await self._tx_lot.park()
+                continue
+            await trio.lowlevel.wait_writable(target)
+            if not self._flush():
+                # unix_dgram_poll() calls an unconnected datagram socket writable by its own
+                # send buffer while sendto() fails with EAGAIN on the receiver's full queue.
+                await trio.sleep(TX_RETRY_DELAY)
+
+    async def _deliver(self, deliver: Deliver, frame: bytes) -> None:
+        """Hand one frame to the guest; while it has no buffers, keep the frame and wait."""
+        while True:
+            self._rx_woken = False
+            if deliver(frame):
+                self.stats.rx_frames += 1
+                self.stats.rx_bytes += len(frame) - (VNET_HDR_LEN if self.vnet_hdr else 0)
+                return
+            if not self._rx_woken:  # unless wake_receiver() ran inside deliver()
+                await self._rx_lot.park()
+
+    async def _receive_datagrams(self, fd: socket.socket | int, deliver: Deliver,
+                                 read: Callable[[bytearray], int]) -> NoReturn:
+        """Receive loop for backends where every read returns exactly one frame."""
+        buffer = bytearray(NET_BUFSIZE)
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            for _ in range(RX_BATCH):
+                try:
+                    size = read(buffer)
+                except BlockingIOError:
+                    break
+                minimum = VNET_HDR_LEN if self.vnet_hdr else 0
+                if not minimum < size <= NET_BUFSIZE:
+                    self.stats.rx_dropped += 1
+                    continue
+                frame = bytearray(buffer[:size])
+                if self.vnet_hdr:
+                    # tun_put_user() skips, without writing, the vnet header bytes past the
+                    # 10-byte virtio_net_hdr: num_buffers is 1 for a frame in one buffer.
+                    frame[10:12] = b"\x01\x00"
+                await self._deliver(deliver, bytes(frame))
