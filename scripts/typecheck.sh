@@ -7,6 +7,9 @@ TOP=$(cd "$(dirname "$0")/.." && pwd)
 SHADOW=$TOP/.deps/typecheck
 rm -rf "$SHADOW"; mkdir -p "$SHADOW/vfuserver"
 for f in "$TOP"/vfuserver/*.py "$TOP"/vfuserver/py.typed; do ln -s "$f" "$SHADOW/vfuserver/"; done
+for d in "$TOP"/vfuserver/*/; do  # subpackages (vfuserver/control)
+    [ -f "$d/__init__.py" ] && ln -s "${d%/}" "$SHADOW/vfuserver/"
+done
 ln -s "$TOP/devices" "$SHADOW/vfuserver/devices"
 ln -s "$TOP/protocol" "$SHADOW/vfuserver/protocol"
 ln -s "$TOP/tests" "$SHADOW/tests"
