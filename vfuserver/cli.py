@@ -243,11 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--netdev", type=_netdev, metavar="SPEC",
                      help="network backend, e.g. tap,ifname=tap0 (default: none)")
     run.add_argument("--control", metavar="PATH",
-                     help="control socket (created 0600) for 'vfuserver profile/status/device' "
-                          "(default: [server] control of --config, else none)")
+                     help="QMP control socket (created 0600) for 'vfuserver "
+                          "profile/status/device' or qmp-shell (default: [server] control of "
+                          "--config, else none)")
     run.add_argument("--persist", action="store_true",
                      help="write runtime changes (profile set, device add/remove) back to "
-                          "--config, atomically")
+                          "--config, atomically, keeping its comments")
     run.set_defaults(func=_run, parser=run)
 
     client = argparse.ArgumentParser(add_help=False)

@@ -95,10 +95,13 @@ class Execute:
     name: str
     arguments: dict[str, JsonValue] = field(default_factory=dict)
     id: JsonValue = None
+    """The request's "id", any JSON value; echoed in the reply when ``has_id``."""
     has_id: bool = False
 
 
 class Status(enum.Enum):
+    """What :meth:`ServerConnection.next_event` returns when there is no command to run."""
+
     NEED_DATA = "need data"
     """Nothing to do until :meth:`ServerConnection.receive_data` gets more bytes."""
     CLOSED = "closed"
@@ -129,7 +132,9 @@ class ServerConnection:
         self._in = bytearray()
         self._out = bytearray()
         self._eof = False
-        self._skipping = False  # inside a line that was too long: drop it up to its newline
+        # after a message that could not be framed (too long, too deep): drop the input up
+        # to the next newline, where the client's next message most likely starts
+        self._skipping = False
         # the scan of the message at the start of _in (json-streamer.c's bracket counting)
         self._scanned = 0
         self._depth = 0
