@@ -14,13 +14,9 @@ from typing import TypeVar
 import trio
 
 from vfuserver.config import ConfigError, ServerConfig, load_config
-from vfuserver.control import (
-    ControlClient,
-    Controller,
-    ControlUnreachable,
-    JsonValue,
-    ServerError,
-)
+from vfuserver.control.client import ControlUnreachable, ServerError, execute
+from vfuserver.control.controller import Controller
+from vfuserver.control.qmp import JsonValue
 from vfuserver.netdev import NETDEV_HELP, NetdevSyntaxError, NoneSpec, parse_netdev
 from vfuserver.sdnotify import Notifier
 from vfuserver.server import describe_error
@@ -120,6 +116,7 @@ CONTROL_ENV = "VFUSERVER_CONTROL"
 CONTROL_EPILOG = f"""\
 The server is the one whose control socket --control names (default: ${CONTROL_ENV}); it has
 one when started with 'vfuserver run --control PATH' or '[server] control = PATH' in its config.
+The socket speaks QMP: qmp-shell (from the qemu.qmp package) can drive it too.
 
 Output: one line per item, fields separated by single spaces, no header; --json prints the
 server's return value instead (one JSON line).
@@ -138,16 +135,20 @@ def _control_path(args: argparse.Namespace) -> str:
     return path
 
 
-def _client_command(func: Callable[[ControlClient, argparse.Namespace], JsonValue],
+Request = tuple[str, dict[str, JsonValue]]
+"""A QMP command's name and arguments."""
+
+
+def _client_command(request: Callable[[argparse.Namespace], Request],
                     show: Callable[[JsonValue, argparse.Namespace], list[str]],
                     ) -> Callable[[argparse.Namespace], int]:
-    """A control command: connect, run func, print its lines (or --json), map exit codes."""
+    """A control command: run it (qemu.qmp), print its lines (or --json), map exit codes."""
 
     def command(args: argparse.Namespace) -> int:
         path = _control_path(args)
+        name, arguments = request(args)
         try:
-            with ControlClient(path) as client:
-                value = func(client, args)
+            value = execute(path, name, arguments)
         except ControlUnreachable as exc:
             print(f"vfuserver: {exc.strerror or exc}; is the server running with "
                   f"--control {path}?", file=sys.stderr)
@@ -192,33 +193,36 @@ def _stats_lines(value: JsonValue, args: argparse.Namespace) -> list[str]:
             for counter, count in counters.items()]
 
 
-def _profile_list(client: ControlClient, args: argparse.Namespace) -> JsonValue:
-    return client.execute("query-profiles", **({"device": args.device} if args.device else {}))
+def _only_device(args: argparse.Namespace) -> dict[str, JsonValue]:
+    return {"device": args.device} if args.device else {}
 
 
-def _profile_set(client: ControlClient, args: argparse.Namespace) -> JsonValue:
-    return client.execute("set-profile", device=args.device, profile=args.profile)
+def _profile_list(args: argparse.Namespace) -> Request:
+    return "query-profiles", _only_device(args)
 
 
-def _status(client: ControlClient, args: argparse.Namespace) -> JsonValue:
-    return client.execute("query-devices")
+def _profile_set(args: argparse.Namespace) -> Request:
+    return "set-profile", {"device": args.device, "profile": args.profile}
 
 
-def _stats(client: ControlClient, args: argparse.Namespace) -> JsonValue:
-    return client.execute("query-stats", **({"device": args.device} if args.device else {}))
+def _status(args: argparse.Namespace) -> Request:
+    return "query-devices", {}
 
 
-def _device_add(client: ControlClient, args: argparse.Namespace) -> JsonValue:
-    arguments = {"name": args.name, "socket": os.path.abspath(args.socket)}
+def _stats(args: argparse.Namespace) -> Request:
+    return "query-stats", _only_device(args)
+
+
+def _device_add(args: argparse.Namespace) -> Request:
+    arguments: dict[str, JsonValue] = {"name": args.name, "socket": os.path.abspath(args.socket)}
     for key in ("profile", "mac", "netdev"):
         if getattr(args, key) is not None:
             arguments[key] = getattr(args, key)
-    return client.execute("add-device", **arguments)
+    return "device-add", arguments
 
 
-def _device_remove(client: ControlClient, args: argparse.Namespace) -> JsonValue:
-    return client.execute("remove-device", name=args.name,
-                          **({"force": True} if args.force else {}))
+def _device_remove(args: argparse.Namespace) -> Request:
+    return "device-del", {"name": args.name, **({"force": True} if args.force else {})}
 
 
 # --- the parser -------------------------------------------------------------------------------
@@ -250,11 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--netdev", type=_argument_type(parse_netdev), metavar="SPEC",
                      help="network backend, e.g. tap,ifname=tap0 (default: none)")
     run.add_argument("--control", metavar="PATH",
-                     help="control socket (created 0600) for 'vfuserver profile/status/device' "
-                          "(default: [server] control of --config, else none)")
+                     help="QMP control socket (created 0600) for 'vfuserver "
+                          "profile/status/device' or qmp-shell (default: [server] control of "
+                          "--config, else none)")
     run.add_argument("--persist", action="store_true",
                      help="write runtime changes (profile set, device add/remove) back to "
-                          "--config, atomically")
+                          "--config, atomically, keeping its comments")
     run.set_defaults(func=_run, parser=run)
 
     client = argparse.ArgumentParser(add_help=False)
@@ -265,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def leaf(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
              help_text: str,
-             func: Callable[[ControlClient, argparse.Namespace], JsonValue],
+             func: Callable[[argparse.Namespace], Request],
              show: Callable[[JsonValue, argparse.Namespace], list[str]],
              epilog: str = "") -> argparse.ArgumentParser:
         command = subparsers.add_parser(
@@ -316,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "debug":  # the control commands report qemu.qmp's failures
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     result: int = args.func(args)
     return result
 

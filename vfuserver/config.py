@@ -1,4 +1,4 @@
-"""The device definitions of one server: a TOML file read with tomllib, written back atomically.
+"""The device definitions of one server: a TOML file read with tomllib.
 
 ::
 
@@ -18,20 +18,13 @@ are written back absolute. Anything wrong in the file is a :class:`ConfigError` 
 file, the device and the key: a definition is either wholly valid or the server refuses
 to start, so writing the file back (``--persist``) never drops a device silently. Whether a
 valid device can then be *served* (its backend, its socket) is decided per device at
-runtime.
-
-:func:`save_config` writes the file the way editors that care do: a temporary file in the
-same directory, fsync, rename over the old one, fsync of the directory. A reader (or a
-crash) sees either the old or the new file, never half of one.
+runtime. :mod:`vfuserver.persist` writes changes back into the file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import stat
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,11 +48,6 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 SERVER_KEYS = frozenset({"control"})
 DEVICE_KEYS = frozenset({"name", "socket", "profile", "mac", "netdev"})
 REQUIRED_DEVICE_KEYS = ("name", "socket")
-
-HEADER = """\
-# vfuserver device definitions (see contrib/systemd/README.md).
-# Written back by a server running with --persist: comments and layout are not kept.
-"""
 
 
 class ConfigError(ValueError):
@@ -179,70 +167,6 @@ def load_config(path: str | os.PathLike[str]) -> ServerConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {file}: {exc}") from None
     return parse_config(text, path=file)
-
-
-def dump_config(config: ServerConfig) -> str:
-    """The TOML text of ``config``; :func:`parse_config` reads it back equal."""
-    lines = [HEADER]
-    if config.control is not None:
-        lines += ["[server]", f"control = {toml_string(config.control)}", ""]
-    for spec in config.devices:
-        lines.append("[[device]]")
-        lines += [f"{key} = {toml_string(value)}" for key, value in device_to_mapping(spec).items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def save_config(config: ServerConfig, path: Path | None = None) -> None:
-    """Write ``config`` to ``path`` (default: where it came from), atomically."""
-    target = path or config.path
-    if target is None:
-        raise ValueError("the config has no file to be written to")
-    # Through a symlink (/etc/vfuserver/devices.toml -> elsewhere): replace its target.
-    write_atomically(Path(os.path.realpath(target)), dump_config(config).encode())
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data``: temp file in the same directory, fsync, rename, fsync.
-
-    The new file keeps the old one's permission bits (0644 for a new file); its owner is
-    whoever writes it.
-    """
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        mode = 0o644
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fchmod(file.fileno(), mode)
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)  # the rename itself is durable once the directory is synced
-    finally:
-        os.close(directory)
-
-
-def toml_string(value: str) -> str:
-    """A TOML basic string (TOML 1.0 "Basic strings": escape '"', '\\' and control chars)."""
-    out = ['"']
-    for char in value:
-        if char in '"\\':
-            out.append("\\" + char)
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            out.append(f"\\u{ord(char):04x}")
-        else:
-            out.append(char)
-    out.append('"')
-    return "".join(out)
 
 
 def _resolve(path: str, base: Path | None) -> str:

@@ -27,8 +27,7 @@ from vfuserver.binding import check, ffi, lib
 from vfuserver.devices.errors import GuestError
 from vfuserver.devices.memory import Barriers, GuestMemory
 from vfuserver.devices.pci import BarKind, PciFunction, Region, ResetKind
-from vfuserver.sockfile import SocketFile, owner_only_umask
-from vfuserver.sockfile import prepare_socket_path as prepare_socket_path  # control.py's import
+from vfuserver.sockfile import SocketFile, owner_only_umask, prepare_socket_path
 
 SHARED_MEMORY_HINT = (
     "guest RAM is not shared with the device server: start QEMU with "

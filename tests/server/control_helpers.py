@@ -1,14 +1,17 @@
 """Helpers of the control-plane tests: a server in-process or as a `vfuserver run` process,
-the CLI as a process, and short vfio-user sessions.
+the CLI as a process, raw QMP sessions, and short vfio-user sessions.
 
 In-process servers run :meth:`Controller.run` in the test's trio loop with real
-ServedDevice objects over the real libvfio-user; the synchronous clients (the control
-client, vfuserver.client.Client) run in worker threads, as QEMU's would run elsewhere.
+ServedDevice objects over the real libvfio-user; the clients (qemu.qmp through the CLI's
+client, raw sockets, vfuserver.client.Client) run in worker threads, as QEMU's would run
+elsewhere.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +25,9 @@ import trio
 from tests.e2e.rig import LoggedProcess
 from vfuserver.client import Client
 from vfuserver.config import ServerConfig, device_from_mapping
-from vfuserver.control import ControlClient, Controller, JsonValue
+from vfuserver.control.client import execute as client_execute
+from vfuserver.control.controller import Controller
+from vfuserver.control.qmp import JsonValue
 from vfuserver.protocol import vfio_user as vu
 from vfuserver.spec import DeviceSpec
 
@@ -46,21 +51,55 @@ async def start_controller(nursery: trio.Nursery, config: ServerConfig,
 
 
 async def execute(path: str | Path, command: str, **arguments: JsonValue) -> JsonValue:
-    """One command on the control socket (from a worker thread)."""
+    """One command on the control socket, through the CLI's client (qemu.qmp)."""
+    return await trio.to_thread.run_sync(
+        lambda: client_execute(str(path), command, arguments, timeout=10))
 
-    def session() -> JsonValue:
-        with ControlClient(str(path), timeout=10) as client:
-            return client.execute(command, **arguments)
 
-    return await trio.to_thread.run_sync(session)
+class RawSession:
+    """A QMP session by hand over a plain socket: what a client sends is up to the test."""
+
+    def __init__(self, path: str | Path, *, negotiate: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.receive()
+        if negotiate:
+            self.send(b'{"execute": "qmp_capabilities"}')
+            assert self.receive() == {"return": {}}
+
+    def send(self, line: bytes) -> None:
+        self.sock.sendall(line + b"\n")
+
+    def receive(self) -> dict[str, JsonValue]:
+        """The next message; a line must end in CRLF (qmp-spec "General Definitions")."""
+        line = self.file.readline()
+        assert line.endswith(b"\r\n"), line
+        message: dict[str, JsonValue] = json.loads(line)
+        return message
+
+    def request(self, request: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        self.send(json.dumps(request).encode())
+        return self.receive()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self) -> RawSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 async def request(path: str | Path, request: dict[str, JsonValue]) -> dict[str, JsonValue]:
-    """One raw request object; the raw reply object."""
+    """One raw request object after negotiation; the raw reply object."""
 
     def session() -> dict[str, JsonValue]:
-        with ControlClient(str(path), timeout=10) as client:
-            return client.request(request)
+        with RawSession(path) as raw:
+            return raw.request(request)
 
     return await trio.to_thread.run_sync(session)
 

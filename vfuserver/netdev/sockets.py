@@ -8,11 +8,9 @@ carries a virtio-net header.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
-import stat
 import struct
 
 import trio
@@ -27,6 +25,7 @@ from vfuserver.netdev.backend import (
 )
 from vfuserver.netdev.errors import NetdevHostError
 from vfuserver.netdev.options import DgramSpec, SocketAddress, StreamSpec, UnixAddress
+from vfuserver.sockfile import SocketFile, prepare_socket_path
 
 _LENGTH = struct.Struct(">I")
 
@@ -47,22 +46,16 @@ def _where(addr: SocketAddress) -> str:
     return addr.path if isinstance(addr, UnixAddress) else f"{addr.host}:{addr.port}"
 
 
-def _unlink_stale_socket(path: str, socktype: int) -> bool:
-    """Remove a unix socket file nobody serves any more; True if one was removed.
+def _stale_socket_removed(path: str) -> bool:
+    """Whether a unix socket file nobody serves any more was at ``path`` and is gone now.
 
     QEMU unlinks whatever is at the path (net_init_dgram(), unix_listen_saddr()); a running
-    peer's socket is never taken over here: only one that refuses connections is removed.
+    peer's socket (or any other file) is never taken over here.
     """
-    with contextlib.suppress(OSError):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            return False
-        with socket.socket(socket.AF_UNIX, socktype | socket.SOCK_NONBLOCK) as probe:
-            try:
-                probe.connect(path)
-            except ConnectionRefusedError:
-                os.unlink(path)
-                return True
-    return False
+    try:
+        return prepare_socket_path(path)
+    except OSError:  # in use, not a socket, or not checkable: the bind error stands
+        return False
 
 
 def _bind(addr: SocketAddress, family: int, sockaddr: str | tuple[str, int], socktype: int,
@@ -77,7 +70,7 @@ def _bind(addr: SocketAddress, family: int, sockaddr: str | tuple[str, int], soc
             sock.bind(sockaddr)
         except OSError as exc:
             if not (exc.errno == errno.EADDRINUSE and isinstance(addr, UnixAddress)
-                    and _unlink_stale_socket(addr.path, socktype)):
+                    and _stale_socket_removed(addr.path)):
                 raise
             sock.bind(sockaddr)
         if socktype == socket.SOCK_STREAM:
@@ -92,21 +85,6 @@ def _bind(addr: SocketAddress, family: int, sockaddr: str | tuple[str, int], soc
             msg = f"cannot bind {_where(addr)}: {os.strerror(err)}; check {option}"
         raise NetdevHostError(err, msg) from exc
     return sock
-
-
-def _bound_inode(sock: socket.socket) -> tuple[str, int] | None:
-    """The unix socket file this socket created, to remove it on close (if still ours)."""
-    if sock.family != socket.AF_UNIX:
-        return None
-    path = sock.getsockname()
-    return (path, os.stat(path).st_ino) if isinstance(path, str) and path else None
-
-
-def _remove_socket_file(bound: tuple[str, int] | None) -> None:
-    if bound is not None:
-        with contextlib.suppress(OSError):
-            if os.stat(bound[0]).st_ino == bound[1]:
-                os.unlink(bound[0])
 
 
 async def _connect(addr: SocketAddress, family: int,
@@ -138,7 +116,7 @@ class StreamBackend(QueuedBackend):
         super().__init__(**kwargs)
         self.spec, self._family, self._sockaddr = spec, family, sockaddr
         self._listener, self._first_peer = listener, peer
-        self._bound = _bound_inode(listener) if listener else None
+        self._bound = SocketFile.of(listener) if listener else None
         self._peer: socket.socket | None = None
         self._peer_scope: trio.CancelScope | None = None
 
@@ -287,7 +265,8 @@ class StreamBackend(QueuedBackend):
             for sock in (self._listener, self._first_peer, self._peer):
                 if sock is not None:
                     close_waking(sock)
-            _remove_socket_file(self._bound)
+            if self._bound is not None:
+                self._bound.remove()  # only if the file is still the one we bound
 
 
 class DgramBackend(QueuedBackend):
@@ -301,7 +280,7 @@ class DgramBackend(QueuedBackend):
                  **kwargs: int) -> None:
         super().__init__(**kwargs)
         self.spec, self._sock, self._remote = spec, sock, remote
-        self._bound = _bound_inode(sock)
+        self._bound = SocketFile.of(sock)
 
     @classmethod
     async def open(cls, spec: DgramSpec, *, tx_queue_limit: int = TX_QUEUE_LIMIT
@@ -336,4 +315,5 @@ class DgramBackend(QueuedBackend):
             self._closed = True
             self._drop_tx_queue()
             close_waking(self._sock)
-            _remove_socket_file(self._bound)
+            if self._bound is not None:
+                self._bound.remove()  # only if the file is still the one we bound

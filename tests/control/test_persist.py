@@ -1,0 +1,171 @@
+"""--persist edits the operator's TOML file: comments, order and style stay.
+
+The expected files are written out by hand: what an operator should find after each change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from vfuserver.config import ConfigError, ServerConfig, device_from_mapping, load_config
+from vfuserver.persist import render_config, save_config
+
+OPERATOR_FILE = """\
+# The devices of host A (edited by hand; vfuserver --persist keeps these lines).
+
+[server]
+control = "ctl.sock"   # relative: next to this file
+
+# net0: the uplink, on the bridge
+[[device]]
+name = "net0"            # its name in logs
+socket = "net0.sock"
+profile = "modern"       # switched at runtime
+
+# net1: the spare
+# (two lines about it)
+[[device]]
+name = 'net1'
+socket = "net1.sock"
+# a line under net1's keys
+
+# net2: the lab
+[[device]]
+name = "net2"
+socket = "net2.sock"   # the lab's VM
+mac = "52:54:00:00:00:02"
+
+# end of the file
+"""
+
+
+@pytest.fixture
+def operator_file(tmp_path: Path) -> Path:
+    path = tmp_path / "devices.toml"
+    path.write_text(OPERATOR_FILE)
+    return path
+
+
+def edited(path: Path, change: dict[str, str | None]) -> str:
+    """The file after the running definitions changed: name -> new profile, or None: gone."""
+    config = load_config(path)
+    config.devices = [dataclasses.replace(spec, profile=change.get(spec.name) or spec.profile)
+                      for spec in config.devices if change.get(spec.name, "") is not None]
+    save_config(config)
+    return path.read_text()
+
+
+def test_nothing_changed_writes_the_same_bytes(operator_file: Path) -> None:
+    assert edited(operator_file, {}) == OPERATOR_FILE
+
+
+def test_set_profile_changes_one_value_and_keeps_its_comment(operator_file: Path) -> None:
+    assert edited(operator_file, {"net0": "transitional"}) == OPERATOR_FILE.replace(
+        'profile = "modern"       # switched at runtime',
+        'profile = "transitional"       # switched at runtime')
+
+
+def test_a_key_left_to_its_default_is_added_under_the_last_key(operator_file: Path) -> None:
+    assert edited(operator_file, {"net1": "transitional", "net2": "transitional"}) == (
+        OPERATOR_FILE
+        .replace('socket = "net1.sock"\n', 'socket = "net1.sock"\nprofile = "transitional"\n')
+        .replace('mac = "52:54:00:00:00:02"\n',
+                 'mac = "52:54:00:00:00:02"\nprofile = "transitional"\n'))
+
+
+def test_a_removed_device_takes_its_own_comments_only(operator_file: Path) -> None:
+    assert edited(operator_file, {"net1": None}) == OPERATOR_FILE.replace(
+        "# net1: the spare\n# (two lines about it)\n[[device]]\nname = 'net1'\n"
+        'socket = "net1.sock"\n# a line under net1\'s keys\n\n', "")
+    assert edited(operator_file, {"net2": None}) == OPERATOR_FILE.replace(
+        "# net1: the spare\n# (two lines about it)\n[[device]]\nname = 'net1'\n"
+        'socket = "net1.sock"\n# a line under net1\'s keys\n\n', "").replace(
+        '# net2: the lab\n[[device]]\nname = "net2"\nsocket = "net2.sock"   # the lab\'s VM\n'
+        'mac = "52:54:00:00:00:02"\n\n', "")
+
+
+def test_the_first_device_goes_without_the_server_table_s_comments(tmp_path: Path) -> None:
+    path = tmp_path / "devices.toml"
+    path.write_text("# about the file\n\n# net0\n[[device]]\nname = \"net0\"\n"
+                    "socket = \"net0.sock\"\n\n# net1\n[[device]]\nname = \"net1\"\n"
+                    "socket = \"net1.sock\"\n")
+    assert edited(path, {"net0": None}) == (
+        "# about the file\n\n# net1\n[[device]]\nname = \"net1\"\nsocket = \"net1.sock\"\n")
+
+
+def test_an_added_device_comes_last_with_every_key(operator_file: Path) -> None:
+    config = load_config(operator_file)
+    config.devices.append(device_from_mapping({
+        "name": "net3", "socket": str(operator_file.parent / 'odd "3".sock'),
+        "netdev": "stream,server=on,addr.type=unix,addr.path=/run/a,,b.sock"}))
+    save_config(config)
+    text = operator_file.read_text()
+    assert text.startswith(OPERATOR_FILE)
+    assert text.removeprefix(OPERATOR_FILE) == (
+        '\n[[device]]\nname = "net3"\n'
+        f'socket = "{operator_file.parent}/odd \\"3\\".sock"\n'
+        'profile = "modern"\n'
+        f'mac = "{":".join(f"{b:02x}" for b in config.devices[-1].mac)}"\n'
+        'netdev = "stream,server=on,addr.type=unix,addr.path=/run/a,,b.sock"\n')
+    assert load_config(operator_file).devices == config.devices
+
+
+def test_the_server_table_is_the_operator_s(operator_file: Path) -> None:
+    config = load_config(operator_file)
+    config.control = "/run/elsewhere.sock"  # as `vfuserver run --control` sets it
+    config.devices[0] = dataclasses.replace(config.devices[0], profile="transitional")
+    save_config(config)
+    assert 'control = "ctl.sock"   # relative: next to this file' in operator_file.read_text()
+
+
+def test_a_file_that_is_no_longer_valid_is_left_alone(operator_file: Path) -> None:
+    config = load_config(operator_file)
+    broken = OPERATOR_FILE.replace('name = "net2"', 'name = "net2"\ncolour = "red"')
+    operator_file.write_text(broken)
+    with pytest.raises(ConfigError, match=r"unknown key colour.*not overwriting"):
+        save_config(config)
+    assert operator_file.read_text() == broken
+
+
+def test_a_missing_file_is_written_afresh(tmp_path: Path) -> None:
+    path = tmp_path / "devices.toml"
+    odd = '/run/a"b\\c\td\x7fe\u00e9'
+    config = ServerConfig(control=odd, devices=[
+        device_from_mapping({"name": "net0", "socket": "/run/net0.sock"})], path=path)
+    save_config(config)
+    written = load_config(path)
+    assert written.control == odd  # tomlkit escapes what TOML requires
+    assert written.devices == config.devices
+    assert path.read_text().startswith("# vfuserver device definitions")
+    assert render_config(config) == path.read_text()
+
+
+def test_save_config_is_atomic_and_keeps_the_mode(tmp_path: Path) -> None:
+    path = tmp_path / "devices.toml"
+    path.write_text("")
+    os.chmod(path, 0o640)
+    inode = os.stat(path).st_ino
+    config = ServerConfig(devices=[device_from_mapping(
+        {"name": "net0", "socket": "/run/net0.sock", "profile": "transitional"})], path=path)
+    save_config(config)
+    assert os.stat(path).st_ino != inode  # replaced by rename, never rewritten in place
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert load_config(path).devices == config.devices
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["devices.toml"]  # no temp left
+
+
+def test_save_config_through_a_symlink_replaces_its_target(tmp_path: Path) -> None:
+    real = tmp_path / "real.toml"
+    real.write_text("# kept\n")
+    link = tmp_path / "devices.toml"
+    link.symlink_to(real)
+    save_config(ServerConfig(devices=[device_from_mapping(
+        {"name": "net0", "socket": "/run/net0.sock"})], path=link))
+    assert link.is_symlink()
+    assert [d.name for d in load_config(real).devices] == ["net0"]
+    assert real.read_text().startswith("# kept\n\n[[device]]\n")
