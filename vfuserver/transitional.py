@@ -43,6 +43,7 @@ from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol import virtio_admin as admin
 from vfuserver.protocol import virtio_legacy as legacy
 from vfuserver.protocol import virtio_pci as vpci
+from vfuserver.protocol.virtio import DeviceType
 
 TRANSITIONAL_REVISION = legacy.ABI_VERSION  # "Transitional needs to have revision 0"
 BAR0_SIZE = legacy.bar0_size(LEGACY_DEVICE_CONFIG_BYTES)
@@ -184,7 +185,7 @@ class TransitionalFunction:
             pcifmt.Offset.REVISION_ID: bytes([TRANSITIONAL_REVISION]),
             _BAR0: bar0.to_bytes(4, "little"),
             pcifmt.Offset.SUBSYSTEM_VENDOR_ID: vpci.VENDOR_ID.to_bytes(2, "little"),
-            pcifmt.Offset.SUBSYSTEM_ID: vpci.DeviceType.NET.to_bytes(2, "little"),
+            pcifmt.Offset.SUBSYSTEM_ID: DeviceType.NET.to_bytes(2, "little"),
         }
 
 

@@ -29,9 +29,9 @@ from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol import vfio_user as vu
 from vfuserver.protocol import virtio_admin as admin
 from vfuserver.protocol.pci import ClassCode
+from vfuserver.protocol.virtio import DeviceStatus, Feature
 from vfuserver.protocol.virtio_legacy import Register
 from vfuserver.protocol.virtio_net import NetFeature
-from vfuserver.protocol.virtio_pci import DeviceStatus, Feature
 from vfuserver.server import serve_device
 from vfuserver.transitional import BAR0_SIZE, TransitionalFunction
 
