@@ -20,6 +20,7 @@ import trio
 
 from vfuserver.context import VfuContext
 from vfuserver.devices.admin import AdminOwner
+from vfuserver.devices.legacy_io import TransitionalFunction
 from vfuserver.devices.memory import GuestMemory
 from vfuserver.devices.pci import PciFunction
 from vfuserver.devices.ring_journal import RingJournal
@@ -29,7 +30,6 @@ from vfuserver.netdev import NetBackend, NetdevSpec, NoneSpec, open_netdev
 from vfuserver.protocol.pci import ClassCode
 from vfuserver.protocol.virtio_net import HDR_LEN
 from vfuserver.server import serve_device
-from vfuserver.transitional import TransitionalFunction
 
 PROFILES = ("modern", "transitional")
 DEFAULT_MAC = bytes.fromhex("525400123456")
