@@ -27,7 +27,16 @@ class DeviceStatus(enum.IntFlag):
     FAILED = 0x80
 
 
-class Feature(enum.IntEnum):
+class FeatureBit(enum.IntEnum):
+    """A feature bit number; device types name theirs in a subclass (``NetFeature``)."""
+
+    @property
+    def mask(self) -> int:
+        """``1 << bit``."""
+        return 1 << self.value
+
+
+class Feature(FeatureBit):
     """Device-independent feature bit numbers (§6 Reserved Feature Bits, virtio_config.h).
 
     Bits 0..23 are device-type specific. Bit 30 is QEMU's VIRTIO_F_BAD_FEATURE, which a
@@ -48,11 +57,6 @@ class Feature(enum.IntEnum):
     NOTIF_CONFIG_DATA = 39
     RING_RESET = 40
     ADMIN_VQ = 41
-
-    @property
-    def mask(self) -> int:
-        """``1 << bit``."""
-        return 1 << self.value
 
 
 def feature_mask(*bits: int) -> int:
