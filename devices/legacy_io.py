@@ -128,15 +128,13 @@ class LegacyIoShadow:
             if overlap is None:
                 continue
             at, pos, length = overlap
-            value = bytearray(self._field(start).to_bytes(width, "little"))
+            current = self.pci_cmd if start == _COMMAND else self.pci_base_addr_0
+            value = bytearray(current.to_bytes(width, "little"))
             value[pos : pos + length] = data[at : at + length]
             if start == _COMMAND:
                 self.pci_cmd = int.from_bytes(value, "little")
             else:
                 self.pci_base_addr_0 = int.from_bytes(value, "little")
-
-    def _field(self, start: int) -> int:
-        return self.pci_cmd if start == _COMMAND else self.pci_base_addr_0
 
     def command(self, device_command: int) -> int:
         """PCI_COMMAND as presented: the device's, with this IO decode bit."""
@@ -144,7 +142,8 @@ class LegacyIoShadow:
 
     def bar0(self) -> int:
         """BAR0 as presented: the written address aligned to the BAR's size, IO space;
-        a sizing write of all ones reads back the size (virtiovf_pci_read_config)."""
+        after a sizing write of all ones it reads back the size mask
+        (virtiovf_pci_read_config)."""
         return (self.pci_base_addr_0 & ~(self.bar0_size - 1) & 0xFFFFFFFF) | pcifmt.BAR_SPACE_IO
 
     def reset(self) -> None:
