@@ -29,6 +29,7 @@ from typing import Protocol, TypeAlias
 
 from vfuserver.devices.errors import GuestError
 from vfuserver.devices.virtio import RateLimitedLog
+from vfuserver.protocol.fields import name_or_number
 from vfuserver.protocol.virtio_admin import (
     CMD_HEADER,
     CMD_HEADER_SIZE,
@@ -124,6 +125,19 @@ class AdminStats:
     """Empty device-readable parts: no header at all, so no opcode to count them under."""
     bugs: int = 0
     """Unexpected exceptions while executing (member or owner bugs), logged rate-limited."""
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as the server logs them and the control socket returns them,
+        named as the spec names opcodes and statuses (VIRTIO_ADMIN_CMD_*, admin.tex's
+        status table): ``opcode:LEGACY_COMMON_CFG_READ``,
+        ``status:LEGACY_COMMON_CFG_READ:OK``; a value the spec does not name shows as
+        its number."""
+        out = {f"opcode:{name_or_number(Opcode, op)}": n for op, n in self.commands.items()}
+        out.update({f"status:{name_or_number(Opcode, op)}:{name_or_number(Status, st)}": n
+                    for (op, st), n in self.statuses.items()})
+        out["malformed"] = self.malformed
+        out["bugs"] = self.bugs
+        return out
 
 
 _GroupHandler: TypeAlias = Callable[[BytesLike, int], bytes]

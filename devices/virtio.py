@@ -29,7 +29,7 @@ from typing import Protocol
 from vfuserver.devices.errors import GuestError
 from vfuserver.devices.memory import GuestMemory
 from vfuserver.devices.virtqueue import VirtQueue
-from vfuserver.protocol.virtio_pci import DeviceStatus, Feature
+from vfuserver.protocol.virtio import DeviceStatus, Feature
 
 LEGACY_FEATURE_MASK = 0xFFFF_FFFF
 """A legacy driver sees and accepts feature bits 0-31 only."""
@@ -105,7 +105,7 @@ class VirtioDevice:
     """
 
     device_id: int = 0
-    """Virtio device type (virtio_pci.DeviceType); 0 = reserved."""
+    """Virtio device type (:class:`vfuserver.protocol.virtio.DeviceType`); 0 = reserved."""
     legacy_only_features: int = LEGACY_ONLY_FEATURES
 
     def __init__(

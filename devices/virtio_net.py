@@ -22,8 +22,8 @@ from vfuserver.devices.errors import GuestError, HostError
 from vfuserver.devices.virtio import VirtioDevice, VirtioInterrupts
 from vfuserver.devices.virtqueue import DescriptorChain, VirtQueue, VirtQueueError
 from vfuserver.protocol import virtio_net as net
+from vfuserver.protocol.virtio import DeviceType, Feature
 from vfuserver.protocol.virtio_net import CtrlAck, CtrlClass, NetFeature, NetStatus
-from vfuserver.protocol.virtio_pci import DeviceType, Feature
 
 if TYPE_CHECKING:
     from vfuserver.devices.memory import Buffer, GuestMemory

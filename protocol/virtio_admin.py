@@ -29,7 +29,7 @@ from typing import NamedTuple, TypeAlias
 
 from construct import GreedyBytes, GreedyRange, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
 
-from vfuserver.protocol.virtio_pci import IntEnumAdapter, enum_or_int
+from vfuserver.protocol.fields import IntEnumAdapter, enum_or_int
 
 # --------------------------------------------------------------------------------------
 # Constants

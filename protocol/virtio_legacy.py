@@ -103,7 +103,7 @@ LegacyCommonHeader = Struct(
     "queue_num" / Int16ul * "selected queue size",
     "queue_sel" / Int16ul * "queue selector",
     "queue_notify" / Int16ul * "queue index written to notify",
-    "status" / Int8ul * "device status (virtio_pci.DeviceStatus)",
+    "status" / Int8ul * "device status (virtio.DeviceStatus)",
     "isr" / Int8ul * "ISR status (virtio_pci.IsrStatus), read-to-clear",
 )
 """The 20-byte common header seen while MSI-X is disabled."""

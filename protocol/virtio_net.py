@@ -17,6 +17,8 @@ import struct
 
 from construct import Array, Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct, this
 
+from vfuserver.protocol.virtio import FeatureBit
+
 ETH_ALEN = 6
 ETH_HLEN = 14
 """Ethernet header: destination, source, ethertype."""
@@ -35,7 +37,7 @@ MAX_GSO_FRAME = 65589
 from "Setting Up Receive Buffers"."""
 
 
-class NetFeature(enum.IntEnum):
+class NetFeature(FeatureBit):
     """Network device feature bit numbers (VIRTIO_NET_F_*)."""
 
     CSUM = 0
@@ -75,11 +77,6 @@ class NetFeature(enum.IntEnum):
     RSC_EXT = 61
     STANDBY = 62
     SPEED_DUPLEX = 63
-
-    @property
-    def mask(self) -> int:
-        """``1 << bit``."""
-        return 1 << self.value
 
 
 FEATURE_REQUIRES: dict[NetFeature, tuple[NetFeature, ...]] = {

@@ -1,9 +1,10 @@
-"""Virtio over PCI: identity, vendor capabilities, common configuration, status and features.
+"""Virtio over PCI: identity, vendor capabilities, common configuration, ISR status.
 
-Sources: virtio spec §4.1 "Virtio Over PCI Bus" (transport-pci.tex), §2.1 device status,
-§6 reserved feature bits (content.tex); Linux include/uapi/linux/virtio_pci.h,
-virtio_config.h, virtio_ids.h. Everything here is modern (virtio 1.x, little-endian); the
-legacy IO BAR layout lives in :mod:`vfuserver.protocol.virtio_legacy`.
+Sources: virtio spec §4.1 "Virtio Over PCI Bus" (transport-pci.tex); Linux
+include/uapi/linux/virtio_pci.h, virtio_ids.h (VIRTIO_TRANS_ID_*). Everything here is modern
+(virtio 1.x, little-endian); the legacy IO BAR layout lives in
+:mod:`vfuserver.protocol.virtio_legacy`, and what is not PCI-specific (device status,
+feature bits, device types) in :mod:`vfuserver.protocol.virtio`.
 
 For comparison, QEMU's virtio-net-pci (hw/virtio/virtio-pci.c) places its modern
 structures in BAR4: common @0x0000, ISR @0x1000, device @0x2000, notify @0x3000
@@ -14,10 +15,10 @@ length 0). The device side chooses its own layout; this module only describes th
 from __future__ import annotations
 
 import enum
-from typing import Any, TypeVar
 
-from construct import Adapter, Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
+from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
 
+from vfuserver.protocol.fields import IntEnumAdapter
 from vfuserver.protocol.pci import CapabilityId
 
 # --------------------------------------------------------------------------------------
@@ -33,24 +34,6 @@ MODERN_MIN_SUBSYSTEM_ID = 0x40
 """Non-transitional devices SHOULD have a Subsystem Device ID of 0x40 or higher (§4.1.2.1)."""
 MSI_NO_VECTOR = 0xFFFF
 """VIRTIO_MSI_NO_VECTOR: "no MSI-X vector" in config_msix_vector / queue_msix_vector."""
-
-
-class DeviceType(enum.IntEnum):
-    """Virtio device ids (§5, virtio_ids.h VIRTIO_ID_*); the subset this project names."""
-
-    NET = 1
-    BLOCK = 2
-    CONSOLE = 3
-    ENTROPY = 4
-    BALLOON = 5
-    """Traditional memory balloon."""
-    SCSI = 8
-    NINEP = 9
-    GPU = 16
-    INPUT = 18
-    VSOCK = 19
-    CRYPTO = 20
-    FS = 26
 
 
 class TransitionalDeviceId(enum.IntEnum):
@@ -73,39 +56,6 @@ def modern_device_id(device_type: int) -> int:
     if not 0 <= device_type <= 0xFFFF - MODERN_DEVICE_ID_BASE:
         raise ValueError(f"virtio device type {device_type} out of range")
     return MODERN_DEVICE_ID_BASE + device_type
-
-
-# --------------------------------------------------------------------------------------
-# Construct helpers shared by the virtio modules
-
-
-_E = TypeVar("_E", bound=enum.IntEnum)
-
-
-def enum_or_int(enum_type: type[_E], value: int) -> _E | int:
-    """``enum_type(value)`` when the value is named, else the plain int.
-
-    Guest-supplied fields can hold reserved values; they must parse so that the device can
-    answer them (e.g. with an invalid-opcode status) instead of crashing.
-    """
-    try:
-        return enum_type(value)
-    except ValueError:
-        return value
-
-
-class IntEnumAdapter(Adapter):  # type: ignore[misc]  # construct is untyped
-    """An integer field decoded to an IntEnum member, or to a plain int if it is not named."""
-
-    def __init__(self, enum_type: type[enum.IntEnum], subcon: Any) -> None:
-        super().__init__(subcon)
-        self.enum_type = enum_type
-
-    def _decode(self, obj: int, context: Any, path: str) -> int:
-        return enum_or_int(self.enum_type, obj)
-
-    def _encode(self, obj: int, context: Any, path: str) -> int:
-        return int(obj)
 
 
 # --------------------------------------------------------------------------------------
@@ -341,19 +291,7 @@ def common_cfg_access(offset: int, size: int) -> tuple[CommonCfgRegister, ...]:
 
 
 # --------------------------------------------------------------------------------------
-# Device status (§2.1), ISR status (§4.1.4.5), feature bits (§6)
-
-
-class DeviceStatus(enum.IntFlag):
-    """Device status bits (§2.1, virtio_config.h VIRTIO_CONFIG_S_*)."""
-
-    ACKNOWLEDGE = 0x01
-    DRIVER = 0x02
-    DRIVER_OK = 0x04
-    FEATURES_OK = 0x08
-    """Not used by legacy drivers."""
-    NEEDS_RESET = 0x40
-    FAILED = 0x80
+# ISR status (§4.1.4.5)
 
 
 class IsrStatus(enum.IntFlag):
@@ -361,41 +299,3 @@ class IsrStatus(enum.IntFlag):
 
     QUEUE = 0x1
     CONFIG = 0x2
-
-
-class Feature(enum.IntEnum):
-    """Device-independent feature bit numbers (§6 Reserved Feature Bits, virtio_config.h).
-
-    Bits 0..23 are device-type specific. Bit 30 is QEMU's VIRTIO_F_BAD_FEATURE, which a
-    legacy driver should not negotiate; it is deliberately not named here.
-    """
-
-    NOTIFY_ON_EMPTY = 24
-    ANY_LAYOUT = 27
-    RING_INDIRECT_DESC = 28
-    RING_EVENT_IDX = 29
-    VERSION_1 = 32
-    ACCESS_PLATFORM = 33
-    RING_PACKED = 34
-    IN_ORDER = 35
-    ORDER_PLATFORM = 36
-    SR_IOV = 37
-    NOTIFICATION_DATA = 38
-    NOTIF_CONFIG_DATA = 39
-    RING_RESET = 40
-    ADMIN_VQ = 41
-
-    @property
-    def mask(self) -> int:
-        """``1 << bit``."""
-        return 1 << self.value
-
-
-def feature_mask(*bits: int) -> int:
-    """The 64-bit feature word with ``bits`` set."""
-    mask = 0
-    for bit in bits:
-        if not 0 <= bit < 64:
-            raise ValueError(f"feature bit {bit} out of range")
-        mask |= 1 << bit
-    return mask

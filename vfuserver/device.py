@@ -19,6 +19,7 @@ import trio
 
 from vfuserver.context import VfuContext
 from vfuserver.devices.admin import AdminOwner
+from vfuserver.devices.legacy_io import TransitionalFunction
 from vfuserver.devices.memory import GuestMemory
 from vfuserver.devices.pci import PciFunction
 from vfuserver.devices.ring_journal import RingJournal
@@ -30,7 +31,6 @@ from vfuserver.protocol.pci import ClassCode
 from vfuserver.protocol.virtio_net import HDR_LEN
 from vfuserver.server import serve_device
 from vfuserver.spec import DeviceSpec, check_profile
-from vfuserver.transitional import TransitionalFunction
 
 
 class DeviceBusyError(RuntimeError):

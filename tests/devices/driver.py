@@ -16,7 +16,7 @@ from vfuserver.devices.memory import GuestMemory
 from vfuserver.devices.virtio import VirtioDevice
 from vfuserver.devices.virtqueue import VirtQueue
 from vfuserver.protocol import virtio_ring as ring
-from vfuserver.protocol.virtio_pci import DeviceStatus
+from vfuserver.protocol.virtio import DeviceStatus
 
 RAM_BASE = 0x4000_0000
 RAM_SIZE = 8 << 20

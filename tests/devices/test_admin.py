@@ -654,6 +654,21 @@ def test_counters(owner: AdminOwner, member: RegisterFile) -> None:
         (0x1234, Status.EINVAL): 1,
     }
     assert (stats.malformed, stats.bugs) == (1, 0)
+    # what the server logs and the control socket returns: the spec's names
+    assert stats.as_dict() == {
+        "opcode:LIST_USE": 1,
+        "opcode:LEGACY_COMMON_CFG_READ": 4,
+        "opcode:LEGACY_COMMON_CFG_WRITE": 2,
+        "opcode:4660": 1,  # 0x1234: no name in the spec
+        "status:LIST_USE:OK": 1,
+        "status:LEGACY_COMMON_CFG_READ:OK": 3,
+        "status:LEGACY_COMMON_CFG_READ:EINVAL": 1,
+        "status:LEGACY_COMMON_CFG_WRITE:OK": 1,
+        "status:LEGACY_COMMON_CFG_WRITE:EINVAL": 1,
+        "status:4660:EINVAL": 1,
+        "malformed": 1,
+        "bugs": 0,
+    }
 
 
 # -- never raises ----------------------------------------------------------------------------

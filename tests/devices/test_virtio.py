@@ -18,7 +18,7 @@ from tests.devices.driver import (
 from vfuserver.devices.errors import GuestError
 from vfuserver.devices.virtio import RateLimitedLog, VirtioDevice
 from vfuserver.devices.virtqueue import VirtQueue, VirtQueueError
-from vfuserver.protocol.virtio_pci import DeviceStatus, Feature
+from vfuserver.protocol.virtio import DeviceStatus, Feature
 
 F_DEMO = 1 << 3
 F_DEMO_HIGH = 1 << 40

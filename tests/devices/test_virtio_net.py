@@ -31,8 +31,8 @@ from vfuserver.devices.virtio_net import (
 )
 from vfuserver.protocol import virtio_net as net
 from vfuserver.protocol import virtio_ring as ring
+from vfuserver.protocol.virtio import DeviceStatus, Feature
 from vfuserver.protocol.virtio_net import CtrlAck, CtrlClass, NetFeature, NetStatus
-from vfuserver.protocol.virtio_pci import DeviceStatus, Feature
 
 MAC = bytes.fromhex("525400abcdef")
 OTHER = bytes.fromhex("525400000001")

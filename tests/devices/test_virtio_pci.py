@@ -13,7 +13,8 @@ from vfuserver.devices.virtio_net import VirtioNet
 from vfuserver.devices.virtio_pci import MSIX_CONTROL_ENABLE, Layout, VirtioPciFunction
 from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol.pci import ClassCode
-from vfuserver.protocol.virtio_pci import CfgType, CommonCfgRegister, DeviceStatus, Feature
+from vfuserver.protocol.virtio import DeviceStatus, Feature
+from vfuserver.protocol.virtio_pci import CfgType, CommonCfgRegister
 
 MAC = bytes.fromhex("525400000001")
 R = CommonCfgRegister

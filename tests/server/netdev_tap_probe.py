@@ -36,8 +36,8 @@ from vfuserver.netdev.errors import NetdevHostError
 from vfuserver.netdev.open import open_netdev
 from vfuserver.netdev.options import parse_netdev
 from vfuserver.netdev.tap import TapBackend
+from vfuserver.protocol.virtio import Feature
 from vfuserver.protocol.virtio_net import OFFLOADS_STRUCT, CtrlClass, CtrlGuestOffloads, NetFeature
-from vfuserver.protocol.virtio_pci import Feature
 from vfuserver.spec import DeviceSpec
 
 GUEST_MAC = bytes.fromhex("525400123456")

@@ -384,9 +384,11 @@ async def test_stream_oversized_length_drops_the_peer(tmp_path: Path) -> None:
         await peer.stream.send_all(LENGTH.pack(1 << 20))
         with trio.fail_after(TIMEOUT):
             assert await peer.stream.receive_some() == b""  # hung up on, as QEMU does
+        await peer.stream.aclose()
         assert backend.stats.rx_dropped == 1
         peer = await connect_unix(path)
         await exchange(backend, guest, peer, 0)
+        await peer.stream.aclose()
 
 
 # --- dgram ---------------------------------------------------------------------------------
@@ -462,6 +464,7 @@ async def test_stream_backpressure_keeps_the_pending_frame(tmp_path: Path) -> No
         guest.accepting = True
         backend.wake_receiver()
         await guest.wait_until(frames=4)
+        await peer.stream.aclose()
     assert [seq_of(data) for data in guest.frames] == [0, 1, 2, 3]
     assert backend.stats.rx_dropped == 0
 
@@ -506,6 +509,7 @@ async def test_tx_queue_is_bounded_when_the_peer_does_not_read(tmp_path: Path) -
         expected = sent - stats.tx_dropped
         received = [await peer.receive_frame() for _ in range(expected)]
         assert stats.tx_frames == expected  # the queue was flushed once the peer read
+        await peer.stream.aclose()
     seqs = [seq_of(data) for data in received]
     assert seqs == sorted(set(seqs))  # in order, none twice
     assert all(data == frame(seq, 1514) for data, seq in zip(received, seqs, strict=True))
@@ -541,7 +545,9 @@ async def test_stream_server_unix_in_use_vs_stale(tmp_path: Path) -> None:
     backend = await open_netdev(spec)
     guest = Guest()
     async with running(backend, guest):
-        await exchange(backend, guest, await connect_unix(path), 0)
+        peer = await connect_unix(path)
+        await exchange(backend, guest, peer, 0)
+        await peer.stream.aclose()
 
 
 async def test_stream_server_path_is_a_file(tmp_path: Path) -> None:
