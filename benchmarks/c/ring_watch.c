@@ -17,8 +17,9 @@
  *               journal's "published" index read just before, or ahead of the one read
  *               just after by more than a queue's worth (an index the device never
  *               stored, e.g. a transient 0);
- *   USED_ELEM   the element memory exposes for a published index is not the one the device
- *               journalled for that index (a store the device did not make, or lost);
+ *   USED_ELEM   the element memory exposes for a published index is neither the one the
+ *               device journalled for that index nor, already, the one of the next lap
+ *               (the device stores pushed elements before it publishes them);
  *   GUEST_AHEAD (receive queues, where the guest's used_event is its last_used_idx) the
  *               guest announced it had consumed used entries memory does not yet publish:
  *               the guest read a used.idx that memory never held.
@@ -271,10 +272,14 @@ static void check(struct queue *q)
                 uint64_t slot = i & (size - 1);
                 uint32_t id = load32(used + 4 + 8 * slot), len = load32(used + 8 + 8 * slot);
                 uint32_t jid = q->entries[2 * i], jlen = q->entries[2 * i + 1];
-                if (id != jid || len != jlen) {
+                uint16_t next = (uint16_t)(i + size);
+                /* The device stores elements before it publishes them: the slot may
+                   already hold the element of index i + size (journalled before it was
+                   stored), or have been reused by an even later lap. */
+                int next_lap = id == q->entries[2 * next] && len == q->entries[2 * next + 1];
+                if ((id != jid || len != jlen) && !next_lap) {
                     uint16_t now = load16(used + 2);
-                    /* A later lap may already own the slot: not an error then. */
-                    if ((uint16_t)(now - i) <= size)
+                    if ((uint16_t)(now - i) < size)
                         event(q, "USED_ELEM", "index=%u slot=%llu memory=%u/%u journal=%u/%u "
                               "used_idx=%u", i, (unsigned long long)slot, id, len, jid, jlen,
                               now);
