@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stress-hogs", type=int, help="CPU hogs during the stress section")
     parser.add_argument("--stress-mib", type=int, help="MiB each way per stress boot")
     parser.add_argument("--stress-smp", type=int, help="vCPUs of each stress guest (default 1)")
+    parser.add_argument("--stress-qemu-server", metavar="QEMU",
+                        help="serve the stress boots' NIC with QEMU's own x-vfio-user-server "
+                             "(virtio-net-pci) from this QEMU binary, built with "
+                             "--enable-vfio-user-server, instead of vfuserver")
     parser.add_argument("--stress-watch", action="store_true", default=None,
                         help="check every used ring from outside with ring_watch "
                              "(benchmarks/c/ring_watch.c) during the stress boots")
@@ -114,6 +118,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "stress_boots": args.stress_boots, "stress_parallel": args.stress_parallel,
         "stress_hogs": args.stress_hogs, "stress_mib": args.stress_mib,
         "stress_watch": args.stress_watch, "stress_smp": args.stress_smp,
+        "stress_qemu_server": args.stress_qemu_server,
     }
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items()
                                             if v is not None})

@@ -61,6 +61,9 @@ class Settings:
     """MiB each way per stress boot."""
     stress_smp: int = 1
     """vCPUs of each stress guest."""
+    stress_qemu_server: str | None = None
+    """A QEMU built with --enable-vfio-user-server: serve the NIC with QEMU's own
+    x-vfio-user-server (virtio-net-pci) instead of vfuserver, for comparison."""
     stress_watch: bool = False
     """Run ring_watch (benchmarks/c/ring_watch.c) beside every stress boot."""
 

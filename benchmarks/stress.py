@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tests.e2e.rig import (
     HOST_ADDRESS,
     PREFIX_LENGTH,
     TAP,
+    LoggedProcess,
     NamespaceNames,
     NetNamespace,
     RigError,
@@ -132,13 +134,44 @@ class RingWatch:
         return events, summary
 
 
+class QemuVfioUserServer(LoggedProcess):
+    """QEMU's own vfio-user server (hw/remote/vfio-user-obj.c) exporting a virtio-net-pci
+    on the tap: the same rings written from another process by QEMU's device model, to
+    tell a fault of vfuserver from one of QEMU's vfio-user client. One client per process
+    (it exits when the client goes), so one per boot. INTx only (vectors=0): the 10.0
+    server masks MSI-X vectors the upstream client never unmasks."""
+
+    def __init__(self, qemu: str, socket_path: Path, log_path: Path, ns: NetNamespace,
+                 profile: str) -> None:
+        self.socket_path = socket_path
+        self.log_path = log_path
+        legacy = "off" if profile == "transitional" else "on"
+        self.command = [
+            *ns.exec_prefix, qemu, "-machine", "x-remote,vfio-user=on", "-accel", "tcg",
+            "-nodefaults", "-display", "none", "-monitor", "none",
+            "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=n0,id=net0,romfile=,vectors=0,"
+                       f"disable-legacy={legacy},mac=52:54:00:12:34:56",
+            "-object", f"x-vfio-user-server,id=v0,socket.type=unix,"
+                       f"socket.path={socket_path},device=net0"]
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not socket_path.is_socket():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RigError(f"QEMU's vfio-user server made no socket: {self.log[-2000:]}")
+            time.sleep(0.05)
+
+
 def _boot(settings: Settings, tools: Tools, config: StressConfig, number: int,
           work: Path, sockets_dir: Path, names: NamespaceNames,
           ring_watch: Path | None) -> JsonDict:
     """One loaded boot; a dict with ``failures`` (empty when the boot passed)."""
     failures: list[str] = []
     ns = NetNamespace(names.next())
-    server: VfuServer | None = None
+    server: VfuServer | QemuVfioUserServer | None = None
     watch: RingWatch | None = None
     watch_summary = None
     console = ""
@@ -148,20 +181,26 @@ def _boot(settings: Settings, tools: Tools, config: StressConfig, number: int,
     try:
         ns.create()
         ns.add_tap(TAP)
-        exe = find_vfuserver()
-        if exe is None:
-            raise RigError("no vfuserver console script next to this Python")
-        env = None
-        if ring_watch is not None:
-            journals = work / f"stress-{number}-journal"
-            journals.mkdir()
-            env = {RING_JOURNAL_ENV: str(journals)}
-        server = VfuServer(exe, sockets_dir / f"s{number}.sock",
-                           work / f"stress-{number}-{config.key}-vfuserver.log", ns,
-                           ["--profile", config.profile, "--netdev", f"tap,ifname={TAP}"],
-                           log_level="info", env=env)
-        server.start()
-        if ring_watch is not None:
+        if settings.stress_qemu_server:
+            server = QemuVfioUserServer(settings.stress_qemu_server,
+                                        sockets_dir / f"s{number}.sock",
+                                        work / f"stress-{number}-{config.key}-qemu-server.log",
+                                        ns, config.profile)
+        else:
+            exe = find_vfuserver()
+            if exe is None:
+                raise RigError("no vfuserver console script next to this Python")
+            env = None
+            if ring_watch is not None:
+                journals = work / f"stress-{number}-journal"
+                journals.mkdir()
+                env = {RING_JOURNAL_ENV: str(journals)}
+            server = VfuServer(exe, sockets_dir / f"s{number}.sock",
+                               work / f"stress-{number}-{config.key}-vfuserver.log", ns,
+                               ["--profile", config.profile, "--netdev", f"tap,ifname={TAP}"],
+                               log_level="info", env=env)
+            server.start()
+        if ring_watch is not None and isinstance(server, VfuServer):
             watch = RingWatch(ring_watch, server.socket_path, journals,
                               work / f"stress-{number}-{config.key}-ring-watch.log")
         data = os.urandom(mib << 20)
@@ -224,13 +263,14 @@ def run(settings: Settings, work: Path) -> Section:
     section.extra["setup"] = (
         f"{settings.stress_boots} boots of {settings.stress_smp}-vCPU guests, "
         f"{settings.stress_parallel} at a time, "
+        f"NIC served by {settings.stress_qemu_server or 'vfuserver'}, "
         f"{settings.stress_hogs} CPU hogs; per boot: 1000 flood pings, {settings.stress_mib} "
         f"MiB host->guest and guest->host (sha256), 100 flood pings; configurations in turn: "
         + ", ".join(c.key for c in CONFIGS))
     load_before = loadavg()
 
     ring_watch = None
-    if settings.stress_watch:
+    if settings.stress_watch and not settings.stress_qemu_server:
         ring_watch = cbuild.build().ring_watch
 
     def one(number: int) -> None:
