@@ -28,6 +28,7 @@ import contextlib
 import os
 import stat
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +50,13 @@ HEADER = ("vfuserver device definitions (see contrib/systemd/README.md).",
 DEVICE_TABLE = "device"
 
 
-def save_config(config: ServerConfig, path: Path | None = None) -> None:
+def save_config(config: ServerConfig, path: Path | None = None, *,
+                changed: Collection[str] | None = None) -> None:
     """Write ``config``'s devices to ``path`` (default: where it came from), atomically.
 
+    ``changed``: the names of the devices a command changed (set, added or removed); only
+    their tables are touched, so what the operator edited in the file meanwhile stays.
+    None: make the file's devices those of ``config``.
     ConfigError if the file there is no longer a valid config (it is left alone).
     """
     target = path or config.path
@@ -65,14 +70,16 @@ def save_config(config: ServerConfig, path: Path | None = None) -> None:
         previous = None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {real}: {exc}") from None
-    write_atomically(real, render_config(config, previous, path=Path(target)).encode())
+    write_atomically(real, render_config(config, previous, path=Path(target),
+                                         changed=changed).encode())
 
 
 def render_config(config: ServerConfig, previous: str | None = None, *,
-                  path: Path | None = None) -> str:
+                  path: Path | None = None, changed: Collection[str] | None = None) -> str:
     """The TOML text of ``config``: ``previous`` edited (see the module), or a new file.
 
-    ``path`` is where ``previous`` lives: its relative socket paths are relative to it.
+    ``path`` is where ``previous`` lives: its relative socket paths are relative to it;
+    ``changed`` as for :func:`save_config`.
     """
     if previous is None:
         document = _new_document(config)
@@ -82,8 +89,13 @@ def render_config(config: ServerConfig, previous: str | None = None, *,
         except ConfigError as exc:
             raise ConfigError(f"{exc}; not overwriting it") from None
         document = tomlkit.parse(previous)
+        if DEVICE_TABLE in document and not isinstance(document.item(DEVICE_TABLE), AoT):
+            raise ConfigError(f"--persist edits [[{DEVICE_TABLE}]] tables; this file defines "
+                              f"its devices as an inline array: write one [[{DEVICE_TABLE}]] "
+                              "table per device, then try again")
     edit = _Edit.of(document)
-    edit.update(config, base=path.parent if path is not None else None)
+    only = None if previous is None or changed is None else set(changed)  # a new file: all
+    edit.update(config, base=path.parent if path is not None else None, changed=only)
     return edit.render()
 
 
@@ -160,31 +172,39 @@ class _Edit:
         document.parsing(False)
         return tomlkit.dumps(document)
 
-    def update(self, config: ServerConfig, *, base: Path | None) -> None:
+    def update(self, config: ServerConfig, *, base: Path | None,
+               changed: set[str] | None) -> None:
+        """Make the tables of the ``changed`` devices (None: all) those of ``config``."""
         wanted = {spec.name: spec for spec in config.devices}
         present: set[str] = set()
-        for index in reversed(range(len(self.pieces))):
-            name = self.pieces[index].device_name()
-            if name is None:
+        index = len(self.pieces) - 1
+        while index >= 0:
+            piece = self.pieces[index]
+            name = piece.device_name()
+            if name is None or (changed is not None and name not in changed):
+                index -= 1
                 continue
             if name not in wanted:
-                self._remove(index)
+                index = self._remove(index) - 1  # it may take comments above it too
                 continue
             present.add(name)
-            table = self.pieces[index].item
-            assert isinstance(table, Table)
+            table = piece.item
+            if not isinstance(table, Table):  # device_name() saw a table
+                raise TypeError(f"device {name}: not a table")
             old = device_from_mapping(table.unwrap(), base=base)
             new = wanted[name]
             mapping = device_to_mapping(new)
             for key in ("socket", "profile", "mac", "netdev"):
                 if getattr(old, key) != getattr(new, key):
                     table[key] = mapping[key]  # an existing key keeps its comment
+            index -= 1
         for spec in config.devices:
-            if spec.name not in present:
+            if spec.name not in present and (changed is None or spec.name in changed):
                 self._append_device(device_to_mapping(spec))
 
-    def _remove(self, index: int) -> None:
-        """Drop a table and the comment blocks that touch it (above and below)."""
+    def _remove(self, index: int) -> int:
+        """Drop a table and the comment blocks that touch it (above and below); the index
+        of the first piece dropped."""
         start = index
         while start > 0 and self.pieces[start - 1].is_comment:
             start -= 1
@@ -199,6 +219,10 @@ class _Edit:
         if (0 < start < len(self.pieces) and self.pieces[start - 1].is_blank
                 and self.pieces[start].is_blank):
             del self.pieces[start]
+        elif start == len(self.pieces) and start > 0 and self.pieces[start - 1].is_blank:
+            del self.pieces[start - 1]  # it was the last table: no blank line left at the end
+            start -= 1
+        return start
 
     def _append_device(self, mapping: dict[str, str]) -> None:
         table = Table(Container(), Trivia(), is_aot_element=True)

@@ -80,16 +80,15 @@ def owner_only_umask() -> Iterator[None]:
 class SocketFile:
     """The socket file a server created: where, and which file (to remove only that one).
 
-    A file system may give a new file the inode number of one just freed, so the change
-    time (ns) is part of the identity too; two files created at the same path within one
-    timestamp tick with a reused inode stay indistinguishable (a stat cannot tell more).
+    A file is its (device, inode): an operator's chmod or chown (to let a non-root QEMU in)
+    changes neither, so the file is still removed on the way out. A file system may give
+    a file created later the inode number of one just freed; such a successor at the same
+    path is indistinguishable by stat (as it is for QEMU and the kernel's unix sockets).
     """
 
     path: str
     device: int
     inode: int
-    owner: int
-    changed_ns: int
 
     @classmethod
     def at(cls, path: str) -> SocketFile:
@@ -98,7 +97,7 @@ class SocketFile:
         st = os.lstat(path)
         if not stat.S_ISSOCK(st.st_mode):
             raise FileExistsError(errno.EEXIST, f"{path} is not a socket")
-        return cls(path, st.st_dev, st.st_ino, st.st_uid, st.st_ctime_ns)
+        return cls(path, st.st_dev, st.st_ino)
 
     @classmethod
     def of(cls, sock: socket.socket) -> SocketFile | None:

@@ -169,3 +169,38 @@ def test_save_config_through_a_symlink_replaces_its_target(tmp_path: Path) -> No
     assert link.is_symlink()
     assert [d.name for d in load_config(real).devices] == ["net0"]
     assert real.read_text().startswith("# kept\n\n[[device]]\n")
+
+
+def test_removing_the_last_device_with_a_comment_above_it(tmp_path: Path) -> None:
+    # The removal takes the comment block above the table, the last lines of the file:
+    # the walk over the file must not run past its shortened end (it did: IndexError).
+    path = tmp_path / "devices.toml"
+    path.write_text('[[device]]\nname = "net0"\nsocket = "net0.sock"\n\n'
+                    '# the last one\n[[device]]\nname = "net1"\nsocket = "net1.sock"\n')
+    assert edited(path, {"net1": None}) == '[[device]]\nname = "net0"\nsocket = "net0.sock"\n'
+
+
+def test_a_change_leaves_the_operator_s_edits_to_other_devices(operator_file: Path) -> None:
+    # The server started with net0..net2; meanwhile the operator gave net1 a netdev and
+    # added net9 by hand. Switching net0's profile must write net0 and nothing else.
+    config = load_config(operator_file)
+    edited_by_hand = OPERATOR_FILE.replace(
+        'socket = "net1.sock"\n', 'socket = "net1.sock"\nnetdev = "tap,ifname=tap1"\n'
+    ) + '\n[[device]]\nname = "net9"\nsocket = "net9.sock"\n'
+    operator_file.write_text(edited_by_hand)
+    config.devices = [dataclasses.replace(spec, profile="transitional") if spec.name == "net0"
+                      else spec for spec in config.devices]
+    save_config(config, changed={"net0"})
+    assert operator_file.read_text() == edited_by_hand.replace(
+        'profile = "modern"       # switched', 'profile = "transitional"       # switched')
+
+
+def test_an_inline_array_of_devices_is_refused_with_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "devices.toml"
+    text = 'device = [{name = "net0", socket = "net0.sock"}]\n'
+    path.write_text(text)
+    config = load_config(path)
+    config.devices = [dataclasses.replace(config.devices[0], profile="transitional")]
+    with pytest.raises(ConfigError, match=r"one \[\[device\]\] table per device"):
+        save_config(config, changed={"net0"})
+    assert path.read_text() == text

@@ -8,6 +8,7 @@ processes where the CLI, restarts or $NOTIFY_SOCKET are exercised.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from vfuserver.client import Client
 from vfuserver.config import ConfigError, ServerConfig, load_config, parse_config
 from vfuserver.control.client import ControlUnreachable, ServerError
 from vfuserver.control.client import execute as client_execute
-from vfuserver.control.controller import Controller
+from vfuserver.control.controller import Controller, package_version
 from vfuserver.control.qmp import MAX_MESSAGE
 from vfuserver.control.server import ControlServer
 from vfuserver.persist import render_config
@@ -690,3 +691,22 @@ def test_systemd_units_run_what_the_cli_accepts(unit: str, environment: dict[str
             "/run/vfuserver/net0.sock", "net0", "transitional")
     example = parse_config((SYSTEMD / "devices.toml.example").read_text())
     assert [d.name for d in example.devices] == ["net0", "net1"]
+
+
+def test_a_control_socket_path_too_long_is_enametoolong(tmp_path: Path) -> None:
+    # Python raises "AF_UNIX path too long" with no errno: the error must still carry one.
+    path = tmp_path / ("c" * 120 + ".sock")
+    server = ControlServer(str(path), Controller(ServerConfig()))
+    with pytest.raises(OSError, match="path too long") as err:
+        server.bind()
+    assert err.value.errno == errno.ENAMETOOLONG
+
+
+@pytest.mark.parametrize(("version", "numbers"), [
+    ("0.2", (0, 2, 0)), ("0.2.0rc1", (0, 2, 0)), ("1.0.0.dev3", (1, 0, 0)),
+    ("0.1.0+local", (0, 1, 0)), ("3", (3, 0, 0))])
+def test_the_greeting_version_of_any_pep440_version(version: str,
+                                                   numbers: tuple[int, int, int]) -> None:
+    got = package_version(version)
+    assert (got.major, got.minor, got.micro) == numbers
+    assert got.package == f"vfuserver {version}"

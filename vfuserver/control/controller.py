@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from vfuserver.control.qmp import (
 from vfuserver.control.server import ControlServer
 from vfuserver.device import DeviceBusyError, open_device
 from vfuserver.devices.admin import AdminOwner
+from vfuserver.devices.errors import DeviceError
 from vfuserver.persist import save_config
 from vfuserver.sdnotify import Notifier
 from vfuserver.server import DeviceSet, Service, describe_error, serve
@@ -44,10 +46,12 @@ log = logging.getLogger("vfuserver.control")
 device_log = logging.getLogger("vfuserver")
 
 
-def package_version() -> Version:
-    """vfuserver's own version, in the greeting's and query-version's shape."""
-    major, minor, micro = (int(part) for part in __version__.split(".")[:3])
-    return Version(major, minor, micro, package=f"vfuserver {__version__}")
+def package_version(version: str = __version__) -> Version:
+    """``version`` (vfuserver's own by default), in the greeting's and query-version's
+    shape: its first three numbers, missing ones 0 (PEP 440: "0.2", "0.2.0rc1")."""
+    numbers = [int(n) for n in re.findall(r"\d+", version.split("+")[0])[:3]]
+    major, minor, micro = [*numbers, 0, 0, 0][:3]
+    return Version(major, minor, micro, package=f"vfuserver {version}")
 
 
 class ControlledDevice(Protocol):
@@ -227,14 +231,15 @@ class Controller:
             text += f"; control {self.config.control}"
         return text
 
-    def _changed(self, what: str) -> None:
-        """Write the definitions back (with --persist) after a change that is in effect."""
+    def _changed(self, what: str, device: str) -> None:
+        """Write the definition of ``device`` back (with --persist) after a change that is
+        in effect; the file's other tables stay as the operator left them."""
         self.notifier.notify(STATUS=self.status_line())
         if not self.persist:
             return
         try:
-            save_config(self.config)
-        except (OSError, ConfigError) as exc:
+            save_config(self.config, changed={device})
+        except Exception as exc:  # OSError, ConfigError, or tomlkit refusing the file
             log.error("%s, but %s could not be written: %s", what, self.config.path, exc)
             raise QMPError(GENERIC_ERROR, f"{what}, but {self.config.path} could not be "
                                           f"written ({exc}); it is lost on restart") from None
@@ -291,12 +296,12 @@ class Controller:
                     await device.set_profile(profile)
                 except DeviceBusyError:
                     raise QMPError(GENERIC_ERROR, _busy(name)) from None
-                except (OSError, ValueError) as exc:
+                except (OSError, ValueError, DeviceError) as exc:
                     raise QMPError(GENERIC_ERROR, f"device {name} stays "
                                    f"{device.profile}: {describe_error(exc)}") from None
             if spec.profile != profile:
                 self._replace_definition(dataclasses.replace(spec, profile=profile))
-                self._changed(f"device {name} is now {profile}")
+                self._changed(f"device {name} is now {profile}", name)
             log.info("device %s: profile %s", name, profile)
         return {}
 
@@ -324,7 +329,7 @@ class Controller:
             await self._start(spec)
             self._errors.pop(spec.name, None)
             self.config.devices.append(spec)
-            self._changed(f"device {spec.name} was added")
+            self._changed(f"device {spec.name} was added", spec.name)
             return self.describe(spec)
 
     async def device_del(self, args: dict[str, Any]) -> JsonValue:
@@ -343,7 +348,7 @@ class Controller:
             self._errors.pop(name, None)
             self.device_set.errors.pop(name, None)
             log.info("device %s removed", name)
-            self._changed(f"device {name} was removed")
+            self._changed(f"device {name} was removed", name)
         return {}
 
     async def query_version(self, args: dict[str, Any]) -> JsonValue:

@@ -7,6 +7,7 @@ server's is answered with one error object (no greeting) and disconnected.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -104,7 +105,11 @@ class ControlServer:
             sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
-            raise OSError(exc.errno, f"control socket {self.path}: {exc.strerror}") from exc
+            # Python's "AF_UNIX path too long" comes without an errno or strerror
+            err = exc.errno or (errno.ENAMETOOLONG if len(os.fsencode(self.path)) >= 108
+                                else errno.EINVAL)
+            raise OSError(err, f"control socket {self.path}: "
+                               f"{exc.strerror or str(exc)}") from exc
         self._sock = sock
         return sock
 
