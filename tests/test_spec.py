@@ -118,3 +118,14 @@ def test_cli_turns_spec_errors_into_usage_errors(option: list[str], message: str
         build_parser().parse_args(["run", "--socket", "s", *option])
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_client_commands_load_no_serving_stack() -> None:
+    # `vfuserver status` and friends talk QMP to a running server: they must work where the
+    # C extension is not built, and start fast.
+    probe = ("import sys, vfuserver.cli; "
+             "print(sorted(m for m in ('trio', 'cffi', 'vfuserver._vfu_cffi', "
+             "'vfuserver.context', 'vfuserver.server') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == "[]"

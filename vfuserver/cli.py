@@ -11,15 +11,10 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TypeVar
 
-import trio
-
 from vfuserver.config import ConfigError, ServerConfig, load_config
 from vfuserver.control.client import ControlUnreachable, ServerError, execute
-from vfuserver.control.controller import Controller
 from vfuserver.control.qmp import JsonValue
 from vfuserver.netdev import NETDEV_HELP, NetdevSyntaxError, NoneSpec, parse_netdev
-from vfuserver.sdnotify import Notifier
-from vfuserver.server import describe_error
 from vfuserver.spec import PROFILES, DeviceSpec, SpecError, default_mac, parse_mac
 
 log = logging.getLogger("vfuserver")
@@ -96,6 +91,14 @@ def _run(args: argparse.Namespace) -> int:
         config = ServerConfig(devices=[spec])
     if args.control is not None:
         config.control = os.path.abspath(args.control)
+    # The serving stack (trio, the C extension) is loaded here, for `run` alone: the client
+    # commands (status, stats, profile, device) work where it is not even built.
+    import trio
+
+    from vfuserver.control.controller import Controller
+    from vfuserver.sdnotify import Notifier
+    from vfuserver.server import describe_error
+
     controller = Controller(config, persist=args.persist, notifier=Notifier.from_environment())
     try:
         # Without a control socket nothing can add a device: stop once none is left.
@@ -323,7 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "debug":  # the control commands report qemu.qmp's failures
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except BrokenPipeError:
+        # `vfuserver stats | head`: the reader is gone; no traceback (Python's docs, "Note on
+        # SIGPIPE"): point stdout at /dev/null so the interpreter's final flush is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return result
 
 
