@@ -251,6 +251,10 @@ static void check(struct queue *q)
     uint16_t before = (uint16_t)__atomic_load_n(&q->hdr->published, __ATOMIC_ACQUIRE);
     uint16_t idx = load16(used + 2), delta = (uint16_t)(idx - q->last);
     uint16_t after = (uint16_t)__atomic_load_n(&q->hdr->published, __ATOMIC_ACQUIRE);
+    /* The device rewrote the header meanwhile (a reset: published back to 0): this sample
+       belongs to no one generation; refresh() re-arms on the next pass. */
+    if (__atomic_load_n(&q->hdr->generation, __ATOMIC_ACQUIRE) != q->generation)
+        return;
     /* The device stores used.idx, then the journal's copy: memory is never behind the copy
        read before it and at most one batch (<= size) ahead of the copy read after it. */
     if ((uint16_t)(idx - before) > (uint16_t)(after - before) + size) {
