@@ -750,7 +750,10 @@ async def test_tap_permission(netns: str) -> None:
 
 @needs_tap
 async def test_tun_device_not_accessible(netns: str) -> None:
-    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    # uid nobody; CAP_DAC_READ_SEARCH (read and search, never write) only so that it can
+    # import the probe from a checkout only root may enter (a fresh `mktemp -d` clone is 0700)
+    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+              "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search")
     outcome = await probe(netns, "open", "tap,ifname=vfunew0", wrapper=nobody)
     if os.stat("/dev/net/tun").st_mode & 0o006:  # world-accessible: TUNSETIFF refuses instead
         assert outcome["errno"] == errno.EPERM
