@@ -17,6 +17,7 @@ reported. The section has no retries: one failed boot makes it fail.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
@@ -152,8 +153,9 @@ class QemuVfioUserServer(LoggedProcess):
             "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
             "-device", f"virtio-net-pci,netdev=n0,id=net0,romfile=,vectors=0,"
                        f"disable-legacy={legacy},mac=52:54:00:12:34:56",
-            "-object", f"x-vfio-user-server,id=v0,socket.type=unix,"
-                       f"socket.path={socket_path},device=net0"]
+            "-object", json.dumps({"qom-type": "x-vfio-user-server", "id": "v0",
+                                   "socket": {"type": "unix", "path": str(socket_path)},
+                                   "device": "net0"})]
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT)
