@@ -21,9 +21,7 @@ from pathlib import Path
 from benchmarks.common import JsonDict, Section, Settings, loadavg
 from tests.e2e.report import GuestReport
 from tests.e2e.rig import (
-    GUEST_ADDRESS,
     HOST_ADDRESS,
-    PREFIX_LENGTH,
     TAP,
     GuestRun,
     NamespaceNames,
@@ -36,6 +34,7 @@ from tests.e2e.rig import (
     find_vfuserver,
     unusable_machine_reason,
 )
+from tests.e2e.traffic import BRING_UP
 
 FORCE_LEGACY = "virtio_pci.force_legacy=1"
 
@@ -69,11 +68,7 @@ SMOKE_CONFIGS = ("qemu-default", "vfuserver-modern")
 def plan(settings: Settings, sink_port: int) -> str:
     timeout = settings.step_timeout
     return ",".join([
-        "lspci",
-        "virtio",
-        "wait-if:eth0",
-        f"ip:{GUEST_ADDRESS}/{PREFIX_LENGTH}",
-        f"ping:{HOST_ADDRESS}:count=5:interval=0.2",  # ARP and the first interrupts
+        *BRING_UP,
         f"ping:{HOST_ADDRESS}:count={settings.ping_count}:flood:deadline={timeout}",
         f"nc-send:{HOST_ADDRESS}:{sink_port}:mib={settings.transfer_mib}"
         f":timeout={timeout}",

@@ -23,19 +23,16 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import cbuild
 from benchmarks.common import JsonDict, Section, Settings, loadavg
+from benchmarks.guest import FORCE_LEGACY
 from tests.e2e.rig import (
     BROKEN_QUEUE,
-    GUEST_ADDRESS,
     HOST_ADDRESS,
-    PREFIX_LENGTH,
     TAP,
-    LoggedProcess,
     NamespaceNames,
     NetNamespace,
     RigError,
@@ -47,9 +44,8 @@ from tests.e2e.rig import (
     find_vfuserver,
     unusable_machine_reason,
 )
+from tests.e2e.traffic import BRING_UP
 from vfuserver.device import RING_JOURNAL_ENV
-
-FORCE_LEGACY = "virtio_pci.force_legacy=1"
 
 
 @dataclass(frozen=True)
@@ -71,11 +67,7 @@ KERNEL_FAULTS = ("Call Trace", "BUG:", "WARNING:", "Oops")
 
 def plan(source_port: int, sink_port: int, mib: int, timeout: int) -> str:
     return ",".join([
-        "lspci",
-        "virtio",
-        "wait-if:eth0",
-        f"ip:{GUEST_ADDRESS}/{PREFIX_LENGTH}",
-        f"ping:{HOST_ADDRESS}:count=5:interval=0.2",
+        *BRING_UP,
         f"ping:{HOST_ADDRESS}:count=1000:flood:deadline={timeout}",
         f"nc-recv:{HOST_ADDRESS}:{source_port}:timeout={timeout}",
         f"nc-send:{HOST_ADDRESS}:{sink_port}:mib={mib}:timeout={timeout}",
@@ -135,17 +127,18 @@ class RingWatch:
         return events, summary
 
 
-class QemuVfioUserServer(LoggedProcess):
+class QemuVfioUserServer(VfuServer):
     """QEMU's own vfio-user server (hw/remote/vfio-user-obj.c) exporting a virtio-net-pci
     on the tap: the same rings written from another process by QEMU's device model, to
     tell a fault of vfuserver from one of QEMU's vfio-user client. One client per process
     (it exits when the client goes), so one per boot. INTx only (vectors=0): the 10.0
     server masks MSI-X vectors the upstream client never unmasks."""
 
+    what = "QEMU's vfio-user server"
+
     def __init__(self, qemu: str, socket_path: Path, log_path: Path, ns: NetNamespace,
                  profile: str) -> None:
-        self.socket_path = socket_path
-        self.log_path = log_path
+        super().__init__(Path(qemu), socket_path, log_path)
         legacy = "off" if profile == "transitional" else "on"
         self.command = [
             *ns.exec_prefix, qemu, "-machine", "x-remote,vfio-user=on", "-accel", "tcg",
@@ -156,15 +149,6 @@ class QemuVfioUserServer(LoggedProcess):
             "-object", json.dumps({"qom-type": "x-vfio-user-server", "id": "v0",
                                    "socket": {"type": "unix", "path": str(socket_path)},
                                    "device": "net0"})]
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not socket_path.is_socket():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RigError(f"QEMU's vfio-user server made no socket: {self.log[-2000:]}")
-            time.sleep(0.05)
 
 
 def _boot(settings: Settings, tools: Tools, config: StressConfig, number: int,
@@ -173,7 +157,7 @@ def _boot(settings: Settings, tools: Tools, config: StressConfig, number: int,
     """One loaded boot; a dict with ``failures`` (empty when the boot passed)."""
     failures: list[str] = []
     ns = NetNamespace(names.next())
-    server: VfuServer | QemuVfioUserServer | None = None
+    server: VfuServer | None = None
     watch: RingWatch | None = None
     watch_summary = None
     console = ""
@@ -188,6 +172,7 @@ def _boot(settings: Settings, tools: Tools, config: StressConfig, number: int,
                                         sockets_dir / f"s{number}.sock",
                                         work / f"stress-{number}-{config.key}-qemu-server.log",
                                         ns, config.profile)
+            server.start(timeout=30)
         else:
             exe = find_vfuserver()
             if exe is None:
@@ -202,7 +187,7 @@ def _boot(settings: Settings, tools: Tools, config: StressConfig, number: int,
                                ["--profile", config.profile, "--netdev", f"tap,ifname={TAP}"],
                                log_level="info", env=env)
             server.start()
-        if ring_watch is not None and isinstance(server, VfuServer):
+        if ring_watch is not None and not isinstance(server, QemuVfioUserServer):
             watch = RingWatch(ring_watch, server.socket_path, journals,
                               work / f"stress-{number}-{config.key}-ring-watch.log")
         data = os.urandom(mib << 20)

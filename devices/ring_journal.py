@@ -44,8 +44,9 @@ HEADER_SIZE = 64
 ENTRIES = 65536
 FILE_SIZE = HEADER_SIZE + 8 * ENTRIES
 _BODY = struct.Struct("<IIQQQII")
-_PUBLISHED = 48 // 4
 """The header from offset 8 (queue .. receive): rewritten only while generation is odd."""
+_PUBLISHED = 48 // 4
+"""The 32-bit word of the published used index."""
 
 
 class RingJournal:

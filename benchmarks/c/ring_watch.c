@@ -264,33 +264,31 @@ static void check(struct queue *q)
         return;
     }
     if (delta) {
-        {
-            /* Slots of indices more than a lap behind were reused while we were not
-               looking (the watcher was descheduled): only the last lap can be checked. */
-            uint16_t first = q->last;
-            if (delta > size) {
-                first = (uint16_t)(idx - size);
-                q->unchecked += (uint16_t)(first - q->last);
-            }
-            for (uint16_t i = first; i != idx; i++) {
-                uint64_t slot = i & (size - 1);
-                uint32_t id = load32(used + 4 + 8 * slot), len = load32(used + 8 + 8 * slot);
-                uint32_t jid = q->entries[2 * i], jlen = q->entries[2 * i + 1];
-                uint16_t next = (uint16_t)(i + size);
-                /* The device stores elements before it publishes them: the slot may
-                   already hold the element of index i + size (journalled before it was
-                   stored), or have been reused by an even later lap. */
-                int next_lap = id == q->entries[2 * next] && len == q->entries[2 * next + 1];
-                if ((id != jid || len != jlen) && !next_lap) {
-                    uint16_t now = load16(used + 2);
-                    if ((uint16_t)(now - i) < size)
-                        event(q, "USED_ELEM", "index=%u slot=%llu memory=%u/%u journal=%u/%u "
-                              "used_idx=%u", i, (unsigned long long)slot, id, len, jid, jlen,
-                              now);
-                }
-            }
-            q->published += delta;
+        /* Slots of indices more than a lap behind were reused while we were not
+           looking (the watcher was descheduled): only the last lap can be checked. */
+        uint16_t first = q->last;
+        if (delta > size) {
+            first = (uint16_t)(idx - size);
+            q->unchecked += (uint16_t)(first - q->last);
         }
+        for (uint16_t i = first; i != idx; i++) {
+            uint64_t slot = i & (size - 1);
+            uint32_t id = load32(used + 4 + 8 * slot), len = load32(used + 8 + 8 * slot);
+            uint32_t jid = q->entries[2 * i], jlen = q->entries[2 * i + 1];
+            uint16_t next = (uint16_t)(i + size);
+            /* The device stores elements before it publishes them: the slot may
+               already hold the element of index i + size (journalled before it was
+               stored), or have been reused by an even later lap. */
+            int next_lap = id == q->entries[2 * next] && len == q->entries[2 * next + 1];
+            if ((id != jid || len != jlen) && !next_lap) {
+                uint16_t now = load16(used + 2);
+                if ((uint16_t)(now - i) < size)
+                    event(q, "USED_ELEM", "index=%u slot=%llu memory=%u/%u journal=%u/%u "
+                          "used_idx=%u", i, (unsigned long long)slot, id, len, jid, jlen,
+                          now);
+            }
+        }
+        q->published += delta;
         q->advances++;
         q->last = idx;
     }

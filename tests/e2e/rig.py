@@ -322,6 +322,9 @@ class LoggedProcess:
 class VfuServer(LoggedProcess):
     """`vfuserver run --socket PATH ...` inside a namespace, its log captured in a file."""
 
+    what = "vfuserver"
+    """How errors name the server (a subclass may run another vfio-user server)."""
+
     def __init__(self, exe: Path, socket_path: Path, log_path: Path,
                  ns: NetNamespace | None = None, args: Sequence[str] = (),
                  log_level: str = "debug", env: dict[str, str] | None = None) -> None:
@@ -344,11 +347,11 @@ class VfuServer(LoggedProcess):
         while not self.socket_path.is_socket():
             if self.process.poll() is not None:
                 self.stop()
-                raise RigError(f"vfuserver exited ({self.returncode}) before creating "
+                raise RigError(f"{self.what} exited ({self.returncode}) before creating "
                                f"{self.socket_path}; its log:\n{self.log}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RigError(f"vfuserver made no {self.socket_path} in {timeout} s; "
+                raise RigError(f"{self.what} made no {self.socket_path} in {timeout} s; "
                                f"its log:\n{self.log}")
             time.sleep(0.05)
 

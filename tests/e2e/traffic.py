@@ -13,16 +13,21 @@ from .rig import GUEST_ADDRESS, HOST_ADDRESS, PREFIX_LENGTH, Guests, NetNamespac
 
 TRANSFER_MIB = 64
 
+BRING_UP = (
+    "lspci",
+    "virtio",
+    "wait-if:eth0",
+    f"ip:{GUEST_ADDRESS}/{PREFIX_LENGTH}",
+    f"ping:{HOST_ADDRESS}:count=5:interval=0.2",  # ARP and the first interrupts
+)
+"""The steps every plan starts with: the NIC found, bound, addressed and answering."""
+
 
 def traffic_plan(sink_port: int, *, ids: str = "1af4:1041", mib: int = TRANSFER_MIB) -> str:
     """ping 1000 adaptive, large pings, an nc transfer, MTU change, link down/up,
     driver unbind/bind (a device reset) and traffic again."""
     return ",".join([
-        "lspci",
-        "virtio",
-        "wait-if:eth0",
-        f"ip:{GUEST_ADDRESS}/{PREFIX_LENGTH}",
-        f"ping:{HOST_ADDRESS}:count=5:interval=0.2",
+        *BRING_UP,
         f"ping:{HOST_ADDRESS}:count=1000:flood",
         f"ping:{HOST_ADDRESS}:count=20:size=8000:flood",
         f"nc-send:{HOST_ADDRESS}:{sink_port}:mib={mib}:timeout=90",
