@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .deps/stamps
 SETUP_INPUTS := pyproject.toml setup.py vfuserver/_build.py vfuserver/decl/libvfio-user.h \
-                vfuserver/csrc/vfuserver.c \
+                $(wildcard vfuserver/csrc/*.c vfuserver/csrc/*.h) \
                 scripts/get-libvfio-user.sh
 
 .PHONY: setup system-packages test lint demo bench clean

@@ -37,7 +37,11 @@ from vfuserver.devices.pci import (
     Bar,
     BarKind,
     ConfigSpace,
+    FastKind,
+    FastRegister,
+    FastState,
     Interrupts,
+    IsrCell,
     Region,
     ResetKind,
     intersect,
@@ -354,6 +358,37 @@ class TransitionalFunction:
 
     def attach_interrupts(self, interrupts: Interrupts) -> None:
         self.modern.attach_interrupts(interrupts)
+
+    # -- the fast path (vfuserver.devices.pci.FastPath) -------------------------------
+
+    def fast_registers(self) -> list[FastRegister]:
+        """What a running legacy driver does all the time (QUEUE_NOTIFY; ISR and STATUS
+        reads under INTx), then the modern function's. The same answers as
+        :class:`LegacyBar0` (the kicked queue goes to the member's notify address, as
+        LEGACY_NOTIFY_INFO says), without an admin command: the counters tell them apart.
+        """
+        return [
+            FastRegister("legacy-notify", 0, NOTIFY_OFFSET, 2, True, FastKind.NOTIFY,
+                         legacy=True),
+            FastRegister("legacy-isr-read", 0, legacy.Register.ISR, 1, False,
+                         FastKind.ISR_READ, legacy=True),
+            FastRegister("legacy-status-read", 0, legacy.Register.STATUS, 1, False,
+                         FastKind.STATUS_READ, legacy=True),
+            *self.modern.fast_registers(),
+        ]
+
+    def fast_state(self) -> FastState:
+        """A legacy STATUS read switches a fresh device to legacy mode
+        (:meth:`LegacyInterface.legacy_common_read`); only once it cannot is it fast."""
+        device = self.modern.device
+        return FastState(device.status, io_enabled=self.shadow.io_enabled,
+                         settled=device.legacy or device.status != 0)
+
+    def use_isr(self, cell: IsrCell) -> None:
+        self.modern.use_isr(cell)
+
+    def kick(self, queue_index: int) -> None:
+        self.modern.kick(queue_index)
 
     def reset(self, kind: ResetKind) -> None:
         self.modern.reset(kind)

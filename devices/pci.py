@@ -257,6 +257,84 @@ def overlay_ranges(offset: int, size: int,
             yield at, value[pos : pos + length]
 
 
+class FastKind(enum.Enum):
+    """What a fast register does (vfuserver/csrc/serve.h answers it without the model)."""
+
+    NOTIFY = "notify"
+    """A write whose 16-bit value names the queue kicked; the model runs it later
+    (:meth:`FastPath.kick`), as QEMU runs an ioeventfd's kick."""
+    ISR_READ = "isr-read"
+    """A 1-byte read-to-clear of the ISR (:class:`IsrCell`)."""
+    STATUS_READ = "status-read"
+    """A 1-byte read of the device status (:attr:`FastState.status`)."""
+
+
+@dataclass(frozen=True)
+class FastRegister:
+    """An access the fast path may answer: exactly this BAR, offset, width and direction.
+
+    ``legacy``: the access is to the legacy IO BAR, so it is only served while IO decode
+    is on (:attr:`FastState.io_enabled`), and a read only while it cannot change the
+    device's mode (:attr:`FastState.settled`); otherwise the model answers it.
+    """
+
+    name: str
+    bar: int
+    offset: int
+    width: int
+    is_write: bool
+    kind: FastKind
+    legacy: bool = False
+
+
+@dataclass(frozen=True)
+class FastState:
+    """What the fast path reads, published by the model whenever its lock is released."""
+
+    status: int
+    io_enabled: bool
+    settled: bool
+
+
+class IsrCell:
+    """The ISR (virtio 1.2 §4.1.4.5), in one place both the model and a fast path can
+    reach: bits are set when an interrupt is raised and all cleared by a read. This one is
+    a plain Python value; the server substitutes one in native memory it reads atomically.
+    """
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def set(self, bits: int) -> None:
+        self._value |= bits
+
+    def take(self) -> int:
+        value, self._value = self._value, 0
+        return value
+
+    def peek(self) -> int:
+        return self._value
+
+    def store(self, value: int) -> None:
+        self._value = value
+
+
+class FastPath(Protocol):
+    """What a function offers the native fast path (optional on a :class:`PciFunction`)."""
+
+    def fast_registers(self) -> list[FastRegister]: ...
+
+    def fast_state(self) -> FastState: ...
+
+    def use_isr(self, cell: IsrCell) -> None:
+        """Keep the ISR in ``cell`` from now on (its current bits move there)."""
+        ...
+
+    def kick(self, queue_index: int) -> None:
+        """The driver kicked queue ``queue_index`` on the fast path."""
+        ...
+
+
 class PciFunction(Protocol):
     """What the server needs of a device to expose it over vfio-user."""
 

@@ -19,7 +19,11 @@ from vfuserver.devices.pci import (
     Bar,
     BarKind,
     ConfigSpace,
+    FastKind,
+    FastRegister,
+    FastState,
     Interrupts,
+    IsrCell,
     NoInterrupts,
     Region,
     ResetKind,
@@ -48,6 +52,9 @@ class Layout(enum.IntEnum):
 
 NOTIFY_OFF_MULTIPLIER = 4
 MODERN_BAR = 4
+FAST_NOTIFY_QUEUES = 3
+"""Queues whose modern notify address the fast path serves (the native side has room for
+8 fast registers; a transitional function adds its 3 legacy ones)."""
 MSIX_BAR = 1
 MSIX_BAR_SIZE = 0x1000
 MSIX_PBA_OFFSET = 0x800
@@ -84,7 +91,7 @@ class VirtioPciTransport:
         self.msix_cap = msix_cap
         self._msix_enabled = False
         self.interrupts: Interrupts = NoInterrupts()
-        self.isr = 0
+        self.isr_cell = IsrCell()
         self.config_msix_vector = NO_VECTOR
         self.device_feature_select = 0
         self.driver_feature_select = 0
@@ -114,14 +121,22 @@ class VirtioPciTransport:
             return
         # INTx: the ISR bit says why; QEMU asserts the line on the eventfd and deasserts
         # it on the guest's next BAR access, after which the ISR read clears the bit.
-        self.isr |= isr_bit
+        self.isr_cell.set(isr_bit)
         if not self.config.command & pcifmt.Command.INTX_DISABLE:
             self.interrupts.trigger(0)
 
     def read_isr(self) -> int:
         """ISR read: returns and clears the pending bits (§4.1.4.5)."""
-        value, self.isr = self.isr, 0
-        return value
+        return self.isr_cell.take()
+
+    @property
+    def isr(self) -> int:
+        """The pending ISR bits, without clearing them."""
+        return self.isr_cell.peek()
+
+    @isr.setter
+    def isr(self, value: int) -> None:
+        self.isr_cell.store(value)
 
     # -- common configuration ---------------------------------------------------------
 
@@ -253,7 +268,7 @@ class VirtioPciTransport:
         return vector if vector < self.msix_vectors else NO_VECTOR
 
     def reset_transport_state(self) -> None:
-        self.isr = 0
+        self.isr_cell.store(0)
         self.config_msix_vector = NO_VECTOR
         self.device_feature_select = self.driver_feature_select = self.queue_select = 0
 
@@ -424,6 +439,33 @@ class VirtioPciFunction:
 
     def attach_interrupts(self, interrupts: Interrupts) -> None:
         self.transport.interrupts = interrupts
+
+    # -- the fast path (vfuserver.devices.pci.FastPath) -------------------------------
+
+    def fast_registers(self) -> list[FastRegister]:
+        """The modern BAR's ISR and device_status reads and the first queues' notify
+        addresses (``queue_notify_off`` is the queue index)."""
+        registers = [
+            FastRegister("isr-read", MODERN_BAR, Layout.ISR, 1, False, FastKind.ISR_READ),
+            FastRegister("status-read", MODERN_BAR, Reg.DEVICE_STATUS, 1, False,
+                         FastKind.STATUS_READ),
+        ]
+        for index in range(min(len(self.device.queues), FAST_NOTIFY_QUEUES)):
+            registers.append(FastRegister(f"notify-{index}", MODERN_BAR,
+                                          Layout.NOTIFY + NOTIFY_OFF_MULTIPLIER * index, 2,
+                                          True, FastKind.NOTIFY))
+        return registers
+
+    def fast_state(self) -> FastState:
+        return FastState(self.device.status, io_enabled=False, settled=True)
+
+    def use_isr(self, cell: IsrCell) -> None:
+        cell.store(self.transport.isr_cell.peek())
+        self.transport.isr_cell = cell
+
+    def kick(self, queue_index: int) -> None:
+        """A notify the fast path took: what :meth:`VirtioPciTransport.notify` does."""
+        self.device.notify(queue_index)
 
     def counters(self) -> dict[str, dict[str, int]]:
         return {}

@@ -63,7 +63,7 @@ ffibuilder.cdef(DECLARATIONS.read_text())
 ffibuilder.set_source(
     "vfuserver._vfu_cffi",
     C_SOURCE.read_text(),
-    include_dirs=INCLUDE_DIRS,
+    include_dirs=[str(C_SOURCE.parent), *INCLUDE_DIRS],
     library_dirs=LIBRARY_DIRS,
     runtime_library_dirs=LIBRARY_DIRS,
     libraries=["vfio-user"],

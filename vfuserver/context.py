@@ -12,21 +12,29 @@ as "0 bytes handled": a silent wrong answer.)
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import errno
 import logging
 import os
 import re
-import socket
+import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import trio
-
 from vfuserver.binding import check, ffi, lib
 from vfuserver.devices.errors import GuestError
 from vfuserver.devices.memory import Barriers, GuestMemory
-from vfuserver.devices.pci import BarKind, PciFunction, Region, ResetKind
+from vfuserver.devices.pci import (
+    BarKind,
+    FastKind,
+    FastRegister,
+    FastState,
+    PciFunction,
+    Region,
+    ResetKind,
+)
 from vfuserver.sockfile import SocketFile, owner_only_umask, prepare_socket_path
 
 SHARED_MEMORY_HINT = (
@@ -37,7 +45,17 @@ SHARED_MEMORY_HINT = (
 """The fix for DMA maps that arrive without a file descriptor (QEMU itself says nothing)."""
 
 ATTACH_TIMEOUT = 5.0
-"""Seconds a connected client may take to send each part of its VERSION handshake."""
+"""Seconds a connected client may take to complete its VERSION handshake."""
+
+MESSAGE_TIMEOUT = 5.0
+"""Seconds a client may take to send the rest of a message it started; then it is dropped
+(QEMU writes each message with one sendmsg)."""
+
+REPLY_TIMEOUT = 5.0
+"""Seconds a reply may wait for a client that does not read its socket; then it is dropped."""
+
+DEFAULT_POLL_MAX_NS = 0
+"""Adaptive polling ceiling of the serving thread, in ns (QEMU's IOThread poll-max-ns)."""
 
 CPU_BARRIERS = Barriers(lib.vfuserver_smp_mb, lib.vfuserver_smp_wmb, lib.vfuserver_smp_rmb)
 """The rings' barriers as real CPU fences (__atomic_thread_fence, in the cffi extension)."""
@@ -51,6 +69,32 @@ _SYSLOG_TO_LOGGING = {
 }
 
 _CLIENT_COMMAND_FAILED = re.compile(r"msg0x[0-9a-f]+: cmd \d+ failed")
+
+_FAST_KINDS = {
+    FastKind.NOTIFY: lib.VFUSERVER_FAST_NOTIFY,
+    FastKind.ISR_READ: lib.VFUSERVER_FAST_ISR_READ,
+    FastKind.STATUS_READ: lib.VFUSERVER_FAST_STATUS_READ,
+}
+
+
+class ServeResult(enum.IntEnum):
+    """Why :meth:`VfuContext.serve_client` returned."""
+
+    DETACHED = lib.VFUSERVER_SERVE_DETACHED
+    """The client left, or was dropped (:attr:`VfuContext.drop_reason`)."""
+    STOPPED = lib.VFUSERVER_SERVE_STOPPED
+    """:meth:`VfuContext.stop_serving` was called."""
+
+
+class DropReason(enum.IntEnum):
+    """Why the serving thread cut a client off (vfuserver/csrc/serve.c)."""
+
+    NONE = lib.VFUSERVER_DROP_NONE
+    CLOSED_IN_MESSAGE = lib.VFUSERVER_DROP_CLOSED_IN_MESSAGE
+    STALLED = lib.VFUSERVER_DROP_STALLED
+    TOO_LARGE = lib.VFUSERVER_DROP_TOO_LARGE
+    RUN_ERROR = lib.VFUSERVER_DROP_RUN_ERROR
+
 
 _RESET_KINDS = {
     lib.VFU_RESET_DEVICE: ResetKind.DEVICE,
@@ -71,7 +115,7 @@ class CallbackErrno(Exception):
         self.errno = errno_value
 
 
-def c_callback(name: str, *, error: int | None,
+def c_callback(name: str, *, error: int | None, locked: bool = True,
                ) -> Callable[[Callable[Concatenate[VfuContext, _P], _R]],
                              Callable[Concatenate[VfuContext, _P], _R]]:
     """Make the decorated :class:`VfuContext` method the C entry point ``name``.
@@ -84,23 +128,34 @@ def c_callback(name: str, *, error: int | None,
     * :class:`CallbackErrno`: ``error`` with its errno;
     * :class:`GuestError` (the client asked for something invalid): ``error`` with its
       errno, logged at debug level;
-    * anything else, a bug: stored with :meth:`VfuContext.remember` for the serving loop
-      to log (or re-raise, for a KeyboardInterrupt), ``error`` with EIO.
+    * any other Exception, a bug: logged with its traceback, ``error`` with EIO;
+    * a BaseException (KeyboardInterrupt, SystemExit): stored with
+      :meth:`VfuContext.remember` and re-raised once the C call has returned, ``error``
+      with EIO.
 
-    The method itself is returned unchanged.
+    ``locked``: the method runs under the context's :attr:`~VfuContext.lock` (it touches
+    the device model, which other threads touch too). The method itself is returned
+    unchanged.
     """
     def register(method: Callable[Concatenate[VfuContext, _P], _R],
                  ) -> Callable[Concatenate[VfuContext, _P], _R]:
         def entry(ctx: Any, *args: _P.args, **kwargs: _P.kwargs) -> _R | int | None:
             context = _context_of(ctx)
             try:
+                if locked:
+                    with context.lock:
+                        return method(context, *args, **kwargs)
                 return method(context, *args, **kwargs)
             except CallbackErrno as refusal:
                 ffi.errno = refusal.errno
             except GuestError as exc:
                 context.log.debug("%s refused the client's request: %s", name, exc)
                 ffi.errno = exc.errno
-            except BaseException as exc:
+            except Exception as exc:  # a bug: logged now, from whichever thread runs it
+                context.log.error("bug in a device callback (the client got EIO): %r", exc,
+                                  exc_info=exc)
+                ffi.errno = errno.EIO
+            except BaseException as exc:  # re-raised outside C (report_callback_error)
                 context.remember(exc)
                 ffi.errno = errno.EIO
             return error
@@ -112,7 +167,8 @@ def c_callback(name: str, *, error: int | None,
 
 
 def _context_of(ctx: Any) -> VfuContext:
-    context: VfuContext = ffi.from_handle(lib.vfu_get_private(ctx))
+    dev = ffi.cast("struct vfuserver_dev *", lib.vfu_get_private(ctx))
+    context: VfuContext = ffi.from_handle(dev.handle)
     return context
 
 
@@ -122,6 +178,54 @@ def _last_resort(exc_type: type[BaseException], exc: BaseException,
     ffi.errno = errno.EIO
     logging.getLogger("vfuserver").error("libvfio-user callback failed",
                                          exc_info=(exc_type, exc, tb))
+
+
+class DeviceLock:
+    """The lock of one device model: the serving thread's callbacks and the event loop's
+    work on the device (frames, kicks) take it, so the model runs one thing at a time.
+
+    Re-entrant. On the outermost release it calls :attr:`publish`, which copies what the
+    fast path reads (device status, IO decode) to the native side: whatever changed the
+    model, the fast path sees the new state before anyone else can take the lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._depth = 0
+        self.publish: Callable[[], None] | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._depth += 1
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if self._depth == 1 and self.publish is not None:
+                self.publish()
+        finally:
+            self._depth -= 1
+            self._lock.release()
+
+
+class NativeIsr:
+    """The ISR kept in the native device state, where the fast path reads and clears it
+    (atomically) and the model sets it: :class:`vfuserver.devices.pci.IsrCell`."""
+
+    def __init__(self, dev: Any) -> None:
+        self._dev = dev
+
+    def set(self, bits: int) -> None:
+        lib.vfuserver_isr_set(self._dev, bits)
+
+    def take(self) -> int:
+        return int(lib.vfuserver_isr_take(self._dev))
+
+    def peek(self) -> int:
+        return int(lib.vfuserver_isr_peek(self._dev))
+
+    def store(self, value: int) -> None:
+        lib.vfuserver_isr_store(self._dev, value)
 
 
 class VfuContext:
@@ -135,31 +239,48 @@ class VfuContext:
 
     def __init__(self, socket_path: str, function: PciFunction, *,
                  memory: GuestMemory | None = None,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None,
+                 lock: DeviceLock | None = None,
+                 poll_max_ns: int = DEFAULT_POLL_MAX_NS) -> None:
         self.socket_path = os.path.abspath(socket_path)
         self.function = function
         self.log = logger or logging.getLogger(f"vfuserver.{function.name}")
         self.memory = memory if memory is not None else GuestMemory()
         self.memory.barriers = CPU_BARRIERS
+        self.lock = lock if lock is not None else DeviceLock()
+        """Taken by every callback that reaches the model, and by whoever else works on
+        the device (the event loop's frames and kicks)."""
         self.pending_error: BaseException | None = None
         self.client_attached = False
         """Set by the serving loop while a client is attached."""
-        self.quiesce_done: trio.Event | None = None
-        """Set while a deferred quiesce is pending (see :meth:`_on_quiesce`)."""
+        self._quiesced = threading.Event()
+        self._quiesce_pending = False
         self._regions: dict[int, Region] = {}
         self._unused_maps: set[tuple[int, int]] = set()
         """DMA maps libvfio-user holds that :attr:`memory` lacks, as (iova, size): without
         an fd (firmware ROM) or refused. Known, so their unmap is no surprise."""
         self._ctx: Any = ffi.NULL
         self._handle = ffi.new_handle(self)
+        self._dev: Any = ffi.new("struct vfuserver_dev *")
+        self._dev.handle = self._handle
+        self._dev.poll_max_ns = poll_max_ns
+        self._dev.message_timeout_ns = int(MESSAGE_TIMEOUT * 1e9)
+        self._dev.reply_timeout_ms = int(REPLY_TIMEOUT * 1e3)
+        check(lib.vfuserver_dev_init(self._dev), "eventfd")
+        self._dev_live = True
+        self._fast_state: Callable[[], FastState] | None = None
         self._socket_file: SocketFile | None = None
-        prepare_socket_path(self.socket_path)
-        with owner_only_umask():  # libvfio-user binds the socket inside vfu_create_ctx
-            self._ctx = check(
-                lib.vfu_create_ctx(lib.VFU_TRANS_SOCK, self.socket_path.encode(),
-                                   lib.LIBVFIO_USER_FLAG_ATTACH_NB, self._handle,
-                                   lib.VFU_DEV_TYPE_PCI),
-                f"vfu_create_ctx({self.socket_path})")
+        try:
+            prepare_socket_path(self.socket_path)
+            with owner_only_umask():  # libvfio-user binds the socket inside vfu_create_ctx
+                self._ctx = check(
+                    lib.vfu_create_ctx(lib.VFU_TRANS_SOCK, self.socket_path.encode(),
+                                       lib.LIBVFIO_USER_FLAG_ATTACH_NB, self._dev,
+                                       lib.VFU_DEV_TYPE_PCI),
+                    f"vfu_create_ctx({self.socket_path})")
+        except BaseException:
+            self._destroy_dev()
+            raise
         try:
             self._socket_file = SocketFile.at(self.socket_path)
             self._setup()
@@ -201,6 +322,36 @@ class VfuContext:
                                        lib.vfuserver_dma_unregister_cb), "DMA callbacks")
         check(lib.vfu_realize_ctx(ctx), "vfu_realize_ctx")
         fn.attach_interrupts(_VfuInterrupts(self))
+        self._setup_fast_path()
+
+    def _setup_fast_path(self) -> None:
+        """Give the native side the function's fast registers and its ISR; from now on
+        every release of :attr:`lock` publishes the state they depend on."""
+        registers = getattr(self.function, "fast_registers", None)
+        if registers is None:
+            return
+        fast: list[FastRegister] = list(registers())
+        if len(fast) > lib.VFUSERVER_FAST_REGS:
+            raise ValueError(f"{len(fast)} fast registers, at most {lib.VFUSERVER_FAST_REGS}")
+        for slot, reg in zip(self._dev.regs, fast, strict=False):
+            slot.region = lib.VFU_PCI_DEV_BAR0_REGION_IDX + reg.bar
+            slot.offset = reg.offset
+            slot.width = reg.width
+            slot.is_write = reg.is_write
+            slot.kind = _FAST_KINDS[reg.kind]
+            slot.legacy = reg.legacy
+        self._dev.nregs = len(fast)
+        self.function.use_isr(NativeIsr(self._dev))  # type: ignore[attr-defined]
+        self._fast_state = self.function.fast_state  # type: ignore[attr-defined]
+        self.lock.publish = self._publish
+        with self.lock:
+            pass  # publish the initial state
+
+    def _publish(self) -> None:
+        if self._fast_state is None or not self._dev_live:
+            return
+        state = self._fast_state()
+        lib.vfuserver_publish(self._dev, state.status, state.io_enabled, state.settled, 1)
 
     def _add_region(self, index: int, size: int, region: Region, flags: int) -> None:
         self._regions[index] = region
@@ -215,59 +366,135 @@ class VfuContext:
         return bool(self._ctx == ffi.NULL)
 
     def poll_fd(self) -> int:
-        """The fd to wait on: the listening socket, or the connection once attached.
-
-        libvfio-user replaces it inside attach and after a disconnect: query it again
-        after each of those.
-        """
+        """The listening socket's fd (the connection's while a client is attached)."""
         return int(lib.vfu_get_poll_fd(self._ctx))
 
-    def bound_handshake(self) -> None:
-        """Bound the blocking VERSION handshake inside ``vfu_attach_ctx``.
-
-        Linux copies SO_RCVTIMEO/SO_SNDTIMEO from a listening socket to the sockets it
-        accepts, so a client that connects and stays silent fails the handshake after
-        ATTACH_TIMEOUT instead of holding the attach forever.
-        """
-        _set_socket_timeouts(self.poll_fd(), ATTACH_TIMEOUT)
+    @property
+    def kick_fd(self) -> int:
+        """An eventfd, readable when the fast path recorded kicks: :meth:`process_kicks`."""
+        return int(self._dev.notify_fd)
 
     def attach(self) -> None:
-        """One non-blocking ``vfu_attach_ctx``: returns once a client is attached.
+        """One ``vfu_attach_ctx`` (blocking for the VERSION handshake once a client is
+        accepted; :meth:`interrupt` cuts it short): returns once a client is attached.
 
         Errors: OSError with libvfio-user's errno (:func:`~vfuserver.binding.check`);
-        BlockingIOError (EAGAIN) when no client is waiting.
+        BlockingIOError (EAGAIN) when no client is waiting; EINTR when interrupted.
         """
-        check(lib.vfu_attach_ctx(self._ctx), "vfu_attach_ctx")
+        check(lib.vfuserver_attach(self._ctx, self._dev), "vfu_attach_ctx")
 
-    def drain(self, fd: int, limit: int, polled: bool) -> int:
-        """Handle up to ``limit`` whole messages queued on ``fd``: how many were handled.
+    def interrupt(self) -> bool:
+        """Cut short the blocking call the attaching or serving thread is in (it fails
+        with EINTR); False if it is in none."""
+        return bool(lib.vfuserver_interrupt(self._dev))
 
-        Stops at a partial message (vfu_run_ctx would block the whole loop on it) or an
-        empty queue; ``polled``: the fd just polled readable (empty then means EOF).
-        Errors: OSError with the errno of vfu_run_ctx (or of the peek at the socket),
-        via :func:`~vfuserver.binding.check`: ENOTCONN once the client is gone, EBUSY
-        while a deferred quiesce holds a request (:attr:`quiesce_done`).
+    def serve_client(self) -> ServeResult:
+        """Serve the attached client on this thread until it leaves or is dropped, or
+        :meth:`stop_serving` (vfuserver/csrc/serve.c; the GIL is released while it waits).
+
+        Region accesses on the fast path never enter Python; all others run the model's
+        callbacks on this thread, under :attr:`lock`. A deferred quiesce is waited for
+        here. Why a dropped client was dropped is logged.
         """
-        return int(check(lib.vfuserver_drain(self._ctx, fd, limit, polled), "vfu_run_ctx"))
+        self._dev.drop_reason = lib.VFUSERVER_DROP_NONE
+        while True:
+            result = lib.vfuserver_serve(self._ctx, self._dev)
+            self.report_callback_error()
+            if result == lib.VFUSERVER_SERVE_REPORT:
+                continue
+            if result == lib.VFUSERVER_SERVE_QUIESCING:
+                self._wait_quiesced()
+                continue
+            self._log_drop()
+            return ServeResult(result)
+
+    def stop_serving(self) -> None:
+        """Make :meth:`serve_client` return STOPPED (from any thread; idempotent until
+        :meth:`serve_client` is called again)."""
+        if self._dev_live:
+            lib.vfuserver_stop(self._dev)
+            self._quiesced.set()
+
+    def rearm(self) -> None:
+        """Clear a stop request before serving the next client."""
+        self._dev.stop = 0
+        self._quiesced.clear()
+
+    @property
+    def drop_reason(self) -> DropReason:
+        return DropReason(self._dev.drop_reason)
+
+    def _log_drop(self) -> None:
+        reason = self.drop_reason
+        dev = self._dev
+        if reason is DropReason.NONE:
+            return
+        why = {
+            DropReason.CLOSED_IN_MESSAGE: "it closed the connection in the middle of a message",
+            DropReason.STALLED: f"it sent part of a message and nothing more for "
+                                f"{MESSAGE_TIMEOUT:g} s",
+            DropReason.TOO_LARGE: f"its message header announced {dev.drop_size} bytes, "
+                                  f"more than the vfio-user maximum of "
+                                  f"{lib.VFUSERVER_MAX_MESSAGE}",
+            DropReason.RUN_ERROR: f"vfu_run_ctx failed: {os.strerror(dev.drop_errno)}",
+        }[reason]
+        self.log.warning("client of %s dropped: %s; the device is reset for the next client",
+                         self.socket_path, why)
+
+    def _wait_quiesced(self) -> None:
+        """libvfio-user holds a request until the function is quiet (quiesce_complete)."""
+        self._quiesced.wait()
+        self._quiesced.clear()
+        if self._dev.stop or self.closed:
+            return
+        with self.lock:
+            check(lib.vfu_device_quiesced(self._ctx, 0), "vfu_device_quiesced")
+
+    def process_kicks(self) -> int:
+        """Run the queue notifications the fast path recorded (the model, under
+        :attr:`lock`); how many queues were kicked."""
+        with contextlib.suppress(BlockingIOError):  # reset the eventfd before taking
+            os.eventfd_read(self._dev.notify_fd)
+        queues = int(lib.vfuserver_take_notifies(self._dev))
+        if not queues:
+            return 0
+        kicked = 0
+        with self.lock:
+            while queues:
+                index = (queues & -queues).bit_length() - 1
+                queues &= queues - 1
+                self.function.kick(index)  # type: ignore[attr-defined]
+                kicked += 1
+        return kicked
 
     def trigger(self, vector: int) -> bool:
-        """Signal interrupt ``vector``; False if the client gave no eventfd for it."""
-        return bool(lib.vfu_irq_trigger(self._ctx, vector) == 0)
+        """Signal interrupt ``vector`` (from any thread); False if the client gave no
+        eventfd for it."""
+        return bool(lib.vfuserver_trigger(self._ctx, self._dev, vector) == 0)
 
     def quiesce_complete(self) -> None:
-        """The function is quiet: libvfio-user runs the request it held back."""
-        event, self.quiesce_done = self.quiesce_done, None
-        if event is None or self.closed:
-            return
-        try:
-            check(lib.vfu_device_quiesced(self._ctx, 0), "vfu_device_quiesced")
-        finally:
-            event.set()
+        """The function is quiet: the serving thread lets libvfio-user run the request
+        it held back (from any thread)."""
+        if self._quiesce_pending:
+            self._quiesce_pending = False
+            self._quiesced.set()
+
+    def native_counters(self) -> dict[str, int]:
+        """The serving thread's counters and the fast path's, by register."""
+        dev = self._dev
+        out = {"messages": int(dev.messages), "wakeups": int(dev.wakeups),
+               "polled": int(dev.polled), "kick_signals": int(dev.kicks)}
+        fast = getattr(self.function, "fast_registers", None)
+        for slot, reg in zip(dev.regs, fast() if fast else [], strict=False):
+            out[f"fast:{reg.name}"] = int(slot.count)
+        return out
 
     def remember(self, exc: BaseException) -> None:
         """Keep the first unexpected exception of a callback for the loop to log."""
         if self.pending_error is None:
             self.pending_error = exc
+        if self._dev_live:
+            self._dev.report = 1
 
     def report_callback_error(self) -> None:
         """Log the exception a callback stored (a bug; the client got EIO), once the C
@@ -290,7 +517,10 @@ class VfuContext:
         ctx, self._ctx = self._ctx, ffi.NULL
         if ctx == ffi.NULL:
             return
+        if self.lock.publish == self._publish:
+            self.lock.publish = None
         lib.vfu_destroy_ctx(ctx)
+        self._destroy_dev()
         # libvfio-user unmapped every region: nothing may still point into them
         self.memory.clear()
         self._unused_maps.clear()
@@ -298,6 +528,11 @@ class VfuContext:
         if self._socket_file is not None:
             self._socket_file.remove()
         self.report_callback_error()
+
+    def _destroy_dev(self) -> None:
+        if self._dev_live:
+            self._dev_live = False
+            lib.vfuserver_dev_destroy(self._dev)
 
     def __enter__(self) -> VfuContext:
         return self
@@ -322,7 +557,7 @@ class VfuContext:
         ffi.memmove(buf, data, count)
         return count
 
-    @c_callback("vfuserver_log_cb", error=None)
+    @c_callback("vfuserver_log_cb", error=None, locked=False)
     def _on_log(self, level: int, msg: Any) -> None:
         """vfu_log_fn_t: libvfio-user's own messages, at the matching logging level."""
         text = ffi.string(msg).decode(errors="replace")
@@ -347,15 +582,18 @@ class VfuContext:
         """vfu_device_quiesce_cb_t: libvfio-user wants the device quiet (before DMA map and
         unmap and reset).
 
-        The virtio models are synchronous and run on the loop's thread, so they are
-        always quiet here. A function may defer instead: its ``quiesce(done)`` returns
-        False and calls ``done()`` once quiet; until then the serving loop waits on
-        :attr:`quiesce_done`, and libvfio-user, told EBUSY, holds the request.
+        The virtio models are synchronous and run under :attr:`lock`, so they are always
+        quiet here. A function may defer instead: its ``quiesce(done)`` returns False and
+        calls ``done()`` (from any thread) once quiet; libvfio-user, told EBUSY, holds the
+        request, and the serving thread waits for ``done`` (other devices go on).
         """
         quiesce = getattr(self.function, "quiesce", None)
-        if quiesce is None or quiesce(self.quiesce_complete):
+        if quiesce is None:
             return 0
-        self.quiesce_done = trio.Event()
+        self._quiesce_pending = True
+        if quiesce(self.quiesce_complete):
+            self._quiesce_pending = False
+            return 0
         raise CallbackErrno(errno.EBUSY)  # vfu_run_ctx answers EBUSY until quiesce_complete()
 
     @c_callback("vfuserver_dma_register_cb", error=None)
@@ -412,14 +650,3 @@ class _VfuInterrupts:
         if not self._context.closed:
             self._context.trigger(vector)
 
-
-def _set_socket_timeouts(fd: int, seconds: float) -> None:
-    sock = socket.socket(fileno=os.dup(fd))
-    try:
-        sock.settimeout(None)  # keep the fd's blocking mode as libvfio-user set it
-        timeval = int(seconds).to_bytes(8, "little") + int(
-            (seconds % 1) * 1e6).to_bytes(8, "little")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-    finally:
-        sock.close()

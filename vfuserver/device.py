@@ -12,12 +12,14 @@ import dataclasses
 import json
 import logging
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from vfuserver.context import VfuContext
+from vfuserver.context import DeviceLock, VfuContext
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.legacy_io import TransitionalFunction
 from vfuserver.devices.memory import GuestMemory
@@ -46,17 +48,35 @@ class ServedDevice:
         self.backend = backend
         self.owner = owner
         self.memory = GuestMemory()
+        self.lock = DeviceLock()
+        """The model's lock (:class:`DeviceLock`): the serving thread's callbacks and
+        this device's event-loop tasks take it."""
         self.net = VirtioNet(self.memory, _NO_INTERRUPTS, backend, mac=spec.mac, name=spec.name)
         self.function: PciFunction
         self.context: VfuContext
         self._build(spec.profile)
         self._journals = _attach_journals(self.net, spec.name)
         self._tx_pending = trio.Event()
-        self.net.on_rx_buffers = backend.wake_receiver
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._loop_thread: int | None = None
+        self.net.on_rx_buffers = self._in_loop(backend.wake_receiver)
         self.net.on_guest_offloads = self._apply_guest_offloads
-        self.net.on_tx_pending = self._tx_pending.set
+        self.net.on_tx_pending = self._in_loop(self._request_tx)
         self._serve_scope: trio.CancelScope | None = None
         self._switch: _Switch | None = None
+
+    def _in_loop(self, call: Callable[[], None]) -> Callable[[], None]:
+        """``call`` as a hook the model may call from the serving thread: there it is
+        handed to the event loop (trio objects are not thread-safe), here it runs now."""
+        def hook() -> None:
+            if self._token is None or threading.get_ident() == self._loop_thread:
+                call()
+            else:
+                self._token.run_sync_soon(call)
+        return hook
+
+    def _request_tx(self) -> None:
+        self._tx_pending.set()
 
     def _apply_guest_offloads(self, offloads: int) -> None:
         """The offloads the driver negotiated or set go to the backend, as QEMU's
@@ -73,7 +93,7 @@ class ServedDevice:
             function = TransitionalFunction(modern, self.owner)
         try:
             self.context = VfuContext(self.spec.socket, function, memory=self.memory,
-                                      logger=self.log)
+                                      logger=self.log, lock=self.lock)
         except BaseException:
             function.close()
             raise
@@ -125,10 +145,13 @@ class ServedDevice:
             "virtio_net": dataclasses.asdict(self.net.stats),
             "backend": dataclasses.asdict(self.backend.stats),
             **self.function.counters(),
+            "fast_path": self.context.native_counters(),
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve clients and move frames until cancelled; the device is closed on the way out."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._loop_thread = threading.get_ident()
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.backend.run, self._deliver)
@@ -162,9 +185,10 @@ class ServedDevice:
     def _deliver(self, frame: bytes) -> bool:
         """A frame from the backend into the guest; False: no receive buffers yet."""
         try:
-            if self.backend.vnet_hdr:
-                return self.net.receive(memoryview(frame)[HDR_LEN:], frame[:HDR_LEN])
-            return self.net.receive(frame)
+            with self.lock:
+                if self.backend.vnet_hdr:
+                    return self.net.receive(memoryview(frame)[HDR_LEN:], frame[:HDR_LEN])
+                return self.net.receive(frame)
         except Exception:
             self.log.exception("bug while receiving a frame (dropped)")
             return True
@@ -174,10 +198,10 @@ class ServedDevice:
         while True:
             await self._tx_pending.wait()
             self._tx_pending = trio.Event()
-            self.net.on_tx_pending = self._tx_pending.set
             await trio.lowlevel.checkpoint()
             try:
-                self.net.run_tx()
+                with self.lock:
+                    self.net.run_tx()
             except Exception:
                 self.log.exception("bug while transmitting")
 

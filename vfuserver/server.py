@@ -4,52 +4,87 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import signal
-import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+import outcome
 import trio
 
-from vfuserver.context import VfuContext
+from vfuserver.context import ATTACH_TIMEOUT, VfuContext
 
-MESSAGES_PER_TURN = 64
-"""Messages handled back to back before yielding to the other devices' tasks."""
+INTERRUPT_RETRY = 0.05
+"""Seconds between attempts to cut short a thread's blocking call (a signal can arrive just
+before the call starts)."""
 
-_NO_CLIENT = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+_NO_CLIENT = (errno.EAGAIN, errno.EWOULDBLOCK)
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+_T = TypeVar("_T")
 
 
 async def serve_device(context: VfuContext, *,
                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve clients on ``context`` one after the other, until cancelled."""
-    task_status.started()
+    """Serve clients on ``context`` one after the other, until cancelled.
+
+    The event loop waits for a client; each attached client is then served by a thread of
+    its own (:meth:`VfuContext.serve_client`, native code with the GIL released): what a
+    client does, or fails to do, holds that thread only. The kicks the fast path records
+    are run here, under the device lock. Cancelling stops the thread.
+    """
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_run_kicks, context)
+        task_status.started()
+        while True:
+            await _attach(context)
+            context.client_attached = True
+            context.log.info("client attached on %s", context.socket_path)
+            try:
+                context.rearm()
+                await _on_thread(context.serve_client, context.stop_serving)
+            finally:
+                context.client_attached = False
+            context.log.info("client detached from %s", context.socket_path)
+
+
+async def _run_kicks(context: VfuContext) -> None:
+    """The queue notifications the fast path recorded, run by the model (an ioeventfd's
+    handler in QEMU: virtio_queue_host_notifier_read)."""
     while True:
-        await _attach(context)
-        context.client_attached = True
-        context.log.info("client attached on %s", context.socket_path)
+        await trio.lowlevel.wait_readable(context.kick_fd)
         try:
-            await _run_client(context)
-        finally:
-            context.client_attached = False
-        context.log.info("client detached from %s", context.socket_path)
+            context.process_kicks()
+        except Exception:
+            context.log.exception("bug while processing a queue notification")
 
 
 async def _attach(context: VfuContext) -> None:
     """Wait for a client and complete its handshake without freezing the event loop.
 
-    After the non-blocking accept, libvfio-user reads the client's VERSION message with
-    blocking calls: that part runs in a worker thread (cffi releases the GIL), bounded
-    by the socket timeouts set on the listening socket.
+    After the accept, libvfio-user reads the client's VERSION with blocking calls: that
+    runs on a thread, and a client that has not completed it after ATTACH_TIMEOUT is cut
+    off (AF_UNIX sockets do not inherit the listener's SO_RCVTIMEO).
     """
-    context.bound_handshake()
     while True:
         await trio.lowlevel.wait_readable(context.poll_fd())
+        timed_out = False
+
+        def cut_off() -> None:
+            nonlocal timed_out
+            timed_out = True
+            context.interrupt()
+
         try:
-            await trio.to_thread.run_sync(context.attach)
+            await _on_thread(context.attach, context.interrupt, timeout=ATTACH_TIMEOUT,
+                             on_timeout=cut_off)
         except OSError as exc:
             if exc.errno in _NO_CLIENT:
+                continue
+            if timed_out:
+                context.log.warning("client on %s sent no VERSION within %g s: disconnected",
+                                    context.socket_path, ATTACH_TIMEOUT)
                 continue
             context.log.warning("client failed to attach: %s", os.strerror(exc.errno or errno.EIO))
             if exc.errno in _OUT_OF_RESOURCES:
@@ -58,48 +93,40 @@ async def _attach(context: VfuContext) -> None:
             return
 
 
-async def _run_client(context: VfuContext) -> None:
-    fd = context.poll_fd()
-    while True:
-        await trio.lowlevel.wait_readable(fd)
-        polled = True
-        while True:
-            # every whole message already queued, in one call (no trio wake-up each)
-            try:
-                handled = context.drain(fd, MESSAGES_PER_TURN, polled)
-            except OSError as exc:
-                context.report_callback_error()
-                if exc.errno == errno.EBUSY and context.quiesce_done is not None:
-                    # the function quiesces asynchronously: libvfio-user holds the request
-                    # until it is quiet (and then answers it); other devices go on meanwhile
-                    await context.quiesce_done.wait()
-                    polled = False
-                    continue
-                if not _handle_run_error(context, exc.errno or errno.EIO, fd):
-                    return
-                break
-            context.report_callback_error()
-            if handled < MESSAGES_PER_TURN:
-                break
-            polled = False
-            await trio.lowlevel.checkpoint()  # a busy client does not starve the others
+async def _on_thread(call: Callable[[], _T], stop: Callable[[], object], *,
+                     timeout: float = math.inf,
+                     on_timeout: Callable[[], object] | None = None) -> _T:
+    """Run ``call`` on a thread of its own and wait for it. Cancellation calls ``stop``
+    (and a timeout ``on_timeout``) until ``call`` returns; the thread is never abandoned.
+    """
+    finished = False
+
+    async def watchdog() -> None:
+        nudge = stop
+        try:
+            await trio.sleep(timeout)
+            if on_timeout is not None:
+                nudge = on_timeout
+        finally:
+            with trio.CancelScope(shield=True):
+                while not finished:
+                    nudge()
+                    await trio.sleep(INTERRUPT_RETRY)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watchdog)
+        try:
+            # a limiter per call: one thread per attached client (the default holds 40);
+            # the outcome leaves the nursery unwrapped (no ExceptionGroup around an OSError)
+            result = await outcome.acapture(_in_own_thread, call)
+        finally:
+            finished = True
+            nursery.cancel_scope.cancel()
+    return result.unwrap()
 
 
-def _handle_run_error(context: VfuContext, err: int, fd: int) -> bool:
-    """Deal with vfu_run_ctx failing; False once the client is gone."""
-    if err == errno.ENOTCONN:
-        return False  # libvfio-user reset the device and closed the connection
-    if err == errno.EINTR:
-        return True
-    context.log.warning("dropping the client after an error from vfu_run_ctx: %s",
-                        os.strerror(err))
-    # Shut the connection down ourselves: the next vfu_run_ctx sees EOF and cleans up.
-    try:
-        with socket.socket(fileno=os.dup(fd)) as conn:
-            conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        return False
-    return True
+async def _in_own_thread(call: Callable[[], _T]) -> _T:
+    return await trio.to_thread.run_sync(call, limiter=trio.CapacityLimiter(1))
 
 
 class Servable(Protocol):

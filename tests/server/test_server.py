@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import trio
 
 from tests.server.conftest import ScratchFunction
 from vfuserver.client import Client, VfioUserError
-from vfuserver.context import ATTACH_TIMEOUT, VfuContext
+from vfuserver.context import ATTACH_TIMEOUT, DropReason, ServeResult, VfuContext
 from vfuserver.devices.pci import ResetKind
 from vfuserver.protocol import vfio_user as vu
 from vfuserver.server import serve_device
@@ -218,24 +219,25 @@ async def test_base_exception_in_a_callback_is_raised_once_c_has_returned(
     assert errnos == [errno.EIO]
 
 
-def test_attach_and_drain_raise_oserror_with_the_errno(tmp_path: Path) -> None:
+def test_attach_raises_oserror_and_serve_client_returns_when_the_client_leaves(
+        tmp_path: Path) -> None:
     with VfuContext(str(tmp_path / "e.sock"), ScratchFunction()) as context:
         with pytest.raises(BlockingIOError):  # EAGAIN: nobody is connecting
             context.attach()
+        served: list[ServeResult] = []
         with Client(context.socket_path, negotiate=False) as client:
             caps = {"max_msg_fds": 16, "max_data_xfer_size": vu.MAX_DATA_XFER_SIZE}
             version = client.send(vu.Command.VERSION, vu.build_version(0, 0, caps))
             context.attach()  # the VERSION message is already queued
             client.receive(version, vu.Command.VERSION)
-            fd = context.poll_fd()
+            thread = threading.Thread(target=lambda: served.append(context.serve_client()))
+            thread.start()
             read = client.send(vu.Command.REGION_READ,
                                vu.REGION_ACCESS.pack(0, vu.PciRegion.CONFIG, 2))
-            assert context.drain(fd, 8, True) == 1
             reply = client.receive(read, vu.Command.REGION_READ)
             assert reply[vu.REGION_ACCESS.size:] == b"\xf4\x1a"
-        with pytest.raises(OSError) as raised:  # the client hung up
-            context.drain(fd, 8, True)
-        assert raised.value.errno == errno.ENOTCONN
+        thread.join(10)  # the client hung up: libvfio-user reset the device, detached
+        assert served == [ServeResult.DETACHED] and context.drop_reason is DropReason.NONE
 
 
 async def test_disconnect_then_second_client(serve: Any) -> None:

@@ -7,8 +7,15 @@
  */
 
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -26,10 +33,17 @@ typedef vfu_dev_irq_state_cb_t *vfu_irq_state_cb_p;
 
 static ssize_t vfuserver_region_cb(vfu_ctx_t *, int, char *, size_t, loff_t, bool);
 
-/* Like every other callback, the region one gets the context first; the index follows. */
+#include "serve.h"
+
+/* Like every other callback, the region one gets the context first; the index follows.
+   The fast path answers the accesses a running driver makes all the time without
+   entering Python (see fast_access); every other access goes to the Python model. */
 #define TRAMPOLINE(i) \
     static ssize_t trampoline_##i(vfu_ctx_t *c, char *b, size_t n, loff_t o, bool w) \
-    { return vfuserver_region_cb(c, i, b, n, o, w); }
+    { \
+        ssize_t r = fast_access(vfu_get_private(c), i, b, n, o, w); \
+        return r != FAST_MISS ? r : vfuserver_region_cb(c, i, b, n, o, w); \
+    }
 TRAMPOLINE(0) TRAMPOLINE(1) TRAMPOLINE(2) TRAMPOLINE(3) TRAMPOLINE(4)
 TRAMPOLINE(5) TRAMPOLINE(6) TRAMPOLINE(7) TRAMPOLINE(8) TRAMPOLINE(9)
 #undef TRAMPOLINE
@@ -52,59 +66,4 @@ void vfuserver_smp_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 void vfuserver_smp_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 void vfuserver_smp_rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 
-/* Messages up to this size are only handed to libvfio-user once complete. */
-#define VFUSERVER_STREAMED_MESSAGE (64 * 1024)
-
-static int vfuserver_message_ready(int fd)
-{
-    struct vfio_user_header hdr;
-    int queued = 0;
-    ssize_t n;
-
-    if (ioctl(fd, FIONREAD, &queued) < 0) {
-        return -1;
-    }
-    if (queued == 0) {
-        return 2;       /* nothing queued: if the fd polled readable, the peer is gone */
-    }
-    if ((size_t)queued < sizeof(hdr)) {
-        return 0;
-    }
-    n = recv(fd, &hdr, sizeof(hdr), MSG_PEEK | MSG_DONTWAIT);
-    if (n < 0) {
-        return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
-    }
-    if ((size_t)n < sizeof(hdr)) {
-        return 0;
-    }
-    if (hdr.msg_size < sizeof(hdr) || hdr.msg_size > VFUSERVER_STREAMED_MESSAGE) {
-        /* Malformed (vfu_run_ctx rejects it), or larger than a socket buffer can hold:
-           the rest can only arrive while the library reads, so let it read. */
-        return 1;
-    }
-    return (size_t)queued >= hdr.msg_size ? 1 : 0;
-}
-
-static int vfuserver_drain(vfu_ctx_t *ctx, int fd, int max, int polled)
-{
-    int handled = 0;
-
-    while (handled < max) {
-        int state = vfuserver_message_ready(fd);
-        if (state < 0) {
-            return -1;  /* errno from ioctl() or recv() */
-        }
-        if (state == 0 || (state == 2 && !(polled && handled == 0))) {
-            break;      /* part of a message, or nothing more */
-        }
-        int ret = vfu_run_ctx(ctx);
-        if (ret < 0) {
-            return -1;  /* errno from vfu_run_ctx() */
-        }
-        if (ret == 0) {
-            break;
-        }
-        handled++;
-    }
-    return handled;
-}
+#include "serve.c"

@@ -90,16 +90,88 @@ int vfu_pci_init(vfu_ctx_t *vfu_ctx, vfu_pci_type_t pci_type, int hdr_type, int 
    forwards to the single Python entry point vfuserver_region_cb. */
 vfu_region_access_cb_p vfuserver_region_trampoline(int region_idx);
 
-/* Handle up to max complete messages queued on the connection fd (vfu_run_ctx each),
-   stopping at a partial message or an empty queue: how many were handled, or -1 with
-   errno set if libvfio-user (or the peek at the socket) failed. libvfio-user reads a
-   message with blocking recv() calls, so calling vfu_run_ctx on a partial message would
-   freeze the whole event loop (every device) until the client sent the rest; messages
-   larger than 64 KiB, which no socket buffer holds whole, are handed over as soon as
-   their header is in. polled: fd polled readable, so an empty queue means EOF (one
-   vfu_run_ctx then reports ENOTCONN). One call per wake-up keeps the per-message Python
-   overhead off the hot path. */
-int vfuserver_drain(vfu_ctx_t *ctx, int fd, int max, int polled);
+/* The native side of a served device (vfuserver/csrc/serve.h, serve.c): the state the
+   Python model publishes for the fast path, the shared ISR and kick cells, and the serving
+   thread's loop. */
+#define FAST_MISS ...
+#define VFUSERVER_FAST_REGS ...
+#define VFUSERVER_FAST_NOTIFY ...
+#define VFUSERVER_FAST_ISR_READ ...
+#define VFUSERVER_FAST_STATUS_READ ...
+#define VFUSERVER_SERVE_DETACHED ...
+#define VFUSERVER_SERVE_STOPPED ...
+#define VFUSERVER_SERVE_QUIESCING ...
+#define VFUSERVER_SERVE_REPORT ...
+#define VFUSERVER_DROP_NONE ...
+#define VFUSERVER_DROP_CLOSED_IN_MESSAGE ...
+#define VFUSERVER_DROP_STALLED ...
+#define VFUSERVER_DROP_TOO_LARGE ...
+#define VFUSERVER_DROP_RUN_ERROR ...
+#define VFUSERVER_MAX_MESSAGE ...
+
+struct vfuserver_fast_reg {
+    int region;
+    uint32_t offset;
+    uint32_t width;
+    int is_write;
+    int kind;
+    int legacy;
+    uint64_t count;
+    ...;
+};
+
+struct vfuserver_dev {
+    void *handle;
+    uint8_t fast_enabled;
+    uint8_t status;
+    uint8_t io_enabled;
+    uint8_t settled;
+    int nregs;
+    struct vfuserver_fast_reg regs[...];
+    uint8_t isr;
+    uint64_t pending_notify;
+    int stop;
+    int report;
+    int notify_fd;
+    int wake_fd;
+    int64_t poll_max_ns;
+    int64_t message_timeout_ns;
+    int64_t reply_timeout_ms;
+    int64_t poll_ns;
+    int drop_reason;
+    int drop_errno;
+    uint32_t drop_size;
+    uint64_t messages;
+    uint64_t wakeups;
+    uint64_t polled;
+    uint64_t kicks;
+    ...;
+};
+
+/* Set up / tear down the eventfds and locks of a zeroed struct (-1 + errno). */
+int vfuserver_dev_init(struct vfuserver_dev *d);
+void vfuserver_dev_destroy(struct vfuserver_dev *d);
+/* The fast path alone, as the region trampolines run it: bytes handled, or FAST_MISS. */
+ssize_t fast_access(void *private, int region, char *buf, size_t n, loff_t off, bool is_write);
+/* vfu_attach_ctx that vfuserver_interrupt can cut short (EINTR). */
+int vfuserver_attach(vfu_ctx_t *ctx, struct vfuserver_dev *d);
+/* Serve the attached client (GIL released): a VFUSERVER_SERVE_* value. */
+int vfuserver_serve(vfu_ctx_t *ctx, struct vfuserver_dev *d);
+/* Ask the serving thread to return STOPPED; interrupts its blocking call, if any. */
+void vfuserver_stop(struct vfuserver_dev *d);
+int vfuserver_interrupt(struct vfuserver_dev *d);
+/* vfu_irq_trigger from any thread (the serving thread raises it if it must). */
+int vfuserver_trigger(vfu_ctx_t *ctx, struct vfuserver_dev *d, uint32_t vector);
+/* ISR cell: OR bits in; take (read-to-clear); read. */
+void vfuserver_isr_set(struct vfuserver_dev *d, uint8_t bits);
+uint8_t vfuserver_isr_take(struct vfuserver_dev *d);
+uint8_t vfuserver_isr_peek(struct vfuserver_dev *d);
+void vfuserver_isr_store(struct vfuserver_dev *d, uint8_t value);
+/* Kicked queues not yet processed (bit n: queue n), taken atomically. */
+uint64_t vfuserver_take_notifies(struct vfuserver_dev *d);
+/* Publish one byte of fast-path state with release order. */
+void vfuserver_publish(struct vfuserver_dev *d, uint8_t status, uint8_t io_enabled,
+                       uint8_t settled, uint8_t fast_enabled);
 
 /* CPU memory barriers for the rings shared with the guest (QEMU's smp_mb/smp_wmb/smp_rmb):
    __atomic_thread_fence with SEQ_CST, RELEASE and ACQUIRE. */

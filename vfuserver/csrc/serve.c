@@ -1,0 +1,443 @@
+/*
+ * The serving loop of one attached client, run on a thread of its own with the GIL
+ * released (vfuserver/context.py VfuContext.serve_client). Included by vfuserver.c.
+ *
+ * libvfio-user reads a message with blocking recv() calls and takes a short read for a
+ * broken connection, so the loop hands it a message only once the whole message is queued
+ * on the socket. A client that stops in the middle of a message therefore holds nothing
+ * but its own device's thread, and only for message_timeout_ns; one that closes the socket
+ * in the middle is noticed at once (POLLRDHUP). Either way the client is dropped: the
+ * connection is shut down, its queued bytes (and any file descriptors they carry) are
+ * discarded, and the next vfu_run_ctx sees EOF, resets the device (VFU_RESET_LOST_CONN)
+ * and lets the next client attach.
+ *
+ * Messages already queued are handled back to back without a wake-up; between messages
+ * the thread may poll the socket for up to poll_ns before it sleeps in poll(), with
+ * poll_ns adapted as QEMU adapts an IOThread's (util/aio-posix.c adjust_polling_time).
+ *
+ * Other threads reach the serving thread through wake_fd: stop, and interrupts to raise
+ * (vfu_irq_trigger must not race with the SET_IRQS handling inside vfu_run_ctx, which
+ * replaces the eventfds; irq_lock guards that, and a thread that finds it taken leaves the
+ * vector in pending_irqs for the serving thread).
+ */
+
+#define VFUSERVER_PEEK_BYTES 512
+/* libvfio-user's SERVER_MAX_MSG_SIZE (lib/private.h): 1 MiB of data, the header and a
+   region access header. It refuses a larger message without reading its body, which
+   would leave the stream out of step; such a client is dropped here instead. */
+#define VFUSERVER_MAX_MESSAGE (1024 * 1024 + 16 + 16)
+#define VFUSERVER_POLL_GROW_START_NS 4000
+
+enum vfuserver_serve_result {
+    VFUSERVER_SERVE_DETACHED = 0,   /* the client left, or was dropped: see drop_reason */
+    VFUSERVER_SERVE_STOPPED = 1,    /* vfuserver_stop() */
+    VFUSERVER_SERVE_QUIESCING = 2,  /* vfu_run_ctx holds a request until quiesced */
+    VFUSERVER_SERVE_REPORT = 3,     /* a callback stored an error for Python to log */
+};
+
+enum vfuserver_drop {
+    VFUSERVER_DROP_NONE = 0,
+    VFUSERVER_DROP_CLOSED_IN_MESSAGE = 1,   /* EOF with part of a message queued */
+    VFUSERVER_DROP_STALLED = 2,             /* part of a message, nothing more for too long */
+    VFUSERVER_DROP_TOO_LARGE = 3,           /* a header announcing more than the maximum */
+    VFUSERVER_DROP_RUN_ERROR = 4,           /* vfu_run_ctx failed (drop_errno) */
+};
+
+enum vfuserver_ready {
+    READY_ERROR = -1,
+    READY_EMPTY = 0,
+    READY_PARTIAL = 1,
+    READY_WHOLE = 2,
+    READY_EOF = 3,
+    READY_TOO_LARGE = 4,
+};
+
+static int vfuserver_interrupt_signal(void) { return SIGRTMIN + 4; }
+
+static void vfuserver_on_interrupt_signal(int signo) { (void)signo; }
+
+static pthread_once_t vfuserver_once = PTHREAD_ONCE_INIT;
+
+static void vfuserver_install_signal(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = vfuserver_on_interrupt_signal;  /* no SA_RESTART: the call fails EINTR */
+    sigemptyset(&sa.sa_mask);
+    sigaction(vfuserver_interrupt_signal(), &sa, NULL);
+}
+
+static int64_t vfuserver_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int vfuserver_dev_init(struct vfuserver_dev *d)
+{
+    pthread_once(&vfuserver_once, vfuserver_install_signal);
+    d->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    d->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (d->notify_fd < 0 || d->wake_fd < 0) {
+        int saved = errno;
+        if (d->notify_fd >= 0) close(d->notify_fd);
+        if (d->wake_fd >= 0) close(d->wake_fd);
+        errno = saved;
+        return -1;
+    }
+    pthread_mutex_init(&d->irq_lock, NULL);
+    pthread_mutex_init(&d->thread_lock, NULL);
+    return 0;
+}
+
+static void vfuserver_dev_destroy(struct vfuserver_dev *d)
+{
+    close(d->notify_fd);
+    close(d->wake_fd);
+    d->notify_fd = d->wake_fd = -1;
+    pthread_mutex_destroy(&d->irq_lock);
+    pthread_mutex_destroy(&d->thread_lock);
+}
+
+static void vfuserver_signal_eventfd(int fd)
+{
+    uint64_t one = 1;
+    ssize_t n = write(fd, &one, sizeof(one));
+    (void)n;    /* EAGAIN: the counter is full, so the reader wakes anyway */
+}
+
+static uint64_t vfuserver_take_eventfd(int fd)
+{
+    uint64_t value = 0;
+    ssize_t n = read(fd, &value, sizeof(value));
+    return n == sizeof(value) ? value : 0;
+}
+
+/* Blocking calls that only a signal interrupts (the handshake, a reply to a client that
+   does not read) run between these two, so vfuserver_interrupt can reach them. */
+static void vfuserver_enter_blocking(struct vfuserver_dev *d)
+{
+    pthread_mutex_lock(&d->thread_lock);
+    d->thread = pthread_self();
+    d->blocked = 1;
+    pthread_mutex_unlock(&d->thread_lock);
+}
+
+static void vfuserver_leave_blocking(struct vfuserver_dev *d)
+{
+    pthread_mutex_lock(&d->thread_lock);
+    d->blocked = 0;
+    pthread_mutex_unlock(&d->thread_lock);
+}
+
+/* Interrupt the thread's blocking call, if it is in one (EINTR there). */
+static int vfuserver_interrupt(struct vfuserver_dev *d)
+{
+    int sent = 0;
+    pthread_mutex_lock(&d->thread_lock);
+    if (d->blocked) {
+        sent = pthread_kill(d->thread, vfuserver_interrupt_signal()) == 0;
+    }
+    pthread_mutex_unlock(&d->thread_lock);
+    return sent;
+}
+
+static void vfuserver_stop(struct vfuserver_dev *d)
+{
+    __atomic_store_n(&d->stop, 1, __ATOMIC_SEQ_CST);
+    vfuserver_signal_eventfd(d->wake_fd);
+    vfuserver_interrupt(d);
+}
+
+/* vfu_attach_ctx, interruptible: the handshake reads the client's VERSION with blocking
+   calls, so a silent client is cut off by vfuserver_interrupt after a timeout. */
+static int vfuserver_attach(vfu_ctx_t *ctx, struct vfuserver_dev *d)
+{
+    vfuserver_enter_blocking(d);
+    int ret = vfu_attach_ctx(ctx);
+    int saved = errno;
+    vfuserver_leave_blocking(d);
+    errno = saved;
+    return ret;
+}
+
+/* Raise an interrupt from any thread (see the file comment). */
+static int vfuserver_trigger(vfu_ctx_t *ctx, struct vfuserver_dev *d, uint32_t vector)
+{
+    int ret;
+    if (__atomic_load_n(&d->serving, __ATOMIC_ACQUIRE) &&
+        pthread_equal(pthread_self(), d->thread)) {
+        return vfu_irq_trigger(ctx, vector);        /* inside vfu_run_ctx: lock held */
+    }
+    if (pthread_mutex_trylock(&d->irq_lock) == 0) {
+        ret = vfu_irq_trigger(ctx, vector);
+        pthread_mutex_unlock(&d->irq_lock);
+        return ret;
+    }
+    if (vector >= 64) {
+        errno = EINVAL;
+        return -1;
+    }
+    __atomic_fetch_or(&d->pending_irqs, 1ULL << vector, __ATOMIC_SEQ_CST);
+    vfuserver_signal_eventfd(d->wake_fd);
+    return 0;
+}
+
+static void vfuserver_raise_pending(vfu_ctx_t *ctx, struct vfuserver_dev *d)
+{
+    uint64_t vectors = __atomic_exchange_n(&d->pending_irqs, 0, __ATOMIC_SEQ_CST);
+    while (vectors) {
+        int vector = __builtin_ctzll(vectors);
+        vectors &= vectors - 1;
+        vfu_irq_trigger(ctx, (uint32_t)vector);
+    }
+}
+
+/* Whether a whole message is queued on fd, with one peek in the common case. */
+static int vfuserver_message_ready(int fd, uint32_t *size)
+{
+    char buf[VFUSERVER_PEEK_BYTES];
+    struct vfio_user_header hdr;
+    ssize_t n = recv(fd, buf, sizeof(buf), MSG_PEEK | MSG_DONTWAIT);
+    int queued;
+
+    if (n < 0) {
+        return errno == EAGAIN || errno == EWOULDBLOCK ? READY_EMPTY : READY_ERROR;
+    }
+    if (n == 0) {
+        return READY_EOF;
+    }
+    if ((size_t)n < sizeof(hdr)) {
+        return READY_PARTIAL;
+    }
+    memcpy(&hdr, buf, sizeof(hdr));
+    *size = hdr.msg_size;
+    if (hdr.msg_size > VFUSERVER_MAX_MESSAGE) {
+        return READY_TOO_LARGE;
+    }
+    if (hdr.msg_size <= (size_t)n) {
+        return READY_WHOLE;     /* a size below the header's is libvfio-user's to refuse */
+    }
+    /* A peek stops at a buffer of file descriptors and at its own size: count it all. */
+    if (ioctl(fd, FIONREAD, &queued) < 0) {
+        return READY_ERROR;
+    }
+    return (size_t)queued >= hdr.msg_size ? READY_WHOLE : READY_PARTIAL;
+}
+
+/* Cut the client off: shut the connection down and discard what it queued, so that the
+   next vfu_run_ctx reads EOF and libvfio-user resets the device. */
+static void vfuserver_cut_off(int fd)
+{
+    char scratch[4096];
+    shutdown(fd, SHUT_RDWR);
+    while (recv(fd, scratch, sizeof(scratch), MSG_DONTWAIT) > 0) {
+        /* file descriptors in the discarded messages are closed by the kernel */
+    }
+}
+
+static int vfuserver_run_one(vfu_ctx_t *ctx, struct vfuserver_dev *d)
+{
+    vfuserver_enter_blocking(d);    /* the reply may block on a client that does not read */
+    pthread_mutex_lock(&d->irq_lock);
+    int ret = vfu_run_ctx(ctx);
+    int saved = errno;
+    pthread_mutex_unlock(&d->irq_lock);
+    vfuserver_leave_blocking(d);
+    errno = saved;
+    return ret;
+}
+
+static void vfuserver_set_reply_timeout(int fd, int64_t ms)
+{
+    struct timeval tv = { .tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000 };
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+}
+
+/* Wait for the socket or wake_fd; adaptive polling first. Returns READY_* of the socket
+   as last seen, or READY_EMPTY when woken for something else. */
+static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t deadline,
+                          uint32_t *size)
+{
+    struct pollfd fds[2] = {
+        { .fd = fd, .events = partial ? POLLRDHUP : (POLLIN | POLLRDHUP) },
+        { .fd = d->wake_fd, .events = POLLIN },
+    };
+    int64_t start = vfuserver_now_ns();
+    int timeout = -1;
+
+    if (!partial && d->poll_ns > 0) {
+        int64_t until = start + d->poll_ns;
+        do {
+            int state = vfuserver_message_ready(fd, size);
+            if (state != READY_EMPTY) {
+                d->polled++;
+                return state;
+            }
+            if (__atomic_load_n(&d->stop, __ATOMIC_ACQUIRE) ||
+                __atomic_load_n(&d->pending_irqs, __ATOMIC_ACQUIRE)) {
+                return READY_EMPTY;
+            }
+        } while (vfuserver_now_ns() < until);
+    }
+    if (partial) {
+        /* poll() cannot wait for "more bytes" on AF_UNIX (no SO_RCVLOWAT there): look
+           again every millisecond until the deadline; EOF still wakes it at once */
+        timeout = deadline - start <= 0 ? 0 : 1;
+    }
+    int n = poll(fds, 2, timeout);
+    d->wakeups++;
+    if (n < 0) {
+        return errno == EINTR ? READY_EMPTY : READY_ERROR;
+    }
+    if (!partial && d->poll_max_ns > 0) {
+        int64_t block_ns = vfuserver_now_ns() - start;
+        if (block_ns > d->poll_max_ns) {
+            d->poll_ns = 0;
+        } else if (d->poll_ns < d->poll_max_ns) {
+            d->poll_ns = d->poll_ns ? d->poll_ns * 2 : VFUSERVER_POLL_GROW_START_NS;
+            if (d->poll_ns > d->poll_max_ns) {
+                d->poll_ns = d->poll_max_ns;
+            }
+        }
+    }
+    if (fds[1].revents & POLLIN) {
+        vfuserver_take_eventfd(d->wake_fd);
+    }
+    if (partial && (fds[0].revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+        return READY_EOF;
+    }
+    return READY_EMPTY;
+}
+
+static int vfuserver_finish(struct vfuserver_dev *d, int result)
+{
+    __atomic_store_n(&d->serving, 0, __ATOMIC_RELEASE);
+    return result;
+}
+
+static int vfuserver_drop(vfu_ctx_t *ctx, struct vfuserver_dev *d, int fd, int reason)
+{
+    d->drop_reason = reason;
+    vfuserver_cut_off(fd);
+    vfuserver_run_one(ctx, d);      /* EOF: libvfio-user resets the device, detaches */
+    return vfuserver_finish(d, VFUSERVER_SERVE_DETACHED);
+}
+
+/* Serve the attached client until it leaves (or is dropped), vfuserver_stop() is called,
+   a deferred quiesce holds a request, or a callback stored an error (enum
+   vfuserver_serve_result). Called again after QUIESCING and REPORT. */
+static int vfuserver_serve(vfu_ctx_t *ctx, struct vfuserver_dev *d)
+{
+    int fd = vfu_get_poll_fd(ctx);
+    int64_t partial_deadline = 0;
+    uint32_t size = 0;
+
+    pthread_mutex_lock(&d->thread_lock);
+    d->thread = pthread_self();
+    pthread_mutex_unlock(&d->thread_lock);
+    __atomic_store_n(&d->serving, 1, __ATOMIC_RELEASE);
+    vfuserver_set_reply_timeout(fd, d->reply_timeout_ms);
+
+    for (;;) {
+        if (__atomic_load_n(&d->stop, __ATOMIC_ACQUIRE)) {
+            return vfuserver_finish(d, VFUSERVER_SERVE_STOPPED);
+        }
+        vfuserver_raise_pending(ctx, d);
+        int state = vfuserver_message_ready(fd, &size);
+        for (;;) {
+            if (state == READY_WHOLE || state == READY_EOF) {
+                partial_deadline = 0;
+                int ret = vfuserver_run_one(ctx, d);
+                d->messages++;
+                if (ret < 0) {
+                    if (errno == ENOTCONN) {
+                        return vfuserver_finish(d, VFUSERVER_SERVE_DETACHED);
+                    }
+                    if (errno == EBUSY) {
+                        return VFUSERVER_SERVE_QUIESCING;
+                    }
+                    if (errno != EINTR && errno != EAGAIN) {
+                        d->drop_errno = errno;
+                        return vfuserver_drop(ctx, d, fd, VFUSERVER_DROP_RUN_ERROR);
+                    }
+                }
+                if (__atomic_exchange_n(&d->report, 0, __ATOMIC_ACQ_REL)) {
+                    return VFUSERVER_SERVE_REPORT;
+                }
+                break;  /* back to the top: stop, pending interrupts, the next message */
+            }
+            if (state == READY_TOO_LARGE) {
+                d->drop_size = size;
+                return vfuserver_drop(ctx, d, fd, VFUSERVER_DROP_TOO_LARGE);
+            }
+            if (state == READY_ERROR) {
+                d->drop_errno = errno;
+                return vfuserver_drop(ctx, d, fd, VFUSERVER_DROP_RUN_ERROR);
+            }
+            int partial = state == READY_PARTIAL;
+            if (partial) {
+                int64_t now = vfuserver_now_ns();
+                if (partial_deadline == 0) {
+                    partial_deadline = now + d->message_timeout_ns;
+                } else if (now >= partial_deadline) {
+                    return vfuserver_drop(ctx, d, fd, VFUSERVER_DROP_STALLED);
+                }
+            }
+            int seen = vfuserver_wait(fd, d, partial, partial_deadline, &size);
+            if (partial && seen == READY_EOF) {
+                /* the client closed with part of a message queued */
+                if (vfuserver_message_ready(fd, &size) != READY_WHOLE) {
+                    return vfuserver_drop(ctx, d, fd, VFUSERVER_DROP_CLOSED_IN_MESSAGE);
+                }
+                state = READY_WHOLE;
+                continue;
+            }
+            if (seen == READY_ERROR) {
+                state = READY_ERROR;
+                continue;
+            }
+            if (seen != READY_EMPTY) {
+                state = seen;
+                continue;
+            }
+            break;      /* woken: re-check stop and interrupts, then the socket */
+        }
+    }
+}
+
+static void vfuserver_isr_set(struct vfuserver_dev *d, uint8_t bits)
+{
+    __atomic_fetch_or(&d->isr, bits, __ATOMIC_SEQ_CST);
+}
+
+static uint8_t vfuserver_isr_take(struct vfuserver_dev *d)
+{
+    return __atomic_exchange_n(&d->isr, 0, __ATOMIC_SEQ_CST);
+}
+
+static uint8_t vfuserver_isr_peek(struct vfuserver_dev *d)
+{
+    return __atomic_load_n(&d->isr, __ATOMIC_SEQ_CST);
+}
+
+static void vfuserver_isr_store(struct vfuserver_dev *d, uint8_t value)
+{
+    __atomic_store_n(&d->isr, value, __ATOMIC_SEQ_CST);
+}
+
+static uint64_t vfuserver_take_notifies(struct vfuserver_dev *d)
+{
+    return __atomic_exchange_n(&d->pending_notify, 0, __ATOMIC_SEQ_CST);
+}
+
+static void vfuserver_publish(struct vfuserver_dev *d, uint8_t status, uint8_t io_enabled,
+                              uint8_t settled, uint8_t fast_enabled)
+{
+    __atomic_store_n(&d->status, status, __ATOMIC_RELEASE);
+    __atomic_store_n(&d->io_enabled, io_enabled, __ATOMIC_RELEASE);
+    __atomic_store_n(&d->settled, settled, __ATOMIC_RELEASE);
+    __atomic_store_n(&d->fast_enabled, fast_enabled, __ATOMIC_RELEASE);
+}
