@@ -14,7 +14,7 @@ import enum
 import errno
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from vfuserver.devices.errors import GuestError
 from vfuserver.protocol import pci as pcifmt
@@ -296,11 +296,22 @@ class FastState:
     settled: bool
 
 
-class IsrCell:
+class IsrCell(Protocol):
     """The ISR (virtio 1.2 §4.1.4.5), in one place both the model and a fast path can
-    reach: bits are set when an interrupt is raised and all cleared by a read. This one is
-    a plain Python value; the server substitutes one in native memory it reads atomically.
-    """
+    reach: bits are set when an interrupt is raised and all cleared by a read."""
+
+    def set(self, bits: int) -> None: ...
+
+    def take(self) -> int: ...
+
+    def peek(self) -> int: ...
+
+    def store(self, value: int) -> None: ...
+
+
+class LocalIsr:
+    """An :class:`IsrCell` in a Python value; the server substitutes one in native memory
+    that its fast path reads atomically (vfuserver.native.NativeIsr)."""
 
     def __init__(self) -> None:
         self._value = 0
@@ -319,6 +330,7 @@ class IsrCell:
         self._value = value
 
 
+@runtime_checkable
 class FastPath(Protocol):
     """What a function offers the native fast path (optional on a :class:`PciFunction`)."""
 

@@ -24,6 +24,7 @@ from vfuserver.devices.pci import (
     FastState,
     Interrupts,
     IsrCell,
+    LocalIsr,
     NoInterrupts,
     Region,
     ResetKind,
@@ -91,7 +92,7 @@ class VirtioPciTransport:
         self.msix_cap = msix_cap
         self._msix_enabled = False
         self.interrupts: Interrupts = NoInterrupts()
-        self.isr_cell = IsrCell()
+        self.isr_cell: IsrCell = LocalIsr()
         self.config_msix_vector = NO_VECTOR
         self.device_feature_select = 0
         self.driver_feature_select = 0

@@ -12,7 +12,6 @@ as "0 bytes handled": a silent wrong answer.)
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import logging
@@ -26,15 +25,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from vfuserver.binding import check, ffi, lib
 from vfuserver.devices.errors import GuestError
 from vfuserver.devices.memory import Barriers, GuestMemory
-from vfuserver.devices.pci import (
-    BarKind,
-    FastKind,
-    FastRegister,
-    FastState,
-    PciFunction,
-    Region,
-    ResetKind,
-)
+from vfuserver.devices.pci import BarKind, PciFunction, Region, ResetKind
+from vfuserver.native import NativeDevice
 from vfuserver.sockfile import SocketFile, owner_only_umask, prepare_socket_path
 
 SHARED_MEMORY_HINT = (
@@ -69,13 +61,6 @@ _SYSLOG_TO_LOGGING = {
 }
 
 _CLIENT_COMMAND_FAILED = re.compile(r"msg0x[0-9a-f]+: cmd \d+ failed")
-
-_FAST_KINDS = {
-    FastKind.NOTIFY: lib.VFUSERVER_FAST_NOTIFY,
-    FastKind.ISR_READ: lib.VFUSERVER_FAST_ISR_READ,
-    FastKind.STATUS_READ: lib.VFUSERVER_FAST_STATUS_READ,
-}
-
 
 class ServeResult(enum.IntEnum):
     """Why :meth:`VfuContext.serve_client` returned."""
@@ -208,26 +193,6 @@ class DeviceLock:
             self._lock.release()
 
 
-class NativeIsr:
-    """The ISR kept in the native device state, where the fast path reads and clears it
-    (atomically) and the model sets it: :class:`vfuserver.devices.pci.IsrCell`."""
-
-    def __init__(self, dev: Any) -> None:
-        self._dev = dev
-
-    def set(self, bits: int) -> None:
-        lib.vfuserver_isr_set(self._dev, bits)
-
-    def take(self) -> int:
-        return int(lib.vfuserver_isr_take(self._dev))
-
-    def peek(self) -> int:
-        return int(lib.vfuserver_isr_peek(self._dev))
-
-    def store(self, value: int) -> None:
-        lib.vfuserver_isr_store(self._dev, value)
-
-
 class VfuContext:
     """One vfio-user device endpoint: a listening socket and the function behind it.
 
@@ -261,14 +226,9 @@ class VfuContext:
         an fd (firmware ROM) or refused. Known, so their unmap is no surprise."""
         self._ctx: Any = ffi.NULL
         self._handle = ffi.new_handle(self)
-        self._dev: Any = ffi.new("struct vfuserver_dev *")
-        self._dev.handle = self._handle
-        self._dev.poll_max_ns = poll_max_ns
-        self._dev.message_timeout_ns = int(MESSAGE_TIMEOUT * 1e9)
-        self._dev.reply_timeout_ms = int(REPLY_TIMEOUT * 1e3)
-        check(lib.vfuserver_dev_init(self._dev), "eventfd")
-        self._dev_live = True
-        self._fast_state: Callable[[], FastState] | None = None
+        self.native = NativeDevice(self._handle, poll_max_ns=poll_max_ns,
+                                   message_timeout=MESSAGE_TIMEOUT, reply_timeout=REPLY_TIMEOUT)
+        self._dev = self.native.dev
         self._socket_file: SocketFile | None = None
         try:
             prepare_socket_path(self.socket_path)
@@ -279,7 +239,7 @@ class VfuContext:
                                        lib.VFU_DEV_TYPE_PCI),
                     f"vfu_create_ctx({self.socket_path})")
         except BaseException:
-            self._destroy_dev()
+            self.native.close()
             raise
         try:
             self._socket_file = SocketFile.at(self.socket_path)
@@ -327,31 +287,10 @@ class VfuContext:
     def _setup_fast_path(self) -> None:
         """Give the native side the function's fast registers and its ISR; from now on
         every release of :attr:`lock` publishes the state they depend on."""
-        registers = getattr(self.function, "fast_registers", None)
-        if registers is None:
-            return
-        fast: list[FastRegister] = list(registers())
-        if len(fast) > lib.VFUSERVER_FAST_REGS:
-            raise ValueError(f"{len(fast)} fast registers, at most {lib.VFUSERVER_FAST_REGS}")
-        for slot, reg in zip(self._dev.regs, fast, strict=False):
-            slot.region = lib.VFU_PCI_DEV_BAR0_REGION_IDX + reg.bar
-            slot.offset = reg.offset
-            slot.width = reg.width
-            slot.is_write = reg.is_write
-            slot.kind = _FAST_KINDS[reg.kind]
-            slot.legacy = reg.legacy
-        self._dev.nregs = len(fast)
-        self.function.use_isr(NativeIsr(self._dev))  # type: ignore[attr-defined]
-        self._fast_state = self.function.fast_state  # type: ignore[attr-defined]
-        self.lock.publish = self._publish
-        with self.lock:
-            pass  # publish the initial state
-
-    def _publish(self) -> None:
-        if self._fast_state is None or not self._dev_live:
-            return
-        state = self._fast_state()
-        lib.vfuserver_publish(self._dev, state.status, state.io_enabled, state.settled, 1)
+        if self.native.install(self.function):
+            self.lock.publish = self.native.publish
+            with self.lock:
+                pass  # publish the initial state: the fast path is on
 
     def _add_region(self, index: int, size: int, region: Region, flags: int) -> None:
         self._regions[index] = region
@@ -372,7 +311,7 @@ class VfuContext:
     @property
     def kick_fd(self) -> int:
         """An eventfd, readable when the fast path recorded kicks: :meth:`process_kicks`."""
-        return int(self._dev.notify_fd)
+        return self.native.kick_fd
 
     def attach(self) -> None:
         """One ``vfu_attach_ctx`` (blocking for the VERSION handshake once a client is
@@ -411,7 +350,7 @@ class VfuContext:
     def stop_serving(self) -> None:
         """Make :meth:`serve_client` return STOPPED (from any thread; idempotent until
         :meth:`serve_client` is called again)."""
-        if self._dev_live:
+        if self.native.live:
             lib.vfuserver_stop(self._dev)
             self._quiesced.set()
 
@@ -453,19 +392,12 @@ class VfuContext:
     def process_kicks(self) -> int:
         """Run the queue notifications the fast path recorded (the model, under
         :attr:`lock`); how many queues were kicked."""
-        with contextlib.suppress(BlockingIOError):  # reset the eventfd before taking
-            os.eventfd_read(self._dev.notify_fd)
-        queues = int(lib.vfuserver_take_notifies(self._dev))
-        if not queues:
-            return 0
-        kicked = 0
-        with self.lock:
-            while queues:
-                index = (queues & -queues).bit_length() - 1
-                queues &= queues - 1
-                self.function.kick(index)  # type: ignore[attr-defined]
-                kicked += 1
-        return kicked
+        queues = self.native.take_kicks()
+        if queues:
+            with self.lock:
+                for index in queues:
+                    self.function.kick(index)  # type: ignore[attr-defined]
+        return len(queues)
 
     def trigger(self, vector: int) -> bool:
         """Signal interrupt ``vector`` (from any thread); False if the client gave no
@@ -479,21 +411,11 @@ class VfuContext:
             self._quiesce_pending = False
             self._quiesced.set()
 
-    def native_counters(self) -> dict[str, int]:
-        """The serving thread's counters and the fast path's, by register."""
-        dev = self._dev
-        out = {"messages": int(dev.messages), "wakeups": int(dev.wakeups),
-               "polled": int(dev.polled), "kick_signals": int(dev.kicks)}
-        fast = getattr(self.function, "fast_registers", None)
-        for slot, reg in zip(dev.regs, fast() if fast else [], strict=False):
-            out[f"fast:{reg.name}"] = int(slot.count)
-        return out
-
     def remember(self, exc: BaseException) -> None:
         """Keep the first unexpected exception of a callback for the loop to log."""
         if self.pending_error is None:
             self.pending_error = exc
-        if self._dev_live:
+        if self.native.live:
             self._dev.report = 1
 
     def report_callback_error(self) -> None:
@@ -517,10 +439,10 @@ class VfuContext:
         ctx, self._ctx = self._ctx, ffi.NULL
         if ctx == ffi.NULL:
             return
-        if self.lock.publish == self._publish:
+        if self.lock.publish == self.native.publish:
             self.lock.publish = None
         lib.vfu_destroy_ctx(ctx)
-        self._destroy_dev()
+        self.native.close()
         # libvfio-user unmapped every region: nothing may still point into them
         self.memory.clear()
         self._unused_maps.clear()
@@ -528,11 +450,6 @@ class VfuContext:
         if self._socket_file is not None:
             self._socket_file.remove()
         self.report_callback_error()
-
-    def _destroy_dev(self) -> None:
-        if self._dev_live:
-            self._dev_live = False
-            lib.vfuserver_dev_destroy(self._dev)
 
     def __enter__(self) -> VfuContext:
         return self

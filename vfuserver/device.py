@@ -145,7 +145,7 @@ class ServedDevice:
             "virtio_net": dataclasses.asdict(self.net.stats),
             "backend": dataclasses.asdict(self.backend.stats),
             **self.function.counters(),
-            "fast_path": self.context.native_counters(),
+            "fast_path": self.context.native.counters(),
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

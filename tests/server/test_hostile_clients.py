@@ -1,0 +1,62 @@
+"""Misbehaving clients of one device never hold another (issue 12; benchmarks/hostile.py).
+
+A real ``vfuserver run --config`` process serves devices a and b. Each scenario has a
+client of a misbehave while a probe reads b's config space; it fails if b stops answering,
+if a is not served again afterwards, if the server dies, or if a scenario leaks a file
+descriptor or a thread. The figures (latencies, RSS) are the ``hostile`` benchmark's.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks.hostile import (
+    SCENARIOS,
+    ServerUnderTest,
+    connect_cycles,
+    run_scenario,
+    two_device_server,
+)
+
+ARGV = [sys.executable, "-m", "vfuserver.cli", "--log-level", "info"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerUnderTest]:
+    with two_device_server(tmp_path_factory.mktemp("hostile"), ARGV) as running:
+        connect_cycles(running, 20)  # the first sessions start the thread cache
+        yield running
+
+
+@pytest.mark.parametrize("name", [*SCENARIOS, "connect-cycles"])
+def test_misbehaving_client_holds_nothing_but_itself(server: ServerUnderTest, name: str) -> None:
+    outcome = run_scenario(server, name, sessions=200)
+    assert outcome.fds[1] == outcome.fds[0], f"fds {outcome.fds} ({server.process.log[-2000:]})"
+    assert outcome.threads[1] <= outcome.threads[0] + 1
+
+
+def test_dropped_clients_are_logged_with_the_reason(server: ServerUnderTest) -> None:
+    log = server.process.log
+    for reason in ("closed the connection in the middle of a message",
+                   "more than the vfio-user maximum"):
+        assert reason in log, reason
+    assert "Traceback" not in log
+
+
+def test_a_silent_client_is_disconnected_after_the_attach_timeout(
+        tmp_path: Path) -> None:
+    import socket
+
+    from benchmarks.hostile import _wait_closed, served_again
+    from vfuserver.context import ATTACH_TIMEOUT
+
+    with two_device_server(tmp_path, ARGV) as running:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(running.a))
+            assert _wait_closed(sock, ATTACH_TIMEOUT + 5)
+        served_again(running)
+        assert "sent no VERSION within" in running.process.log

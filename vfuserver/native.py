@@ -1,0 +1,136 @@
+"""The native side of one served device (``struct vfuserver_dev``, vfuserver/csrc/serve.h).
+
+:class:`NativeDevice` owns the struct: the eventfds and locks of the serving thread, the
+fast registers a function offers (:class:`vfuserver.devices.pci.FastPath`), the ISR cell the
+function keeps there, and the state the model publishes for the fast path. It needs no
+libvfio-user context, so the fast path can be driven and compared with the model directly
+(tests/server/test_fast_path.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+from vfuserver.binding import check, ffi, lib
+from vfuserver.devices.pci import FastKind, FastPath, FastRegister
+
+_FAST_KINDS = {
+    FastKind.NOTIFY: lib.VFUSERVER_FAST_NOTIFY,
+    FastKind.ISR_READ: lib.VFUSERVER_FAST_ISR_READ,
+    FastKind.STATUS_READ: lib.VFUSERVER_FAST_STATUS_READ,
+}
+
+FAST_MISS = lib.FAST_MISS
+
+
+class NativeIsr:
+    """The ISR kept in the native device state, where the fast path reads and clears it
+    (atomically) and the model sets it: an :class:`vfuserver.devices.pci.IsrCell`."""
+
+    def __init__(self, dev: Any) -> None:
+        self._dev = dev
+
+    def set(self, bits: int) -> None:
+        lib.vfuserver_isr_set(self._dev, bits)
+
+    def take(self) -> int:
+        return int(lib.vfuserver_isr_take(self._dev))
+
+    def peek(self) -> int:
+        return int(lib.vfuserver_isr_peek(self._dev))
+
+    def store(self, value: int) -> None:
+        lib.vfuserver_isr_store(self._dev, value)
+
+
+class NativeDevice:
+    """``struct vfuserver_dev`` and what is done with it from Python.
+
+    ``handle``: the ffi handle the libvfio-user callbacks find their context by (NULL for
+    none). Times are in seconds. Errors: OSError if the eventfds cannot be created.
+    """
+
+    def __init__(self, handle: Any = ffi.NULL, *, poll_max_ns: int = 0,
+                 message_timeout: float = 5.0, reply_timeout: float = 5.0) -> None:
+        self.dev: Any = ffi.new("struct vfuserver_dev *")
+        self.dev.handle = handle
+        self.dev.poll_max_ns = poll_max_ns
+        self.dev.message_timeout_ns = int(message_timeout * 1e9)
+        self.dev.reply_timeout_ms = int(reply_timeout * 1e3)
+        check(lib.vfuserver_dev_init(self.dev), "eventfd")
+        self.live = True
+        self.function: FastPath | None = None
+        self.registers: list[FastRegister] = []
+
+    def install(self, function: object) -> bool:
+        """Take ``function``'s fast registers and ISR, if it offers a fast path; the fast
+        path stays off until the first :meth:`publish`."""
+        if not isinstance(function, FastPath):
+            return False
+        registers = list(function.fast_registers())
+        if len(registers) > lib.VFUSERVER_FAST_REGS:
+            raise ValueError(f"{len(registers)} fast registers, at most "
+                             f"{lib.VFUSERVER_FAST_REGS}")
+        for slot, reg in zip(self.dev.regs, registers, strict=False):
+            slot.region = lib.VFU_PCI_DEV_BAR0_REGION_IDX + reg.bar
+            slot.offset = reg.offset
+            slot.width = reg.width
+            slot.is_write = reg.is_write
+            slot.kind = _FAST_KINDS[reg.kind]
+            slot.legacy = reg.legacy
+        self.dev.nregs = len(registers)
+        function.use_isr(NativeIsr(self.dev))
+        self.function = function
+        self.registers = registers
+        return True
+
+    def publish(self) -> None:
+        """Copy the function's fast state to the native side (the caller holds the
+        device lock), and turn the fast path on."""
+        if self.function is None or not self.live:
+            return
+        state = self.function.fast_state()
+        lib.vfuserver_publish(self.dev, state.status, state.io_enabled, state.settled, 1)
+
+    def access(self, region: int, offset: int, data: bytes | int, is_write: bool,
+               ) -> bytes | None:
+        """One access through the fast path alone, as a region trampoline makes it:
+        the bytes read (or written), or None where the model must answer."""
+        size = len(data) if isinstance(data, bytes) else data
+        buf = ffi.new("char[]", data if isinstance(data, bytes) else size)
+        result = lib.fast_access(self.dev, region, buf, size, offset, is_write)
+        if result == FAST_MISS:
+            return None
+        return bytes(ffi.buffer(buf, size))
+
+    @property
+    def kick_fd(self) -> int:
+        return int(self.dev.notify_fd)
+
+    def take_kicks(self) -> list[int]:
+        """The queues kicked on the fast path since the last call, in index order."""
+        with contextlib.suppress(BlockingIOError):  # reset the eventfd before taking
+            os.eventfd_read(self.dev.notify_fd)
+        queues = int(lib.vfuserver_take_notifies(self.dev))
+        kicked = []
+        while queues:
+            kicked.append((queues & -queues).bit_length() - 1)
+            queues &= queues - 1
+        return kicked
+
+    def counters(self) -> dict[str, int]:
+        """The serving thread's counters, and the fast path's by register name."""
+        dev = self.dev
+        out = {"messages": int(dev.messages), "wakeups": int(dev.wakeups),
+               "polled": int(dev.polled), "kick_signals": int(dev.kicks)}
+        for slot, reg in zip(dev.regs, self.registers, strict=False):
+            out[f"fast:{reg.name}"] = int(slot.count)
+        return out
+
+    def close(self) -> None:
+        """Close the eventfds (idempotent); the counters stay readable."""
+        if self.live:
+            self.live = False
+            lib.vfuserver_dev_destroy(self.dev)
