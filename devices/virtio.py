@@ -218,13 +218,10 @@ class VirtioDevice:
             self.reset()
             return
         old = self.status
-        if self.legacy:
-            # QEMU virtio_set_status stores what a legacy driver writes, cleared bits too
-            new = value
-        else:
-            # NEEDS_RESET belongs to the device; the driver MUST NOT clear bits (§2.1.1),
-            # so bits once set stay until reset.
-            new = (value & ~DeviceStatus.NEEDS_RESET) | old
+        # NEEDS_RESET belongs to the device; the driver MUST NOT clear bits (§2.1.1), so
+        # bits once set stay until reset. A legacy driver's value is stored as written,
+        # cleared bits too (QEMU virtio_set_status).
+        new = value if self.legacy else (value & ~DeviceStatus.NEEDS_RESET) | old
         if not self.legacy and new & ~old & DeviceStatus.FEATURES_OK:
             problem = self._feature_problem(self.driver_features)
             if problem is None:
