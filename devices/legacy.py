@@ -25,7 +25,6 @@ QEMU ignores as well, so the guest sees the same nothing.
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
     from vfuserver.devices.virtio_pci import VirtioPciTransport
     from vfuserver.devices.virtqueue import VirtQueue
 
-_log = logging.getLogger(__name__)
 _BAD_FEATURE = 1 << legacy.BAD_FEATURE
 _FEATURES_OK = int(DeviceStatus.FEATURES_OK)
 _ACKNOWLEDGE_DRIVER = int(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
@@ -55,14 +53,15 @@ class LegacyInterface:
     """Legacy register file of one device; the member an :class:`AdminOwner` talks to."""
 
     def __init__(self, transport: VirtioPciTransport, *, notify_bar: int,
-                 notify_offset: int) -> None:
+                 notify_offset: int, ignored: defaultdict[str, int] | None = None) -> None:
         self.transport = transport
         self.device = transport.device
         self.queue_select = 0
         self.notify_bar = notify_bar
         self.notify_offset = notify_offset
-        self.ignored: defaultdict[str, int] = defaultdict(int)
-        """Writes that completed without effect, as QEMU ignores them, by reason."""
+        self.ignored: defaultdict[str, int] = defaultdict(int) if ignored is None else ignored
+        """Writes that completed without effect, as QEMU ignores them, by reason (a
+        counter the presentation may pass in to report with its own)."""
         self._readers: dict[Register, Callable[[], int]] = {
             Register.HOST_FEATURES: self._host_features,
             Register.GUEST_FEATURES: self._guest_features,
@@ -154,7 +153,7 @@ class LegacyInterface:
         """A write QEMU ignores: counted, logged at debug (QEMU's LOG_GUEST_ERROR is off
         by default), and the admin command completes OK."""
         self.ignored[reason] += 1
-        _log.debug("%s: legacy %s ignored", self.transport.log.name, what)
+        self.transport.log.debug("legacy %s ignored", what)
 
     def _reset(self) -> None:
         """virtio_pci_reset: the device and the transport state (vectors, ISR, selects);
@@ -206,8 +205,8 @@ class LegacyInterface:
         dev = self.device
         if value & _BAD_FEATURE:
             # "Guest does not negotiate properly? We have to assume nothing."
-            _log.debug("%s: legacy driver accepted VIRTIO_F_BAD_FEATURE; using the bad "
-                       "features %#x", self.transport.log.name, dev.bad_features)
+            self.transport.log.debug("legacy driver accepted VIRTIO_F_BAD_FEATURE; using "
+                                     "the bad features %#x", dev.bad_features)
             value = dev.bad_features
         if dev.status & _FEATURES_OK:
             # virtio_set_features refuses once FEATURES_OK is set, even for legacy
