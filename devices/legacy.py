@@ -159,9 +159,13 @@ class LegacyInterface:
         """virtio_pci_reset: the device and the transport state (vectors, ISR, selects);
         the driver's next access decides the mode again."""
         self.transport.reset_transport_state()
-        self.queue_select = 0
+        self.reset()
         self.device.reset()
         self.device.legacy = True
+
+    def reset(self) -> None:
+        """The function was reset: QUEUE_SEL is 0 again, as virtio_reset leaves it."""
+        self.queue_select = 0
 
     # one small method per register, dispatched through a dict (hot path)
 

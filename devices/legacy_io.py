@@ -362,6 +362,7 @@ class TransitionalFunction:
 
     def reset(self, kind: ResetKind) -> None:
         self.modern.reset(kind)
+        self.member.reset()
         self.shadow.reset()
 
     def close(self) -> None:

@@ -60,6 +60,7 @@ import pytest
 from tests.devices.legacy_driver import MAC, Rig
 from vfuserver.devices.errors import GuestError
 from vfuserver.devices.legacy_io import run_admin
+from vfuserver.devices.pci import ResetKind
 from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol import virtio_admin as admin
 from vfuserver.protocol.virtio import DeviceStatus
@@ -380,3 +381,18 @@ def test_device_config_writes_as_qemu(rig: Rig, features: int, offset: int, data
     assert rig.owner.stats.statuses[(admin.Opcode.LEGACY_DEV_CFG_WRITE, admin.Status.OK)] == 1
     assert bytes(rig.bar0.read(config_at, 4)) + bytes(rig.bar0.read(config_at + 4, 2)) == mac
     assert rig.read(config_at + 6, 2) == status
+
+
+@pytest.mark.parametrize("kind", list(ResetKind), ids=lambda k: k.value)
+def test_function_reset_resets_the_legacy_registers(rig: Rig, kind: ResetKind) -> None:
+    """A device reset from the client, a lost connection or an FLR is virtio_reset for
+    the legacy registers too: the next client finds QUEUE_SEL 0 and no vectors."""
+    rig.write(Register.QUEUE_SEL, 100, 2)
+    rig.write(Register.MSI_QUEUE_VECTOR, 1, 2)
+    rig.write(Register.QUEUE_SEL, 2, 2)
+    rig.fn.reset(kind)
+    rig.set_msix(True)
+    rig.enable_io()
+    assert rig.read(Register.QUEUE_SEL, 2) == 0
+    rig.write(Register.QUEUE_SEL, 100, 2)
+    assert rig.read(Register.MSI_QUEUE_VECTOR, 2) == NO_VECTOR
