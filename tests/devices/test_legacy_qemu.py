@@ -32,6 +32,7 @@ QUEUE_VECTOR, absent queue         kept for queue_sel                  dropped, 
 HOST_FEATURES/QUEUE_NUM/ISR write  ignored (default case)              EINVAL
 device config beyond its length    ignored (virtio_config_write*)      EINVAL (admin: MUST fail)*
 teardown (Linux remove)            each PFN 0 resets again             PFN 0: queue off only
+function reset (client, FLR)       virtio_reset: queue_sel 0           QUEUE_SEL kept
 =================================  ==================================  ============================
 
 (*) kept: the admin command fails as admin-cmds-legacy-interface.tex requires; the guest
