@@ -94,9 +94,14 @@ class LegacyStats:
     refused: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     """Accesses refused before reaching the owner, by reason."""
 
+    ignored: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """Writes the member completed without effect, as QEMU ignores them, by reason
+    (:attr:`vfuserver.devices.legacy.LegacyInterface.ignored`)."""
+
     def as_dict(self) -> dict[str, int]:
         out = {f"access:{k}": v for k, v in self.accesses.items()}
         out.update({f"refused:{k}": v for k, v in self.refused.items()})
+        out.update({f"ignored:{k}": v for k, v in self.ignored.items()})
         out["fast_notifies"] = self.fast_notifies
         return out
 
@@ -305,7 +310,7 @@ class TransitionalFunction:
         self.stats = LegacyStats()
         self.shadow = LegacyIoShadow(BAR0_SIZE)
         self.member = LegacyInterface(modern.transport, notify_bar=4,
-                                      notify_offset=Layout.NOTIFY)
+                                      notify_offset=Layout.NOTIFY, ignored=self.stats.ignored)
         self.member_id = owner.add_member(self.member)
         self._enable_legacy_commands()
         notify = self._notify_location()
@@ -392,6 +397,7 @@ class TransitionalFunction:
 
     def reset(self, kind: ResetKind) -> None:
         self.modern.reset(kind)
+        self.member.reset()
         self.shadow.reset()
 
     def close(self) -> None:

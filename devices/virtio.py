@@ -107,6 +107,9 @@ class VirtioDevice:
     device_id: int = 0
     """Virtio device type (:class:`vfuserver.protocol.virtio.DeviceType`); 0 = reserved."""
     legacy_only_features: int = LEGACY_ONLY_FEATURES
+    bad_features: int = 0
+    """What a legacy driver that accepts VIRTIO_F_BAD_FEATURE gets instead of what it
+    wrote (QEMU VirtioDeviceClass.bad_features, used by virtio_ioport_write)."""
 
     def __init__(
         self,
@@ -216,8 +219,9 @@ class VirtioDevice:
             return
         old = self.status
         # NEEDS_RESET belongs to the device; the driver MUST NOT clear bits (§2.1.1), so
-        # bits once set stay until reset.
-        new = (value & ~DeviceStatus.NEEDS_RESET) | old
+        # bits once set stay until reset. A legacy driver's value is stored as written,
+        # cleared bits too (QEMU virtio_set_status).
+        new = value if self.legacy else (value & ~DeviceStatus.NEEDS_RESET) | old
         if not self.legacy and new & ~old & DeviceStatus.FEATURES_OK:
             problem = self._feature_problem(self.driver_features)
             if problem is None:

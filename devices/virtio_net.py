@@ -165,6 +165,9 @@ class VirtioNet(VirtioDevice):
 
     device_id = DeviceType.NET
     legacy_only_features = VirtioDevice.legacy_only_features | NetFeature.GSO.mask
+    # What Linux 2.6.25 understood (QEMU virtio_net_bad_features)
+    bad_features = (NetFeature.MAC.mask | NetFeature.CSUM.mask | NetFeature.HOST_TSO4.mask
+                    | NetFeature.HOST_TSO6.mask | NetFeature.HOST_ECN.mask)
 
     def __init__(
         self,

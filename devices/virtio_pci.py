@@ -60,6 +60,9 @@ MSIX_BAR = 1
 MSIX_BAR_SIZE = 0x1000
 MSIX_PBA_OFFSET = 0x800
 
+PCI_CFG_DATA = 16
+"""offsetof(struct virtio_pci_cfg_cap, pci_cfg_data): the 4-byte window data."""
+
 MSIX_CONTROL_ENABLE = int(caps.MsixControl.ENABLE)  # plain ints: IntFlag ops cost µs
 MSIX_CONTROL_FUNCTION_MASK = int(caps.MsixControl.FUNCTION_MASK)
 
@@ -97,6 +100,9 @@ class VirtioPciTransport:
         self.device_feature_select = 0
         self.driver_feature_select = 0
         self.queue_select = 0
+        self.absent_queue_vectors: dict[int, int] = {}
+        """MSI-X vectors the legacy interface took for queue indexes the device does not
+        have (QEMU keeps one for each of its VIRTIO_QUEUE_MAX queues); cleared on reset."""
         self.log = logging.getLogger(f"vfuserver.{getattr(device, 'name', 'virtio')}")
 
     # -- interrupts (VirtioInterrupts, called by the device) ------------------------------
@@ -272,6 +278,7 @@ class VirtioPciTransport:
         self.isr_cell.store(0)
         self.config_msix_vector = NO_VECTOR
         self.device_feature_select = self.driver_feature_select = self.queue_select = 0
+        self.absent_queue_vectors.clear()
 
     # -- the other areas ----------------------------------------------------------------
 
@@ -411,24 +418,59 @@ class VirtioPciFunction:
                                           hook=hook)  # type: ignore[arg-type]
 
     def _pci_cfg_written(self, offset: int, old: bytes, new: bytes) -> None:
-        """§4.1.4.9: a write to pci_cfg_data writes the BAR window the cap points at."""
-        cap = self.pci_cfg_cap
-        data_at = cap + 16
+        """§4.1.4.9: a write to pci_cfg_data writes the BAR window the cap points at.
+
+        As QEMU's virtio_write_config: the config write itself always lands; a window
+        that points nowhere, or an access the region refuses, writes nothing.
+        """
+        data_at = self.pci_cfg_cap + PCI_CFG_DATA
         if offset + len(new) <= data_at:
             return
         bar, window, length = self._pci_cfg_window()
         if bar is None:
             return
         data = bytes(self.config.data[data_at : data_at + length])
-        bar.region.write(window, data)
+        try:
+            bar.region.write(window, data)
+        except GuestError as err:
+            self.transport.log.debug("PCI_CFG window write of BAR%d at %#x ignored: %s",
+                                     bar.index, window, err)
+
+    def pci_cfg_read(self) -> None:
+        """Refresh pci_cfg_data from the window the cap points at (QEMU virtio_read_config,
+        before any config read that overlaps it).
+
+        Never raises for what the guest programmed: a window that points nowhere
+        (bar, length or range invalid) or an access the region refuses leaves
+        pci_cfg_data unchanged, as QEMU's virtio_address_space_read does.
+        """
+        bar, window, length = self._pci_cfg_window()
+        if bar is None:
+            return
+        try:
+            value = bar.region.read(window, length)
+        except GuestError as err:
+            self.transport.log.debug("PCI_CFG window read of BAR%d at %#x ignored: %s",
+                                     bar.index, window, err)
+            return
+        if len(value) == length:  # a region answering another width is ignored, too
+            data_at = self.pci_cfg_cap + PCI_CFG_DATA
+            self.config.data[data_at : data_at + length] = value
 
     def _pci_cfg_window(self) -> tuple[Bar | None, int, int]:
+        """(BAR, offset, length) of the window, or (None, 0, 0) if it points nowhere.
+
+        The offset is aligned down to the length, as QEMU's virtio_address_space_read
+        and _write do ("as address is under guest control, handle illegal values").
+        """
         cap = self.pci_cfg_cap
         bar_index = self.config.data[cap + 4]
-        window = self.config.u32(cap + 8)
         length = self.config.u32(cap + 12)
         bar = self.config.bars.get(bar_index)
-        if bar is None or length not in (1, 2, 4) or window + length > bar.size:
+        if bar is None or length not in (1, 2, 4):
+            return None, 0, 0
+        window = self.config.u32(cap + 8) & ~(length - 1)
+        if window + length > bar.size:
             return None, 0, 0
         return bar, window, length
 
@@ -500,11 +542,9 @@ class _VirtioConfigRegion:
 
     def read(self, offset: int, size: int) -> bytes:
         fn = self.function
-        data_at = fn.pci_cfg_cap + 16
+        data_at = fn.pci_cfg_cap + PCI_CFG_DATA
         if offset < data_at + 4 and data_at < offset + size:
-            bar, window, length = fn._pci_cfg_window()
-            if bar is not None:
-                fn.config.data[data_at : data_at + length] = bar.region.read(window, length)
+            fn.pci_cfg_read()
         return fn.config.read(offset, size)
 
     def write(self, offset: int, data: bytes) -> None:

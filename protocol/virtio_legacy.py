@@ -34,6 +34,17 @@ COMMON_HEADER_SIZE = 20
 COMMON_HEADER_SIZE_MSIX = 24
 """Size of the common header while MSI-X is enabled (adds the two vector registers)."""
 
+BAD_FEATURE = 30
+"""QEMU's VIRTIO_F_BAD_FEATURE: offered in HOST_FEATURES by every virtio-pci device
+(virtio_pci_pre_plugged); a driver that accepts it shows it does not negotiate, and the
+device takes its device type's "bad features" instead (virtio_ioport_write)."""
+QUEUE_MAX = 1024
+"""QEMU's VIRTIO_QUEUE_MAX: a QUEUE_SEL write of this or more is ignored; queue indexes
+below it name a queue, present (a size) or not (size 0)."""
+NO_REGISTER = 0xFFFF_FFFF
+"""What a read at an offset that starts no readable register returns (QEMU
+virtio_ioport_read's default, truncated to the access width)."""
+
 QUEUE_ADDR_SHIFT = 12
 """VIRTIO_PCI_QUEUE_ADDR_SHIFT: QUEUE_PFN holds the ring's physical address >> 12."""
 VRING_ALIGN = 4096

@@ -25,7 +25,7 @@ from vfuserver.devices.pci import ResetKind
 from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol import virtio_admin as admin
 from vfuserver.protocol.virtio import DeviceStatus, Feature
-from vfuserver.protocol.virtio_legacy import Register
+from vfuserver.protocol.virtio_legacy import BAD_FEATURE, Register
 from vfuserver.protocol.virtio_net import NetFeature
 
 
@@ -155,6 +155,7 @@ def test_features_are_the_low_word_without_version_1(rig: Rig) -> None:
     assert features & (1 << NetFeature.MAC) and features & (1 << NetFeature.MRG_RXBUF)
     assert features & Feature.ANY_LAYOUT.mask  # a transitional device offers ANY_LAYOUT
     assert rig.net.legacy
+    features &= ~(1 << BAD_FEATURE)  # Linux's vring_transport_features drops bit 30
     rig.write(Register.GUEST_FEATURES, features, 4)
     assert rig.read(Register.GUEST_FEATURES, 4) == features
     assert rig.net.has_feature(NetFeature.MRG_RXBUF)
@@ -179,7 +180,7 @@ def test_every_common_register_at_every_width(rig: Rig, reg: Register, width: in
         assert raised.value.errno == errno.EINVAL
         return
     value = rig.read(reg, width)
-    whole = {Register.HOST_FEATURES: rig.net.get_device_features(0),
+    whole = {Register.HOST_FEATURES: rig.net.get_device_features(0) | 1 << BAD_FEATURE,
              Register.STATUS: DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER,
              Register.QUEUE_NUM: 256}.get(reg, 0)
     assert value == whole & ((1 << (8 * width)) - 1)
@@ -213,8 +214,6 @@ def test_bad_widths_and_offsets(rig: Rig) -> None:
         with pytest.raises(GuestError) as raised:
             rig.write(offset, 0, size)
         assert raised.value.errno == errno.EINVAL
-    with pytest.raises(GuestError):
-        rig.write(Register.HOST_FEATURES, 0, 4)  # read-only
     with pytest.raises(GuestError):
         rig.read(2, 4)  # straddles HOST_FEATURES and GUEST_FEATURES
     assert rig.read(20, 4) == int.from_bytes(MAC[:4], "little")  # device config at 20 ...
@@ -259,9 +258,7 @@ def test_legacy_driver_transmits_through_pfn_rings(rig: Rig) -> None:
     rig.write(Register.QUEUE_SEL, 1, 2)
     assert rig.read(Register.QUEUE_NUM, 2) == 256
     txq = DriverQueue(rig.ram, rig.net.queues[1], contiguous=True)
-    rig.write(Register.QUEUE_PFN, 0, 4)  # PFN 0 deactivates ...
-    assert not rig.net.queues[1].enabled
-    rig.write(Register.QUEUE_PFN, txq.desc >> 12, 4)  # ... and the PFN places the ring again
+    rig.write(Register.QUEUE_PFN, txq.desc >> 12, 4)
     assert rig.read(Register.QUEUE_PFN, 4) == txq.desc >> 12
     rig.write(Register.STATUS, 0x7, 1)  # ACK | DRIVER | DRIVER_OK
     frame = b"\xff" * 6 + MAC + b"\x08\x06" + bytes(46)
