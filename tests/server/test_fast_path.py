@@ -1,0 +1,216 @@
+"""The native fast path and the model give the same answers and leave the same state.
+
+Two identical transitional virtio-net functions (tests/devices/legacy_driver.Rig: a real
+VirtioNet, the real modern function, AdminOwner and presentation) are brought to the same
+device state. Then one access is made to each: on one through the fast path first
+(vfuserver/csrc/serve.h ``fast_access``, as the region trampolines call it; a miss goes on
+to the model, and kicks the fast path recorded are run by the model, as the server's event
+loop runs them), on the other through the model alone, i.e. for BAR0 one virtio admin
+command. Every register of both BARs near the fast ones, every width, reads and writes, in
+every state below: the answers (bytes, or the errno) and the state afterwards (device
+status and mode, ISR, queues, frames sent) must be equal, and the fast path must have
+served what it claims to serve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.devices.driver import DriverQueue
+from tests.devices.legacy_driver import MAC, Rig
+from vfuserver.devices.errors import GuestError
+from vfuserver.devices.virtio_pci import MODERN_BAR, Layout
+from vfuserver.native import NativeDevice
+from vfuserver.protocol.virtio import DeviceStatus
+from vfuserver.protocol.virtio_legacy import Register
+from vfuserver.protocol.virtio_net import NetFeature
+from vfuserver.protocol.virtio_pci import CommonCfgRegister as Common
+
+FRAME = b"\xff" * 6 + MAC + b"\x08\x06" + bytes(46)
+
+
+class FastRig(Rig):
+    """A Rig whose BAR accesses try the native fast path first, as the server's do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.native = NativeDevice()
+        assert self.native.install(self.fn)
+        self.native.publish()
+        self.served: list[tuple[int, int, int, bool]] = []
+
+    def access(self, bar: int, offset: int, data: bytes | int, is_write: bool) -> bytes:
+        fast = self.native.access(bar, offset, data, is_write)
+        if fast is not None:
+            self.served.append((bar, offset, len(fast), is_write))
+            for queue in self.native.take_kicks():
+                self.fn.kick(queue)
+            self.native.publish()
+            return fast
+        try:
+            return model_access(self, bar, offset, data, is_write)
+        finally:
+            self.native.publish()  # what releasing the device lock does
+
+
+def model_access(rig: Rig, bar: int, offset: int, data: bytes | int, is_write: bool) -> bytes:
+    region = {b.index: b.region for b in rig.fn.bars()}[bar]
+    if is_write:
+        assert isinstance(data, bytes)
+        region.write(offset, data)
+        return data
+    assert isinstance(data, int)
+    return region.read(offset, data)
+
+
+def answer(call: Callable[[], bytes]) -> tuple[str, Any]:
+    try:
+        return ("ok", call())
+    except GuestError as exc:
+        return ("error", exc.errno)
+
+
+def state(rig: Rig) -> dict[str, Any]:
+    net, transport = rig.net, rig.modern.transport
+    return {
+        "status": net.status,
+        "legacy": net.legacy,
+        "isr": transport.isr,
+        "features": net.driver_features,
+        "queues": [(q.enabled, q.desc_addr, q.last_avail_idx, q.size) for q in net.queues],
+        "sent": list(rig.peer.sent),
+        "io": rig.fn.shadow.io_enabled,
+        "stats": dataclasses.asdict(net.stats),
+    }
+
+
+# -- device states, each a list of driver steps applied to both rigs through the model --
+
+
+def fresh(rig: Rig) -> None:
+    pass
+
+
+def io_on(rig: Rig) -> None:
+    rig.enable_io()
+
+
+def legacy_started(rig: Rig) -> None:
+    rig.legacy_driver_start()
+
+
+def legacy_running(rig: Rig) -> None:
+    """Linux's legacy probe to DRIVER_OK with a PFN-placed TX ring holding one frame, and
+    an ISR bit pending (INTx)."""
+    features = rig.legacy_driver_start()
+    rig.write(Register.GUEST_FEATURES, features & ~(1 << NetFeature.MRG_RXBUF), 4)
+    rig.write(Register.QUEUE_SEL, 1, 2)
+    txq = DriverQueue(rig.ram, rig.net.queues[1], contiguous=True)
+    rig.write(Register.QUEUE_PFN, txq.desc >> 12, 4)
+    rig.write(Register.STATUS, 0x7, 1)
+    txq.add([bytes(10) + FRAME], [])
+    rig.modern.transport.isr = 1
+
+
+def legacy_io_off_again(rig: Rig) -> None:
+    legacy_running(rig)
+    rig.cfg_write(0x04, 0, 2)  # PCI_COMMAND: IO decode off
+
+
+def modern_running(rig: Rig) -> None:
+    """A modern driver through BAR4's common configuration, TX queue with one frame."""
+    bar4 = {b.index: b.region for b in rig.fn.bars()}[MODERN_BAR]
+
+    def common(reg: Common, value: int, width: int) -> None:
+        bar4.write(reg, value.to_bytes(width, "little"))
+
+    common(Common.DEVICE_STATUS, 0, 1)
+    common(Common.DEVICE_STATUS, DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER, 1)
+    offered = [int.from_bytes(bar4.read(Common.DEVICE_FEATURE, 4), "little")
+               for _ in range(1)]
+    common(Common.DRIVER_FEATURE_SELECT, 0, 4)
+    common(Common.DRIVER_FEATURE, offered[0] & ~(1 << NetFeature.MRG_RXBUF), 4)
+    common(Common.DRIVER_FEATURE_SELECT, 1, 4)
+    common(Common.DRIVER_FEATURE, 1, 4)  # VIRTIO_F_VERSION_1
+    common(Common.DEVICE_STATUS, 0xB, 1)  # ACK | DRIVER | FEATURES_OK
+    common(Common.QUEUE_SELECT, 1, 2)
+    txq = DriverQueue(rig.ram, rig.net.queues[1])
+    common(Common.DEVICE_STATUS, 0xF, 1)
+    txq.add([bytes(12) + FRAME], [])
+    rig.modern.transport.isr = 3
+
+
+STATES = [fresh, io_on, legacy_started, legacy_running, legacy_io_off_again, modern_running]
+
+
+def accesses() -> Iterator[tuple[int, int, bytes | int, bool]]:
+    """(bar, offset, bytes to write | size to read, is_write): every BAR0 register and
+    width, and BAR4 around the ISR, device_status and the notify addresses."""
+    for offset in range(0, 32):
+        for width in (1, 2, 4):
+            yield 0, offset, width, False
+            for value in (0, 1, 2, 64):
+                yield 0, offset, value.to_bytes(width, "little"), True
+    modern = [Layout.ISR - 1, Layout.ISR, Layout.ISR + 1, Common.DEVICE_STATUS - 1,
+              Common.DEVICE_STATUS, Common.DEVICE_STATUS + 1]
+    modern += [Layout.NOTIFY + 4 * q + d for q in range(4) for d in (0, 2)]
+    for offset in modern:
+        for width in (1, 2, 4):
+            yield MODERN_BAR, offset, width, False
+            for value in (0, 1, 2, 64):
+                yield MODERN_BAR, offset, value.to_bytes(width, "little"), True
+
+
+@pytest.mark.parametrize("prepare", STATES, ids=lambda f: f.__name__)
+def test_fast_path_and_model_agree(prepare: Callable[[Rig], None]) -> None:
+    mismatches = []
+    served = 0
+    for bar, offset, data, is_write in accesses():
+        fast, model = FastRig(), Rig()
+        prepare(fast)
+        prepare(model)
+        fast.native.publish()
+        assert state(fast) == state(model)
+        got = answer(lambda: fast.access(bar, offset, data, is_write))
+        want = answer(lambda: model_access(model, bar, offset, data, is_write))
+        if (got, state(fast)) != (want, state(model)):
+            mismatches.append((bar, offset, data, is_write, got, want))
+        served += len(fast.served)
+        fast.native.close()
+    assert not mismatches, mismatches[:5]
+    if prepare in (legacy_running, modern_running):
+        assert served > 0  # the fast path did answer in this state
+
+
+def test_fast_path_serves_what_a_running_legacy_driver_does() -> None:
+    """QUEUE_NOTIFY, ISR and STATUS of a running legacy driver never reach the model:
+    no admin command, and the notify's frame goes out once the kick is run."""
+    rig = FastRig()
+    legacy_running(rig)
+    rig.native.publish()
+    commands = dict(rig.owner.stats.commands)
+    assert rig.access(0, Register.STATUS, 1, False) == b"\x07"
+    assert rig.access(0, Register.ISR, 1, False) == b"\x01"
+    assert rig.access(0, Register.ISR, 1, False) == b"\x00"  # read-to-clear
+    rig.access(0, Register.QUEUE_NOTIFY, (1).to_bytes(2, "little"), True)
+    assert rig.peer.sent == [FRAME]
+    assert dict(rig.owner.stats.commands) == commands
+    assert len(rig.served) == 4
+    counters = rig.native.counters()
+    assert (counters["fast:legacy-status-read"], counters["fast:legacy-isr-read"],
+            counters["fast:legacy-notify"]) == (1, 2, 1)
+
+
+def test_a_fresh_device_status_read_goes_to_the_model() -> None:
+    """A legacy STATUS read of a fresh device makes it a legacy device: the model does it
+    (one admin command), not the fast path."""
+    rig = FastRig()
+    rig.enable_io()
+    rig.native.publish()
+    assert not rig.net.legacy
+    assert rig.access(0, Register.STATUS, 1, False) == b"\x00"
+    assert rig.net.legacy and rig.served == []
