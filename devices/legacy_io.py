@@ -387,7 +387,8 @@ class TransitionalFunction:
         (:meth:`LegacyInterface.legacy_common_read`); only once it cannot is it fast."""
         device = self.modern.device
         return FastState(device.status, io_enabled=self.shadow.io_enabled,
-                         settled=device.legacy or device.status != 0)
+                         settled=device.legacy or device.status != 0,
+                         active_queues=device.active_queues())
 
     def use_isr(self, cell: IsrCell) -> None:
         self.modern.use_isr(cell)

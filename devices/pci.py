@@ -294,6 +294,8 @@ class FastState:
     status: int
     io_enabled: bool
     settled: bool
+    active_queues: int = 0
+    """Bit n: a kick of queue n has work to do; kicks of the others are dropped."""
 
 
 class IsrCell(Protocol):

@@ -308,6 +308,17 @@ class VirtioDevice:
 
     # -- queues -----------------------------------------------------------------------
 
+    def active_queues(self) -> int:
+        """Bit n set: a kick of queue n has work to do now (:meth:`notify` ignores the
+        others); what a fast path needs to know to drop the rest."""
+        if not self.may_process():
+            return 0
+        mask = 0
+        for queue in self.queues:
+            if queue.enabled:
+                mask |= 1 << queue.index
+        return mask
+
     def notify(self, queue_index: int) -> None:
         """The driver kicked queue ``queue_index``. Never raises for guest mistakes."""
         if not 0 <= queue_index < len(self.queues):

@@ -500,7 +500,8 @@ class VirtioPciFunction:
         return registers
 
     def fast_state(self) -> FastState:
-        return FastState(self.device.status, io_enabled=False, settled=True)
+        return FastState(self.device.status, io_enabled=False, settled=True,
+                         active_queues=self.device.active_queues())
 
     def use_isr(self, cell: IsrCell) -> None:
         cell.store(self.transport.isr_cell.peek())

@@ -92,7 +92,8 @@ class NativeDevice:
         if self.function is None or not self.live:
             return
         state = self.function.fast_state()
-        lib.vfuserver_publish(self.dev, state.status, state.io_enabled, state.settled, 1)
+        lib.vfuserver_publish(self.dev, state.status, state.io_enabled, state.settled,
+                              state.active_queues, 1)
 
     def access(self, region: int, offset: int, data: bytes | int, is_write: bool,
                ) -> bytes | None:

@@ -434,10 +434,11 @@ static uint64_t vfuserver_take_notifies(struct vfuserver_dev *d)
 }
 
 static void vfuserver_publish(struct vfuserver_dev *d, uint8_t status, uint8_t io_enabled,
-                              uint8_t settled, uint8_t fast_enabled)
+                              uint8_t settled, uint64_t active_queues, uint8_t fast_enabled)
 {
     __atomic_store_n(&d->status, status, __ATOMIC_RELEASE);
     __atomic_store_n(&d->io_enabled, io_enabled, __ATOMIC_RELEASE);
     __atomic_store_n(&d->settled, settled, __ATOMIC_RELEASE);
+    __atomic_store_n(&d->active_queues, active_queues, __ATOMIC_RELEASE);
     __atomic_store_n(&d->fast_enabled, fast_enabled, __ATOMIC_RELEASE);
 }

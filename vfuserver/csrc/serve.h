@@ -41,6 +41,7 @@ struct vfuserver_dev {
     uint8_t status;                 /* device status */
     uint8_t io_enabled;             /* legacy BAR0: PCI_COMMAND IO decode */
     uint8_t settled;                /* a legacy read has no side effect on the mode */
+    uint64_t active_queues;         /* bit n: a kick of queue n has work to do */
     int nregs;
     struct vfuserver_fast_reg regs[VFUSERVER_FAST_REGS];
 
@@ -102,7 +103,11 @@ static ssize_t fast_access(void *private, int region, char *buf, size_t n, loff_
             if (queue >= 64) {
                 return FAST_MISS;   /* no such queue here: the model logs and ignores it */
             }
-            uint64_t old = __atomic_fetch_or(&d->pending_notify, 1ULL << queue,
+            uint64_t bit = 1ULL << queue;
+            if (!(__atomic_load_n(&d->active_queues, __ATOMIC_ACQUIRE) & bit)) {
+                break;              /* the model would ignore it (VirtioDevice.notify) */
+            }
+            uint64_t old = __atomic_fetch_or(&d->pending_notify, bit,
                                              __ATOMIC_SEQ_CST);
             if (old == 0) {         /* otherwise the model has not taken the last ones yet */
                 uint64_t one = 1;

@@ -171,7 +171,7 @@ void vfuserver_isr_store(struct vfuserver_dev *d, uint8_t value);
 uint64_t vfuserver_take_notifies(struct vfuserver_dev *d);
 /* Publish one byte of fast-path state with release order. */
 void vfuserver_publish(struct vfuserver_dev *d, uint8_t status, uint8_t io_enabled,
-                       uint8_t settled, uint8_t fast_enabled);
+                       uint8_t settled, uint64_t active_queues, uint8_t fast_enabled);
 
 /* CPU memory barriers for the rings shared with the guest (QEMU's smp_mb/smp_wmb/smp_rmb):
    __atomic_thread_fence with SEQ_CST, RELEASE and ACQUIRE. */
