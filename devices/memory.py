@@ -31,6 +31,7 @@ hold for every access the device makes to the fields of a ring:
 from __future__ import annotations
 
 import bisect
+import mmap
 import sys
 import threading
 from collections.abc import Callable
@@ -150,7 +151,7 @@ class GuestMemory:
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(list(self._maps))
 
-    def add(self, iova: int, backing: Buffer, *, writable: bool) -> DmaMap:
+    def add(self, iova: int, backing: Buffer | mmap.mmap, *, writable: bool) -> DmaMap:
         """Register ``backing`` as guest memory at ``iova``.
 
         ValueError for an empty map, one that reaches past 2**64 or one that overlaps a

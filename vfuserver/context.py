@@ -23,9 +23,10 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import trio
 
+from vfuserver import dma_backing
 from vfuserver.binding import check, ffi, lib
 from vfuserver.devices.errors import GuestError
-from vfuserver.devices.memory import Barriers, GuestMemory
+from vfuserver.devices.memory import IOVA_LIMIT, Barriers, GuestMemory, NoLostPages
 from vfuserver.devices.pci import BarKind, PciFunction, Region, ResetKind
 from vfuserver.sockfile import SocketFile, owner_only_umask, prepare_socket_path
 
@@ -141,6 +142,13 @@ class VfuContext:
         self.log = logger or logging.getLogger(f"vfuserver.{function.name}")
         self.memory = memory if memory is not None else GuestMemory()
         self.memory.barriers = CPU_BARRIERS
+        if isinstance(self.memory.lost, NoLostPages):
+            # the count the SIGBUS guard keeps for these maps (C memory, as long as the
+            # GuestMemory lives: a memory shared by successive contexts keeps its count)
+            self.memory.lost = ffi.new("vfuserver_lost_pages_t *")
+        check(lib.vfuserver_guard_install(), "sigaction(SIGBUS)")
+        self._guard_slots: dict[int, int] = {}
+        """SIGBUS guard slot of each map in :attr:`memory`, by iova."""
         self.pending_error: BaseException | None = None
         self.client_attached = False
         """Set by the serving loop while a client is attached."""
@@ -294,6 +302,9 @@ class VfuContext:
         # libvfio-user unmapped every region: nothing may still point into them
         self.memory.clear()
         self._unused_maps.clear()
+        for slot in self._guard_slots.values():
+            lib.vfuserver_guard_remove(slot)
+        self._guard_slots.clear()
         # libvfio-user of this vintage never unlinks the socket it bound
         if self._socket_file is not None:
             self._socket_file.remove()
@@ -374,14 +385,57 @@ class VfuContext:
                 self.log.debug("read-only DMA map [%#x, +%#x) without fd (firmware) ignored",
                                iova, size)
             return
-        backing = ffi.buffer(ffi.cast("char *", info.vaddr), size)
+        vaddr = int(ffi.cast("uintptr_t", info.vaddr))
+        mapping = int(ffi.cast("uintptr_t", info.mapping.iov_base))
+        mapping_len = int(info.mapping.iov_len)
+        usable = self._backed_size(iova, size, vaddr, mapping + mapping_len)
         try:
-            self.memory.add(iova, backing, writable=writable)
-        except ValueError as exc:  # libvfio-user refuses overlaps itself: a bug if reached
+            if usable == 0:
+                raise ValueError("no byte of it is backed by its file")
+            # libvfio-user refuses overlaps itself; a map past 2**64 it lets through
+            self.memory.add(iova, ffi.buffer(ffi.cast("char *", info.vaddr), usable),
+                            writable=writable)
+        except ValueError as exc:
             self._unused_maps.add((iova, size))
             self.log.error("DMA map [%#x, +%#x) refused: %s", iova, size, exc)
             return
+        slot = lib.vfuserver_guard_add(info.mapping.iov_base, mapping_len, info.page_size,
+                                       (iova - (vaddr - mapping)) % IOVA_LIMIT,
+                                       self.memory.lost)
+        if slot < 0:
+            self.log.warning("DMA map [%#x, +%#x) is not guarded against SIGBUS (%s): a "
+                             "client that shrinks its file can kill the server",
+                             iova, size, os.strerror(ffi.errno))
+        else:
+            self._guard_slots[iova] = slot
         self.log.debug("DMA map [%#x, +%#x) %s", iova, size, "rw" if writable else "ro")
+
+    def _backed_size(self, iova: int, size: int, vaddr: int, mapping_end: int) -> int:
+        """How many bytes of the map at ``vaddr`` the client's file really holds (beyond
+        them an access is a SIGBUS); the file is sealed against shrinking on the way
+        (:func:`dma_backing.inspect`)."""
+        # libvfio-user maps round_up(size) bytes from round_down(offset) (dma_map_region):
+        # short of the end when the client's offset is not page-aligned
+        usable = min(size, mapping_end - vaddr)
+        try:
+            backing = dma_backing.inspect(vaddr)
+        except OSError as exc:
+            self.log.warning("DMA map [%#x, +%#x): cannot inspect the file behind it (%s); "
+                             "its size is trusted and only the SIGBUS guard protects the "
+                             "server (run it as root)", iova, size, exc)
+            return usable
+        if not backing.sealed:
+            self.log.debug("DMA map [%#x, +%#x): %s cannot be sealed against shrinking; "
+                           "the SIGBUS guard covers it", iova, size, backing.name)
+        backed = backing.backed(usable)
+        if backed < size:
+            self.log.error(
+                "DMA map [%#x, +%#x) is larger than what backs it: the client's file %s "
+                "holds %#x bytes from offset %#x on; only [%#x, +%#x) is used. The client "
+                "must map only what its file holds (QEMU maps whole RAM blocks)",
+                iova, size, backing.name, max(0, backing.file_size - backing.offset),
+                backing.offset, iova, backed)
+        return backed
 
     @c_callback("vfuserver_dma_unregister_cb", error=None)
     def _on_dma_unregister(self, info: Any) -> None:
@@ -391,6 +445,7 @@ class VfuContext:
         if (iova, size) in self._unused_maps:
             self._unused_maps.remove((iova, size))
             return
+        lib.vfuserver_guard_remove(self._guard_slots.pop(iova, -1))
         try:
             self.memory.remove(iova)
         except KeyError:

@@ -9,6 +9,7 @@ device: tests drive the real VirtioDevice/VirtQueue through it.
 from __future__ import annotations
 
 import itertools
+import mmap
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,13 +35,16 @@ class GuestRam:
     split around a hole presents it)."""
 
     def __init__(self, size: int = RAM_SIZE, base: int = RAM_BASE,
-                 splits: Sequence[int] = ()) -> None:
-        self.backing = bytearray(size)
+                 splits: Sequence[int] = (), *, shared: mmap.mmap | None = None) -> None:
+        self.backing: bytearray | mmap.mmap = bytearray(size) if shared is None else shared
         self.memory = GuestMemory()
-        whole = memoryview(self.backing)
-        bounds = [base, *sorted(splits), base + size]
-        for start, end in itertools.pairwise(bounds):
-            self.memory.add(start, whole[start - base : end - base], writable=True)
+        """The maps as a device sees them; empty for ``shared`` RAM (a memfd's mmap),
+        which a server's device gets through the client's DMA maps instead."""
+        if shared is None:
+            whole = memoryview(self.backing)
+            bounds = [base, *sorted(splits), base + size]
+            for start, end in itertools.pairwise(bounds):
+                self.memory.add(start, whole[start - base : end - base], writable=True)
         self.base = base
         self.size = size
         self._next = base

@@ -7,19 +7,39 @@ None of that is worth a warning; an unmap of a map the device never knew is.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import logging
+import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
+from tests.devices.driver import (
+    Buf,
+    DriverQueue,
+    GuestRam,
+    RecordingInterrupts,
+    RecordingPeer,
+    driver_ok,
+    negotiate_modern,
+)
 from tests.server.conftest import ScratchFunction
-from vfuserver.client import Client
+from vfuserver.client import Client, VfioUserError
 from vfuserver.context import VfuContext
+from vfuserver.devices.memory import GuestMemory
 from vfuserver.devices.pci import ResetKind
+from vfuserver.devices.virtio_net import TX_QUEUE, VirtioNet
+from vfuserver.devices.virtio_pci import MODERN_BAR, Layout, VirtioPciFunction
+from vfuserver.protocol import vfio_user as vu
+from vfuserver.protocol.pci import ClassCode
+from vfuserver.protocol.virtio import DeviceStatus
 from vfuserver.server import serve_device
 
 RAM_IOVA, RAM_SIZE = 0x100000, 0x10000
@@ -119,3 +139,228 @@ async def test_an_unmap_of_a_map_the_device_lost_is_a_warning(
 
     await trio.to_thread.run_sync(session)
     assert warnings_in(caplog) == [f"DMA unmap of unknown map at {RAM_IOVA:#x}"]
+
+
+# -- maps that disagree with their file (issue 12, input 3 and siblings) ---------------------
+
+MIB = 1 << 20
+PAGE = mmap.PAGESIZE
+MAC = bytes.fromhex("525400abcdef")
+
+
+@dataclass
+class ServedNet:
+    """A virtio-net function served over a real libvfio-user context."""
+
+    context: VfuContext
+    net: VirtioNet
+    peer: RecordingPeer
+
+
+@pytest.fixture
+async def serve_net(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[ServedNet]]]:
+    """serve_net(name) serves a virtio-net device (no backend: a recording peer) on
+    tmp_path/name.sock, in the test's trio loop."""
+    contexts: list[VfuContext] = []
+    async with trio.open_nursery() as nursery:
+
+        async def start(name: str = "net") -> ServedNet:
+            memory = GuestMemory()
+            peer = RecordingPeer()
+            net = VirtioNet(memory, RecordingInterrupts(), peer, mac=MAC, queue_max_size=64,
+                            name=name)
+            function = VirtioPciFunction(net, name=name,
+                                         class_code=ClassCode.NETWORK_ETHERNET)
+            context = VfuContext(str(tmp_path / f"{name}.sock"), function, memory=memory)
+            contexts.append(context)
+            await nursery.start(serve_device, context)
+            return ServedNet(context, net, peer)
+
+        yield start
+        nursery.cancel_scope.cancel()
+    for context in contexts:
+        context.close()
+
+
+@asynccontextmanager
+async def connected(context: VfuContext) -> AsyncIterator[Client]:
+    """A client connected from a worker thread (it blocks for the server's replies)."""
+    client = await trio.to_thread.run_sync(Client, context.socket_path)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def memfd(size: int, *, sealable: bool = False) -> int:
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
+    os.ftruncate(fd, size)
+    return fd
+
+
+def transmit_queue(net: VirtioNet, shared: mmap.mmap) -> DriverQueue:
+    """Linux's probe on the device model, with the rings at the start of ``shared``
+    (guest RAM at IOVA 0), as the guest would leave them before kicking."""
+    negotiate_modern(net)
+    ram = GuestRam(len(shared), 0, shared=shared)
+    queue = DriverQueue(ram, net.queues[TX_QUEUE])
+    driver_ok(net)
+    return queue
+
+
+def kick_transmit(client: Client) -> None:
+    """The driver's notify write for the transmit queue (modern BAR, notify area)."""
+    client.write(vu.PciRegion.BAR0 + MODERN_BAR, Layout.NOTIFY, TX_QUEUE.to_bytes(2, "little"))
+
+
+def needs_reset(net: VirtioNet) -> bool:
+    return bool(net.status & DeviceStatus.NEEDS_RESET)
+
+
+def errors_in(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_map_larger_than_its_file_is_clipped_to_the_file(
+        serve_net: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # issue 12, input 3: 2 MiB at IOVA 0 over a 16 KiB memfd, a transmit buffer at 1 MiB
+    served = await serve_net()
+    fd = memfd(16 * 1024)
+    with mmap.mmap(fd, 16 * 1024) as shared:
+        async with connected(served.context) as client:
+            await trio.to_thread.run_sync(client.dma_map, 0, 2 * MIB, fd)
+            assert [(m.iova, m.size) for m in served.context.memory] == [(0, 16 * 1024)]
+            assert any("DMA map [0x0, +0x200000) is larger than what backs it" in e
+                       and "only [0x0, +0x4000) is used" in e for e in errors_in(caplog))
+            tx = transmit_queue(served.net, shared)
+            good = served.net.header_len * b"\0" + MAC + MAC + b"\x08\x00" + b"ok"
+            shared[0x3000 : 0x3000 + len(good)] = good
+            tx.add_bufs([Buf(0x3000, len(good), False)])
+            await trio.to_thread.run_sync(kick_transmit, client)
+            assert served.peer.sent == [good[served.net.header_len :]]  # inside the file: sent
+
+            tx.add_bufs([Buf(MIB, 64, False)])
+            await trio.to_thread.run_sync(kick_transmit, client)
+            assert needs_reset(served.net)
+            assert len(served.peer.sent) == 1
+            assert served.context.memory.lost.count == 0  # refused, not read: no SIGBUS at all
+    os.close(fd)
+
+
+@pytest.mark.parametrize(("offset", "size", "file_size", "usable"), [
+    pytest.param(0x4000, 0x8000, 0x10000, 0x8000, id="inside-the-file"),
+    pytest.param(0x4000, 0x10000, 0x10000, 0xC000, id="runs-past-the-end"),
+    pytest.param(0x800, 0x1000, 0x10000, 0x800, id="unaligned-offset"),  # lib/dma.c maps short
+])
+async def test_a_map_at_an_offset_into_its_file(
+        serve_net: Any, offset: int, size: int, file_size: int, usable: int) -> None:
+    served = await serve_net()
+    fd = memfd(file_size)
+    os.pwrite(fd, bytes(range(256)) * (file_size // 256), 0)
+    async with connected(served.context) as client:
+        await trio.to_thread.run_sync(functools.partial(client.dma_map, RAM_IOVA, size, fd,
+                                                       offset=offset))
+        memory = served.context.memory
+        assert [(m.iova, m.size) for m in memory] == [(RAM_IOVA, usable)]
+        assert memory.read(RAM_IOVA + usable - 16, 16) == os.pread(fd, 16, offset + usable - 16)
+    os.close(fd)
+
+
+async def test_maps_the_library_refuses_leave_the_server_serving(
+        serve_net: Any, ram_fd: int) -> None:
+    served = await serve_net()
+
+    def session() -> list[str]:
+        refused = []
+        with Client(served.context.socket_path) as client:
+            client.dma_map(RAM_IOVA, RAM_SIZE, ram_fd)
+            for name, (iova, size) in {"overlap": (RAM_IOVA + 0x1000, RAM_SIZE),
+                                       "zero-length": (0x800000, 0)}.items():
+                try:
+                    client.dma_map(iova, size, ram_fd)
+                except VfioUserError:
+                    refused.append(name)
+            assert client.read(vu.PciRegion.CONFIG, 0, 2) == b"\xf4\x1a"
+        return refused
+
+    assert await trio.to_thread.run_sync(session) == ["overlap", "zero-length"]
+
+
+async def test_a_map_past_2_64_is_refused_and_its_unmap_is_quiet(
+        serve_net: Any, caplog: pytest.LogCaptureFixture, ram_fd: int) -> None:
+    served = await serve_net()
+    top = (1 << 64) - 0x1000
+
+    def session() -> None:
+        with Client(served.context.socket_path) as client:
+            client.dma_map(top, 0x2000, ram_fd)
+            assert len(served.context.memory) == 0
+            client.dma_unmap(top, 0x2000)
+
+    await trio.to_thread.run_sync(session)
+    assert [m for m in warnings_in(caplog) if "wraps around 2**64" not in m] == []
+    assert any("wraps around 2**64" in e for e in errors_in(caplog))
+
+
+async def test_unmapping_the_rings_under_a_live_queue_needs_reset(serve_net: Any) -> None:
+    served = await serve_net()
+    fd = memfd(RAM_SIZE)
+    with mmap.mmap(fd, RAM_SIZE) as shared:
+        async with connected(served.context) as client:
+            await trio.to_thread.run_sync(client.dma_map, 0, RAM_SIZE, fd)
+            tx = transmit_queue(served.net, shared)
+            await trio.to_thread.run_sync(client.dma_unmap, 0, RAM_SIZE)  # rings gone
+            tx.add([served.net.header_len * b"\0" + MAC + MAC + b"\x08\x00"])
+            await trio.to_thread.run_sync(kick_transmit, client)
+            assert needs_reset(served.net)
+            assert served.peer.sent == []
+    os.close(fd)
+
+
+# -- a client that shrinks its file after mapping it -------------------------------------------
+
+
+async def test_a_sealable_file_is_sealed_against_shrinking(serve_net: Any) -> None:
+    served = await serve_net()
+    fd = memfd(RAM_SIZE, sealable=True)
+    async with connected(served.context) as client:
+        await trio.to_thread.run_sync(client.dma_map, 0, RAM_SIZE, fd)
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, PAGE)
+        os.ftruncate(fd, 2 * RAM_SIZE)  # growing stays the client's business
+    os.close(fd)
+
+
+async def test_a_file_shrunk_under_a_map_stops_that_device_only(
+        serve_net: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # A memfd without MFD_ALLOW_SEALING cannot be sealed: the SIGBUS guard has to save
+    # the process when the device reads a page the client cut off.
+    served = await serve_net("victim")
+    other = await serve_net("bystander")
+    fd = memfd(RAM_SIZE)
+    with mmap.mmap(fd, PAGE) as shared:
+        async with connected(served.context) as client:
+            await trio.to_thread.run_sync(client.dma_map, 0, RAM_SIZE, fd)
+            assert [(m.iova, m.size) for m in served.context.memory] == [(0, RAM_SIZE)]
+            tx = transmit_queue(served.net, shared)  # rings in the first page, which stays
+            os.ftruncate(fd, PAGE)
+            lost_page = RAM_SIZE // 2
+            tx.add_bufs([Buf(lost_page + 0x10, 64, False)])
+            await trio.to_thread.run_sync(kick_transmit, client)
+
+            assert served.context.memory.lost.count == 1
+            assert served.context.memory.lost.iova == lost_page + 0x10
+            assert needs_reset(served.net)
+            assert any(f"guest memory at {lost_page + 0x10:#x} was lost: the client shrank the "
+                       "file behind its DMA map" in r.getMessage() for r in caplog.records)
+            # the page now reads as zeros, for the device only
+            assert served.context.memory.read(lost_page, 16) == bytes(16)
+
+            def bystander() -> bytes:
+                with Client(other.context.socket_path) as client:
+                    return client.read(vu.PciRegion.CONFIG, 0, 2)
+
+            assert await trio.to_thread.run_sync(bystander) == b"\xf4\x1a"
+            assert other.context.memory.lost.count == 0
+    os.close(fd)
