@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import itertools
 import logging
 import mmap
 import os
@@ -35,9 +36,10 @@ from vfuserver.client import Client, VfioUserError
 from vfuserver.context import VfuContext
 from vfuserver.devices.memory import GuestMemory
 from vfuserver.devices.pci import ResetKind
-from vfuserver.devices.virtio_net import TX_QUEUE, VirtioNet
+from vfuserver.devices.virtio_net import RX_QUEUE, TX_QUEUE, VirtioNet
 from vfuserver.devices.virtio_pci import MODERN_BAR, Layout, VirtioPciFunction
 from vfuserver.protocol import vfio_user as vu
+from vfuserver.protocol import virtio_ring as ring
 from vfuserver.protocol.pci import ClassCode
 from vfuserver.protocol.virtio import DeviceStatus
 from vfuserver.server import serve_device
@@ -363,4 +365,44 @@ async def test_a_file_shrunk_under_a_map_stops_that_device_only(
 
             assert await trio.to_thread.run_sync(bystander) == b"\xf4\x1a"
             assert other.context.memory.lost.count == 0
+    os.close(fd)
+
+
+# -- the same guest RAM as two adjacent maps (issue 12, input 4) ----------------------------
+
+
+async def test_buffers_and_rings_across_maps_of_one_memfd(serve_net: Any) -> None:
+    # As a vIOMMU presents RAM: one memfd as adjacent maps; the transmit queue's
+    # descriptor table crosses the first boundary, the buffers the second.
+    served = await serve_net()
+    net = served.net
+    cuts = [0, MIB, MIB + MIB // 2, 2 * MIB]
+    fd = memfd(2 * MIB)
+    with mmap.mmap(fd, 2 * MIB) as shared:
+        async with connected(served.context) as client:
+            for start, end in itertools.pairwise(cuts):
+                await trio.to_thread.run_sync(functools.partial(
+                    client.dma_map, start, end - start, fd, offset=start))
+            assert [m.iova for m in served.context.memory] == cuts[:-1]
+            negotiate_modern(net)
+            ram = GuestRam(2 * MIB, 0, shared=shared)
+            ram.skip_to(MIB - 512)
+            tx = DriverQueue(ram, net.queues[TX_QUEUE])
+            rx = DriverQueue(ram, net.queues[RX_QUEUE])
+            assert tx.desc < MIB < tx.desc + ring.descriptor_table_size(tx.size)
+            driver_ok(net)
+
+            data = net.header_len * b"\0" + MAC + MAC + b"\x08\x00" + bytes(range(256)) * 4
+            shared[cuts[2] - 100 : cuts[2] - 100 + len(data)] = data
+            tx.add_bufs([Buf(cuts[2] - 100, len(data), False)])
+            await trio.to_thread.run_sync(kick_transmit, client)
+            assert served.peer.sent == [data[net.header_len :]]
+
+            rx.add_bufs([Buf(cuts[2] - 5, 1536, True)])  # the header itself is cut in two
+            net.notify(RX_QUEUE)
+            frame = MAC + MAC + b"\x08\x00" + bytes(range(255, -1, -1)) * 4
+            assert net.receive(frame)
+            [used] = rx.get_used()
+            assert used.data[net.header_len :] == frame
+            assert not needs_reset(net)
     os.close(fd)
