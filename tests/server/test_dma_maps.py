@@ -7,12 +7,16 @@ None of that is worth a warning; an unmap of a map the device never knew is.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import functools
 import itertools
 import logging
 import mmap
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,6 +36,7 @@ from tests.devices.driver import (
     negotiate_modern,
 )
 from tests.server.conftest import ScratchFunction
+from vfuserver import dma_backing
 from vfuserver.client import Client, VfioUserError
 from vfuserver.context import VfuContext
 from vfuserver.devices.memory import GuestMemory
@@ -406,3 +411,48 @@ async def test_buffers_and_rings_across_maps_of_one_memfd(serve_net: Any) -> Non
             assert used.data[net.header_len :] == frame
             assert not needs_reset(net)
     os.close(fd)
+
+
+# -- the pieces on their own -------------------------------------------------------------------
+
+
+def test_inspect_finds_the_file_offset_and_seals_a_memfd() -> None:
+    fd = memfd(4 * PAGE, sealable=True)
+    try:
+        with mmap.mmap(fd, 2 * PAGE, offset=PAGE) as view:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(view)) + 0x10
+            backing = dma_backing.inspect(address)
+            del address
+        assert backing.name.startswith("/memfd:guest-ram")
+        assert (backing.offset, backing.file_size, backing.sealed) == (PAGE + 0x10, 4 * PAGE,
+                                                                        True)
+        assert backing.backed(8 * PAGE) == 3 * PAGE - 0x10
+    finally:
+        os.close(fd)
+
+
+def test_inspect_of_anonymous_memory_is_an_oserror() -> None:
+    with mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as anonymous:
+        buffer = ctypes.c_char.from_buffer(anonymous)
+        with pytest.raises(OSError):
+            dma_backing.inspect(ctypes.addressof(buffer))
+        del buffer
+
+
+GUARDED_SIGBUS_ELSEWHERE = """
+import mmap, os
+from vfuserver.binding import lib
+assert lib.vfuserver_guard_install() == 0
+fd = os.memfd_create("not-guest-ram")
+os.ftruncate(fd, 2 * mmap.PAGESIZE)
+m = mmap.mmap(fd, 2 * mmap.PAGESIZE)
+os.ftruncate(fd, 0)
+m[mmap.PAGESIZE]  # SIGBUS outside every guest map
+"""
+
+
+def test_a_sigbus_outside_guest_maps_still_kills_the_process() -> None:
+    # the guard hands it to the previous disposition: the default, death by SIGBUS
+    done = subprocess.run([sys.executable, "-c", GUARDED_SIGBUS_ELSEWHERE],
+                          capture_output=True, timeout=60, check=False)
+    assert done.returncode == -signal.SIGBUS, done.stderr
