@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.devices.driver import DESC as DESC_ENTRY
 from tests.devices.driver import RAM_BASE, RAM_SIZE, Buf, DriverQueue, GuestRam
 from tests.devices.test_virtio_net import MAC, Rig, frame, make_rig
 from vfuserver.devices.errors import GuestMemoryError
@@ -134,6 +135,7 @@ def ring_queue(split: int, *, event_idx: bool, size: int = 8) -> tuple[VirtQueue
 
 CROSSINGS = [
     pytest.param(DESC + 64, id="descriptor-table"),
+    pytest.param(DESC + 64 + 8, id="descriptor-4-addr|len"),
     pytest.param(AVAIL + 2, id="available-ring-flags|idx"),
     pytest.param(AVAIL + 4 + 2 * 3, id="available-ring-entry-3"),
     pytest.param(USED + 2, id="used-ring-flags|idx"),
@@ -162,6 +164,26 @@ def test_rings_across_two_maps_work_lap_after_lap(split: int, event_idx: bool) -
     assert driver.used_idx == queue.used_idx == 3 * driver.size
     if event_idx:
         assert driver.avail_event == queue.last_avail_idx
+
+
+@pytest.mark.parametrize("before", [16, 32])  # entries of the table before the split
+def test_indirect_table_across_two_maps(before: int) -> None:
+    ram = GuestRam(splits=[SPLIT])
+    queue = VirtQueue(ram.memory, 0, 256)
+    driver = DriverQueue(ram, queue, size=8)
+    bufs = driver.buffers([b"head", b"er"], [6])
+    ram.skip_to(SPLIT - before)
+    head = driver.add_bufs(bufs, indirect=True)  # three entries, 48 bytes
+    table, length, flags, _ = DESC_ENTRY.unpack(ram.read(driver.desc + 16 * head, 16))
+    assert flags == ring.DescFlag.INDIRECT and table == SPLIT - before and length == 48
+    chain = queue.pop()
+    assert chain is not None and chain.head == head
+    assert chain.read() == b"header"
+    assert chain.write(b"answer") == 6
+    queue.push(chain, 6)
+    queue.flush()
+    [used] = driver.get_used()
+    assert used.data == b"answer"
 
 
 def test_a_ring_field_cut_by_a_map_boundary_is_an_error() -> None:
