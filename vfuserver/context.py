@@ -411,24 +411,28 @@ class VfuContext:
         self.log.debug("DMA map [%#x, +%#x) %s", iova, size, "rw" if writable else "ro")
 
     def _backed_size(self, iova: int, size: int, vaddr: int, mapping_end: int) -> int:
-        """How many bytes of the map at ``vaddr`` the client's file really holds (beyond
-        them an access is a SIGBUS); the file is sealed against shrinking on the way
-        (:func:`dma_backing.inspect`)."""
-        # libvfio-user maps round_up(size) bytes from round_down(offset) (dma_map_region):
-        # short of the end when the client's offset is not page-aligned
-        usable = min(size, mapping_end - vaddr)
+        """How many bytes of the map at ``vaddr`` are really there (beyond them an access
+        is a SIGBUS or worse); the client's file is sealed against shrinking on the way
+        (:func:`dma_backing.inspect`). Each shortfall is logged as the client's error."""
+        mapped = min(size, mapping_end - vaddr)
+        if mapped < size:
+            # libvfio-user maps round_up(size) bytes from round_down(offset) of the file
+            # (lib/dma.c dma_map_region): short by the offset's remainder in the page
+            self.log.error("DMA map [%#x, +%#x) at a file offset that is not page-aligned: "
+                           "libvfio-user maps only [%#x, +%#x) of it. The client must map "
+                           "from page-aligned offsets (QEMU does)", iova, size, iova, mapped)
         try:
             backing = dma_backing.inspect(vaddr)
         except OSError as exc:
             self.log.warning("DMA map [%#x, +%#x): cannot inspect the file behind it (%s); "
                              "its size is trusted and only the SIGBUS guard protects the "
                              "server (run it as root)", iova, size, exc)
-            return usable
+            return mapped
         if not backing.sealed:
             self.log.debug("DMA map [%#x, +%#x): %s cannot be sealed against shrinking; "
                            "the SIGBUS guard covers it", iova, size, backing.name)
-        backed = backing.backed(usable)
-        if backed < size:
+        backed = backing.backed(mapped)
+        if backed < mapped:
             self.log.error(
                 "DMA map [%#x, +%#x) is larger than what backs it: the client's file %s "
                 "holds %#x bytes from offset %#x on; only [%#x, +%#x) is used. The client "

@@ -254,13 +254,16 @@ async def test_a_map_larger_than_its_file_is_clipped_to_the_file(
     os.close(fd)
 
 
-@pytest.mark.parametrize(("offset", "size", "file_size", "usable"), [
-    pytest.param(0x4000, 0x8000, 0x10000, 0x8000, id="inside-the-file"),
-    pytest.param(0x4000, 0x10000, 0x10000, 0xC000, id="runs-past-the-end"),
-    pytest.param(0x800, 0x1000, 0x10000, 0x800, id="unaligned-offset"),  # lib/dma.c maps short
+@pytest.mark.parametrize(("offset", "size", "file_size", "usable", "error"), [
+    pytest.param(0x4000, 0x8000, 0x10000, 0x8000, None, id="inside-the-file"),
+    pytest.param(0x4000, 0x10000, 0x10000, 0xC000, "larger than what backs it",
+                 id="runs-past-the-end"),
+    pytest.param(0x800, 0x1000, 0x10000, 0x800, "not page-aligned",  # lib/dma.c maps short
+                 id="unaligned-offset"),
 ])
 async def test_a_map_at_an_offset_into_its_file(
-        serve_net: Any, offset: int, size: int, file_size: int, usable: int) -> None:
+        serve_net: Any, caplog: pytest.LogCaptureFixture, offset: int, size: int,
+        file_size: int, usable: int, error: str | None) -> None:
     served = await serve_net()
     fd = memfd(file_size)
     os.pwrite(fd, bytes(range(256)) * (file_size // 256), 0)
@@ -270,6 +273,11 @@ async def test_a_map_at_an_offset_into_its_file(
         memory = served.context.memory
         assert [(m.iova, m.size) for m in memory] == [(RAM_IOVA, usable)]
         assert memory.read(RAM_IOVA + usable - 16, 16) == os.pread(fd, 16, offset + usable - 16)
+    errors = errors_in(caplog)
+    if error is None:
+        assert errors == []
+    else:
+        assert len(errors) == 1 and error in errors[0]
     os.close(fd)
 
 
