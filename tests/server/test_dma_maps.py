@@ -8,6 +8,7 @@ None of that is worth a warning; an unmap of a map the device never knew is.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import functools
 import itertools
@@ -37,6 +38,7 @@ from tests.devices.driver import (
 )
 from tests.server.conftest import ScratchFunction
 from vfuserver import dma_backing
+from vfuserver.binding import ffi, lib
 from vfuserver.client import Client, VfioUserError
 from vfuserver.context import VfuContext
 from vfuserver.devices.memory import GuestMemory
@@ -481,3 +483,22 @@ def test_a_sigbus_outside_guest_maps_still_kills_the_process() -> None:
     done = subprocess.run([sys.executable, "-c", GUARDED_SIGBUS_ELSEWHERE],
                           capture_output=True, timeout=60, check=False)
     assert done.returncode == -signal.SIGBUS, done.stderr
+
+
+def test_guard_slots_run_out_and_come_back() -> None:
+    lost = ffi.new("vfuserver_lost_pages_t *")
+    slots = []
+    try:
+        while (slot := lib.vfuserver_guard_add(ffi.cast("void *", 0x10000), PAGE, PAGE, 0,
+                                               lost)) >= 0:
+            slots.append(slot)
+            assert len(slots) <= 1 << 16
+        assert ffi.errno == errno.ENOSPC and len(set(slots)) == len(slots) > 0
+        lib.vfuserver_guard_remove(slots.pop(3))
+        slots.append(lib.vfuserver_guard_add(ffi.cast("void *", 0x10000), PAGE, PAGE, 0, lost))
+        assert slots[-1] >= 0
+    finally:
+        for slot in slots:
+            lib.vfuserver_guard_remove(slot)
+    assert lib.vfuserver_guard_add(ffi.NULL, PAGE, 3, 0, lost) == -1  # page size not 2**n
+    assert ffi.errno == errno.EINVAL
