@@ -7,20 +7,12 @@ None of that is worth a warning; an unmap of a map the device never knew is.
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fcntl
 import functools
 import itertools
 import logging
 import mmap
 import os
-import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +23,26 @@ from tests.devices.driver import (
     Buf,
     DriverQueue,
     GuestRam,
-    RecordingInterrupts,
-    RecordingPeer,
     driver_ok,
     negotiate_modern,
 )
 from tests.server.conftest import ScratchFunction
-from vfuserver import dma_backing
-from vfuserver.binding import ffi, lib
+from tests.server.served_net import (
+    MAC,
+    MIB,
+    connected,
+    errors_in,
+    kick_transmit,
+    memfd,
+    needs_reset,
+    transmit_queue,
+)
 from vfuserver.client import Client, VfioUserError
 from vfuserver.context import VfuContext
-from vfuserver.devices.memory import GuestMemory
 from vfuserver.devices.pci import ResetKind
-from vfuserver.devices.virtio_net import RX_QUEUE, TX_QUEUE, VirtioNet
-from vfuserver.devices.virtio_pci import MODERN_BAR, Layout, VirtioPciFunction
+from vfuserver.devices.virtio_net import RX_QUEUE, TX_QUEUE
 from vfuserver.protocol import vfio_user as vu
 from vfuserver.protocol import virtio_ring as ring
-from vfuserver.protocol.pci import ClassCode
-from vfuserver.protocol.virtio import DeviceStatus
 from vfuserver.server import serve_device
 
 RAM_IOVA, RAM_SIZE = 0x100000, 0x10000
@@ -151,83 +145,6 @@ async def test_an_unmap_of_a_map_the_device_lost_is_a_warning(
 
 
 # -- maps that disagree with their file (issue 12, input 3 and siblings) ---------------------
-
-MIB = 1 << 20
-PAGE = mmap.PAGESIZE
-MAC = bytes.fromhex("525400abcdef")
-
-
-@dataclass
-class ServedNet:
-    """A virtio-net function served over a real libvfio-user context."""
-
-    context: VfuContext
-    net: VirtioNet
-    peer: RecordingPeer
-
-
-@pytest.fixture
-async def serve_net(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[ServedNet]]]:
-    """serve_net(name) serves a virtio-net device (no backend: a recording peer) on
-    tmp_path/name.sock, in the test's trio loop."""
-    contexts: list[VfuContext] = []
-    async with trio.open_nursery() as nursery:
-
-        async def start(name: str = "net") -> ServedNet:
-            memory = GuestMemory()
-            peer = RecordingPeer()
-            net = VirtioNet(memory, RecordingInterrupts(), peer, mac=MAC, queue_max_size=64,
-                            name=name)
-            function = VirtioPciFunction(net, name=name,
-                                         class_code=ClassCode.NETWORK_ETHERNET)
-            context = VfuContext(str(tmp_path / f"{name}.sock"), function, memory=memory)
-            contexts.append(context)
-            await nursery.start(serve_device, context)
-            return ServedNet(context, net, peer)
-
-        yield start
-        nursery.cancel_scope.cancel()
-    for context in contexts:
-        context.close()
-
-
-@asynccontextmanager
-async def connected(context: VfuContext) -> AsyncIterator[Client]:
-    """A client connected from a worker thread (it blocks for the server's replies)."""
-    client = await trio.to_thread.run_sync(Client, context.socket_path)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-def memfd(size: int, *, sealable: bool = False) -> int:
-    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
-    os.ftruncate(fd, size)
-    return fd
-
-
-def transmit_queue(net: VirtioNet, shared: mmap.mmap) -> DriverQueue:
-    """Linux's probe on the device model, with the rings at the start of ``shared``
-    (guest RAM at IOVA 0), as the guest would leave them before kicking."""
-    negotiate_modern(net)
-    ram = GuestRam(len(shared), 0, shared=shared)
-    queue = DriverQueue(ram, net.queues[TX_QUEUE])
-    driver_ok(net)
-    return queue
-
-
-def kick_transmit(client: Client) -> None:
-    """The driver's notify write for the transmit queue (modern BAR, notify area)."""
-    client.write(vu.PciRegion.BAR0 + MODERN_BAR, Layout.NOTIFY, TX_QUEUE.to_bytes(2, "little"))
-
-
-def needs_reset(net: VirtioNet) -> bool:
-    return bool(net.status & DeviceStatus.NEEDS_RESET)
-
-
-def errors_in(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_a_map_larger_than_its_file_is_clipped_to_the_file(
@@ -351,55 +268,6 @@ async def test_unmapping_the_rings_under_a_live_queue_needs_reset(serve_net: Any
     os.close(fd)
 
 
-# -- a client that shrinks its file after mapping it -------------------------------------------
-
-
-async def test_a_sealable_file_is_sealed_against_shrinking(serve_net: Any) -> None:
-    served = await serve_net()
-    fd = memfd(RAM_SIZE, sealable=True)
-    async with connected(served.context) as client:
-        await trio.to_thread.run_sync(client.dma_map, 0, RAM_SIZE, fd)
-        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
-        with pytest.raises(PermissionError):
-            os.ftruncate(fd, PAGE)
-        os.ftruncate(fd, 2 * RAM_SIZE)  # growing stays the client's business
-    os.close(fd)
-
-
-async def test_a_file_shrunk_under_a_map_stops_that_device_only(
-        serve_net: Any, caplog: pytest.LogCaptureFixture) -> None:
-    # A memfd without MFD_ALLOW_SEALING cannot be sealed: the SIGBUS guard has to save
-    # the process when the device reads a page the client cut off.
-    served = await serve_net("victim")
-    other = await serve_net("bystander")
-    fd = memfd(RAM_SIZE)
-    with mmap.mmap(fd, PAGE) as shared:
-        async with connected(served.context) as client:
-            await trio.to_thread.run_sync(client.dma_map, 0, RAM_SIZE, fd)
-            assert [(m.iova, m.size) for m in served.context.memory] == [(0, RAM_SIZE)]
-            tx = transmit_queue(served.net, shared)  # rings in the first page, which stays
-            os.ftruncate(fd, PAGE)
-            lost_page = RAM_SIZE // 2
-            tx.add_bufs([Buf(lost_page + 0x10, 64, False)])
-            await trio.to_thread.run_sync(kick_transmit, client)
-
-            assert served.context.memory.lost.count == 1
-            assert served.context.memory.lost.iova == lost_page + 0x10
-            assert needs_reset(served.net)
-            assert any(f"guest memory at {lost_page + 0x10:#x} was lost: the client shrank the "
-                       "file behind its DMA map" in r.getMessage() for r in caplog.records)
-            # the page now reads as zeros, for the device only
-            assert served.context.memory.read(lost_page, 16) == bytes(16)
-
-            def bystander() -> bytes:
-                with Client(other.context.socket_path) as client:
-                    return client.read(vu.PciRegion.CONFIG, 0, 2)
-
-            assert await trio.to_thread.run_sync(bystander) == b"\xf4\x1a"
-            assert other.context.memory.lost.count == 0
-    os.close(fd)
-
-
 # -- the same guest RAM as two adjacent maps (issue 12, input 4) ----------------------------
 
 
@@ -438,67 +306,3 @@ async def test_buffers_and_rings_across_maps_of_one_memfd(serve_net: Any) -> Non
             assert used.data[net.header_len :] == frame
             assert not needs_reset(net)
     os.close(fd)
-
-
-# -- the pieces on their own -------------------------------------------------------------------
-
-
-def test_inspect_finds_the_file_offset_and_seals_a_memfd() -> None:
-    fd = memfd(4 * PAGE, sealable=True)
-    try:
-        with mmap.mmap(fd, 2 * PAGE, offset=PAGE) as view:
-            address = ctypes.addressof(ctypes.c_char.from_buffer(view)) + 0x10
-            backing = dma_backing.inspect(address)
-            del address
-        assert backing.name.startswith("/memfd:guest-ram")
-        assert (backing.offset, backing.file_size, backing.sealed) == (PAGE + 0x10, 4 * PAGE,
-                                                                        True)
-        assert backing.backed(8 * PAGE) == 3 * PAGE - 0x10
-    finally:
-        os.close(fd)
-
-
-def test_inspect_of_anonymous_memory_is_an_oserror() -> None:
-    with mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as anonymous:
-        buffer = ctypes.c_char.from_buffer(anonymous)
-        with pytest.raises(OSError):
-            dma_backing.inspect(ctypes.addressof(buffer))
-        del buffer
-
-
-GUARDED_SIGBUS_ELSEWHERE = """
-import mmap, os
-from vfuserver.binding import lib
-assert lib.vfuserver_guard_install() == 0
-fd = os.memfd_create("not-guest-ram")
-os.ftruncate(fd, 2 * mmap.PAGESIZE)
-m = mmap.mmap(fd, 2 * mmap.PAGESIZE)
-os.ftruncate(fd, 0)
-m[mmap.PAGESIZE]  # SIGBUS outside every guest map
-"""
-
-
-def test_a_sigbus_outside_guest_maps_still_kills_the_process() -> None:
-    # the guard hands it to the previous disposition: the default, death by SIGBUS
-    done = subprocess.run([sys.executable, "-c", GUARDED_SIGBUS_ELSEWHERE],
-                          capture_output=True, timeout=60, check=False)
-    assert done.returncode == -signal.SIGBUS, done.stderr
-
-
-def test_guard_slots_run_out_and_come_back() -> None:
-    lost = ffi.new("vfuserver_lost_pages_t *")
-    slots = []
-    try:
-        while (slot := lib.vfuserver_guard_add(ffi.cast("void *", 0x10000), PAGE, PAGE, 0,
-                                               lost)) >= 0:
-            slots.append(slot)
-            assert len(slots) <= 1 << 16
-        assert ffi.errno == errno.ENOSPC and len(set(slots)) == len(slots) > 0
-        lib.vfuserver_guard_remove(slots.pop(3))
-        slots.append(lib.vfuserver_guard_add(ffi.cast("void *", 0x10000), PAGE, PAGE, 0, lost))
-        assert slots[-1] >= 0
-    finally:
-        for slot in slots:
-            lib.vfuserver_guard_remove(slot)
-    assert lib.vfuserver_guard_add(ffi.NULL, PAGE, 3, 0, lost) == -1  # page size not 2**n
-    assert ffi.errno == errno.EINVAL
