@@ -1,8 +1,14 @@
 """Guest memory as the device sees it: the DMA maps the vfio-user client registered.
 
 Every guest-physical address a device model touches goes through :class:`GuestMemory`,
-which checks the whole range against the maps (a range may span adjacent maps) and the
-map's protection. Nothing else in the project dereferences a guest address.
+which checks the whole range against the maps and the map's protection. Nothing else in
+the project dereferences a guest address.
+
+A range may span adjacent maps: the same guest RAM can arrive as several maps (a vIOMMU,
+a RAM block split around a hole), and a driver's buffer or ring may cross the boundary.
+:meth:`GuestMemory.view` is the fast path for the common case of a range inside one map;
+:meth:`GuestMemory.pieces` gives the views of a range across maps, as QEMU's
+address_space_map loop splits such a buffer into several iovecs (virtqueue_map_desc).
 
 The server adds a map from libvfio-user's DMA register callback (a buffer over the
 library's mmap of the client's memory fd) and removes it in the unregister callback;
@@ -25,10 +31,12 @@ hold for every access the device makes to the fields of a ring:
 from __future__ import annotations
 
 import bisect
+import mmap
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from vfuserver.devices.errors import GuestMemoryError
 
@@ -58,6 +66,12 @@ def store_u16(view: memoryview, index: int, value: int) -> None:
     """Store little-endian ``value`` into element ``index`` of ``view`` (format 'H'), as one
     16-bit store (see the module docstring: never ``struct.pack_into`` on guest memory)."""
     view[index] = value if _LITTLE_ENDIAN_HOST else int.from_bytes(value.to_bytes(2, "little"))
+
+
+def store_u32(view: memoryview, index: int, value: int) -> None:
+    """Store little-endian ``value`` into element ``index`` of ``view`` (format 'I'), as one
+    32-bit store."""
+    view[index] = value if _LITTLE_ENDIAN_HOST else int.from_bytes(value.to_bytes(4, "little"))
 
 
 def store_u64(view: memoryview, index: int, value: int) -> None:
@@ -95,6 +109,28 @@ LOCK_BARRIERS = Barriers(_locked_fence, _locked_fence, _locked_fence)
 ``__atomic_thread_fence`` ones (vfuserver.context)."""
 
 
+IOVA_LIMIT = 1 << 64
+"""Guest addresses are 64-bit (a descriptor's ``addr`` is le64): no map may reach past."""
+
+
+class LostPages(Protocol):
+    """Pages of guest memory the host lost under the device (the client shrank the file
+    behind a map). The server's SIGBUS guard counts them (vfuserver/csrc/vfuserver.c)."""
+
+    count: int
+    """Faults absorbed so far in this memory's maps; only ever grows."""
+    iova: int
+    """Guest address of the latest one."""
+
+
+@dataclass
+class NoLostPages:
+    """:class:`LostPages` for memory no guard watches (tests' ``bytearray`` maps)."""
+
+    count: int = 0
+    iova: int = 0
+
+
 class GuestMemory:
     """The set of DMA maps of one device, with bounds-checked access."""
 
@@ -103,6 +139,11 @@ class GuestMemory:
         self._maps: list[DmaMap] = []
         self.barriers = barriers
         """The barriers the rings use; the server sets real CPU fences."""
+        self.lost: LostPages = NoLostPages()
+        """Where the server's SIGBUS guard counts pages lost under these maps: a client
+        that shrinks the file behind a map makes the host's next access there fault; the
+        guard maps a zero page over it and counts it here, and the queues stop
+        (NEEDS_RESET) at the end of their batch instead of the process dying."""
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -110,12 +151,18 @@ class GuestMemory:
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(list(self._maps))
 
-    def add(self, iova: int, backing: Buffer, *, writable: bool) -> DmaMap:
-        """Register ``backing`` as guest memory at ``iova``; overlapping maps are refused."""
+    def add(self, iova: int, backing: Buffer | mmap.mmap, *, writable: bool) -> DmaMap:
+        """Register ``backing`` as guest memory at ``iova``.
+
+        ValueError for an empty map, one that reaches past 2**64 or one that overlaps a
+        map already present (libvfio-user refuses overlaps itself).
+        """
         view = memoryview(backing).cast("B")
         size = view.nbytes
         if size == 0:
             raise ValueError("empty DMA map")
+        if iova < 0 or iova + size > IOVA_LIMIT:
+            raise ValueError(f"DMA map [{iova:#x}, +{size:#x}) wraps around 2**64")
         i = bisect.bisect_right(self._starts, iova)
         if i > 0 and self._maps[i - 1].end > iova:
             raise ValueError(f"DMA map at {iova:#x} overlaps {self._maps[i - 1]}")
@@ -155,11 +202,12 @@ class GuestMemory:
         raise GuestMemoryError(addr, length)
 
     def view(self, addr: int, length: int, *, writable: bool = False) -> memoryview:
-        """A zero-copy view of guest memory, valid until control returns to the server loop.
+        """A zero-copy view of [addr, addr+length) inside one map, valid until control
+        returns to the server loop.
 
-        The range must lie inside one map (guest RAM is one map per RAM block, so rings
-        and buffers a driver allocates never straddle two); use :meth:`read` or
-        :meth:`write` for ranges that might.
+        GuestMemoryError if the range is not inside one map (even when adjacent maps
+        cover it: :meth:`pieces` handles that case) or, with ``writable``, the map is
+        read-only.
         """
         if addr < 0 or length < 0:
             raise GuestMemoryError(addr, length, "is negative")
@@ -171,7 +219,7 @@ class GuestMemory:
         try:
             return bytes(self.view(addr, length))
         except GuestMemoryError:
-            return b"".join(bytes(v) for v in self._spans(addr, length, writable=False))
+            return b"".join(bytes(v) for v in self.pieces(addr, length))
 
     def write(self, addr: int, data: Buffer) -> None:
         """Copy ``data`` into guest memory; the range may span adjacent maps."""
@@ -180,12 +228,17 @@ class GuestMemory:
             self.view(addr, src.nbytes, writable=True)[:] = src
         except GuestMemoryError:
             pos = 0
-            for part in self._spans(addr, src.nbytes, writable=True):
+            for part in self.pieces(addr, src.nbytes, writable=True):
                 part[:] = src[pos : pos + part.nbytes]
                 pos += part.nbytes
 
-    def _spans(self, addr: int, length: int, *, writable: bool) -> list[memoryview]:
-        """Views covering [addr, addr+length) across adjacent maps, or GuestMemoryError."""
+    def pieces(self, addr: int, length: int, *, writable: bool = False) -> list[memoryview]:
+        """Views covering [addr, addr+length) in address order, one per map it crosses
+        (QEMU virtqueue_map_desc: one iovec per piece); valid as :meth:`view`'s.
+
+        GuestMemoryError if any byte of the range is outside every map (a hole, or past
+        2**64) or, with ``writable``, in a read-only map.
+        """
         if addr < 0 or length < 0:
             raise GuestMemoryError(addr, length, "is negative")
         parts: list[memoryview] = []
@@ -193,7 +246,8 @@ class GuestMemory:
         while remaining:
             i = bisect.bisect_right(self._starts, pos) - 1
             if i < 0 or self._maps[i].end <= pos:
-                raise GuestMemoryError(addr, length)
+                reason = "not mapped" if pos == addr else f"not mapped from {pos:#x}"
+                raise GuestMemoryError(addr, length, reason)
             dma_map = self._maps[i]
             if writable and not dma_map.writable:
                 raise GuestMemoryError(addr, length, "is read-only")

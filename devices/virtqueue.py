@@ -13,6 +13,13 @@ descriptor; the device model turns that into NEEDS_RESET (QEMU's virtio_error). 
 ranges are checked against the DMA maps when a chain is popped, so a chain's gather and
 scatter helpers never fault.
 
+Buffers and rings may lie across adjacent DMA maps (the same guest RAM as several maps).
+A buffer then becomes several pieces, as QEMU's virtqueue_map_desc splits it into
+iovecs. A ring area in one map (the common case) is used through one view; one that lies
+across maps is reached field by field: a load copies the field once
+(:meth:`GuestMemory.read`), a store goes to a view of that field alone, which must lie
+in one map (one store per field, see devices/memory.py).
+
 The memory views a :class:`DescriptorChain` holds are valid only until control returns to
 the server loop (see :meth:`GuestMemory.view`): a chain is popped, processed and pushed
 within one call and never kept.
@@ -23,7 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vfuserver.devices.errors import GuestError, GuestMemoryError
-from vfuserver.devices.memory import store_u16, store_u64
+from vfuserver.devices.memory import store_u16, store_u32, store_u64
 from vfuserver.protocol import virtio_ring as ring
 from vfuserver.protocol.virtio_pci import MSI_NO_VECTOR
 
@@ -38,6 +45,7 @@ _DESC_UNPACK = ring.DESC_STRUCT.unpack_from
 _U16_UNPACK = ring.U16_STRUCT.unpack_from
 _USED_IDX = ring.USED_IDX_OFFSET // 2
 _USED_FLAGS = ring.USED_FLAGS_OFFSET // 2
+_USED_ELEM_LEN_OFFSET = 4  # struct virtq_used_elem {le32 id; le32 len}
 _NEXT = ring.DescFlag.NEXT
 _WRITE = ring.DescFlag.WRITE
 _INDIRECT = ring.DescFlag.INDIRECT
@@ -166,6 +174,8 @@ class VirtQueue:
         self._notification = True
         self._signalled_used = 0
         self._signalled_used_valid = False
+        self._lost_seen = self.memory.lost.count
+        """Lost-page count this queue has reported (see :meth:`_lost_error`)."""
         self._in_flight: set[int] = set()
         """Heads popped and not yet pushed: a head offered again meanwhile is a driver
         bug, a head pushed that is not here a device bug (either would make the driver
@@ -220,25 +230,65 @@ class VirtQueue:
     def _error(self, message: str) -> VirtQueueError:
         return VirtQueueError(f"queue {self.index}: {message}")
 
-    def _ring_view(self, what: str, addr: int, length: int, writable: bool) -> memoryview:
+    def _area(self, what: str, addr: int, length: int, writable: bool) -> memoryview | None:
+        """Ring area [addr, +length) as one view, or None when it lies across adjacent
+        maps (its fields are then reached one by one: :meth:`_load_u16`,
+        :meth:`_field`). VirtQueueError if any byte of it is unmapped (or, ``writable``,
+        read-only)."""
+        memory = self.memory
         try:
-            return self.memory.view(addr, length, writable=writable)
-        except GuestMemoryError as err:
-            raise self._error(f"{what} at {addr:#x} (+{length:#x}): {err}") from err
+            return memory.view(addr, length, writable=writable)
+        except GuestMemoryError:
+            try:
+                memory.pieces(addr, length, writable=writable)
+            except GuestMemoryError as err:
+                raise self._error(f"{what} at {addr:#x} (+{length:#x}): {err}") from err
+            return None
 
-    def _avail_view(self) -> memoryview:
-        return self._ring_view(
+    def _load_u16(self, addr: int) -> int:
+        """A 16-bit ring field of a ring that lies across maps, loaded once."""
+        value: int = _U16_UNPACK(self.memory.read(addr, 2))[0]
+        return value
+
+    def _field(self, what: str, addr: int, size: int) -> memoryview:
+        """A writable view of one field of a ring that lies across maps. The field itself
+        must lie in one map: a store split in two would let the driver see half of it."""
+        try:
+            return self.memory.view(addr, size, writable=True)
+        except GuestMemoryError as err:
+            raise self._error(
+                f"{what} field at {addr:#x} (+{size}) is not inside one writable DMA map: "
+                f"{err}") from err
+
+    def _store_used_u16(self, index: int, value: int) -> None:
+        """Store 16-bit field ``index`` (flags, idx, ..., avail_event) of a used ring that
+        lies across maps."""
+        store_u16(self._field("used ring", self.used_addr + 2 * index, 2).cast("H"), 0, value)
+
+    def _avail_view(self) -> memoryview | None:
+        return self._area(
             "available ring", self.avail_addr, ring.avail_ring_size(self._size), False
         )
 
-    def _used_u16(self) -> memoryview:
-        """The used ring as 16-bit fields (flags, idx, ..., avail_event): every store into
-        it is one store (see devices/memory.py: never ``struct.pack_into``)."""
-        view = self._ring_view("used ring", self.used_addr, ring.used_ring_size(self._size), True)
-        return view.cast("H")
+    def _used_u16(self) -> memoryview | None:
+        """The used ring as 16-bit fields (flags, idx, ..., avail_event), None if it lies
+        across maps: every store into it is one store (see devices/memory.py: never
+        ``struct.pack_into``)."""
+        view = self._area("used ring", self.used_addr, ring.used_ring_size(self._size), True)
+        return None if view is None else view.cast("H")
 
-    def _pending_in(self, avail: memoryview) -> int:
-        avail_idx: int = _U16_UNPACK(avail, ring.AVAIL_IDX_OFFSET)[0]
+    def _lost_error(self) -> VirtQueueError:
+        """Guest pages were lost under the maps since this queue last looked (see
+        :attr:`GuestMemory.lost`): what the batch read there was zeros."""
+        lost = self.memory.lost
+        self._lost_seen = lost.count
+        return self._error(
+            f"guest memory at {lost.iova:#x} was lost: the client shrank the file behind "
+            "its DMA map (the server reads zeros there now; guest RAM must not shrink)")
+
+    def _pending_in(self, avail: memoryview | None) -> int:
+        avail_idx = (_U16_UNPACK(avail, ring.AVAIL_IDX_OFFSET)[0] if avail is not None
+                     else self._load_u16(self.avail_addr + ring.AVAIL_IDX_OFFSET))
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         if pending > self._size:
             # QEMU virtqueue_num_heads: "Guest moved used index from %u to %u"
@@ -277,11 +327,17 @@ class VirtQueue:
         if self.event_idx:
             if not enabled:
                 return
-            (avail_idx,) = _U16_UNPACK(self._avail_view(), ring.AVAIL_IDX_OFFSET)
-            store_u16(used, ring.avail_event_offset(self._size) // 2, avail_idx)
+            avail = self._avail_view()
+            avail_idx = (_U16_UNPACK(avail, ring.AVAIL_IDX_OFFSET)[0] if avail is not None
+                         else self._load_u16(self.avail_addr + ring.AVAIL_IDX_OFFSET))
+            field, value = ring.avail_event_offset(self._size) // 2, avail_idx
         else:
             # The device is the only writer of used.flags: the value is ours to compute.
-            store_u16(used, _USED_FLAGS, 0 if enabled else ring.UsedFlag.NO_NOTIFY)
+            field, value = _USED_FLAGS, 0 if enabled else ring.UsedFlag.NO_NOTIFY
+        if used is not None:
+            store_u16(used, field, value)
+        else:
+            self._store_used_u16(field, value)
         if enabled:
             # QEMU virtio_queue_split_set_notification: expose avail_event / flags before
             # the caller looks at the available index again (a store, then a load: only a
@@ -294,9 +350,12 @@ class VirtQueue:
         """The next available descriptor chain, or None if the driver has offered none."""
         avail = self._avail_view()
         if not self._pending_in(avail):
+            if self.memory.lost.count != self._lost_seen:  # once per batch
+                raise self._lost_error()
             return None
         slot = self.last_avail_idx & (self._size - 1)
-        (head,) = _U16_UNPACK(avail, ring.AVAIL_RING_OFFSET + 2 * slot)
+        head = (_U16_UNPACK(avail, ring.AVAIL_RING_OFFSET + 2 * slot)[0] if avail is not None
+                else self._load_u16(self.avail_addr + ring.AVAIL_RING_OFFSET + 2 * slot))
         if head >= self._size:
             raise self._error(
                 f"available ring slot {slot} names descriptor {head}, "
@@ -311,8 +370,12 @@ class VirtQueue:
         self._in_flight.add(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx and self._notification:
-            store_u16(self._used_u16(), ring.avail_event_offset(self._size) // 2,
-                      self.last_avail_idx)
+            used = self._used_u16()
+            field = ring.avail_event_offset(self._size) // 2
+            if used is not None:
+                store_u16(used, field, self.last_avail_idx)
+            else:
+                self._store_used_u16(field, self.last_avail_idx)
         return chain
 
     def rewind(self, chains: list[DescriptorChain]) -> None:
@@ -325,7 +388,8 @@ class VirtQueue:
     def _walk(self, head: int) -> DescriptorChain:
         """Follow the chain at ``head`` through the table and at most one indirect table."""
         size = self._size
-        table = self._ring_view("descriptor table", self.desc_addr, ring.DESC_SIZE * size, False)
+        table_addr = self.desc_addr
+        table = self._area("descriptor table", table_addr, ring.DESC_SIZE * size, False)
         where = "descriptor table"
         limit = size
         chain = DescriptorChain(head)
@@ -338,7 +402,10 @@ class VirtQueue:
             if idx in seen:
                 raise self._error(f"descriptor loop: chain {head} returns to {where} entry {idx}")
             seen.add(idx)
-            addr, length, flags, nxt = _DESC_UNPACK(table, ring.DESC_SIZE * idx)
+            addr, length, flags, nxt = (
+                _DESC_UNPACK(table, ring.DESC_SIZE * idx) if table is not None
+                else _DESC_UNPACK(self.memory.read(table_addr + ring.DESC_SIZE * idx,
+                                                   ring.DESC_SIZE)))
             if flags & _INDIRECT:
                 if in_indirect:
                     raise self._error(
@@ -354,7 +421,8 @@ class VirtQueue:
                         f"chain {head}: indirect table length {length} is not a non-zero "
                         f"multiple of {ring.DESC_SIZE}"
                     )
-                table = self._ring_view(f"chain {head}: indirect table", addr, length, False)
+                table_addr = addr
+                table = self._area(f"chain {head}: indirect table", addr, length, False)
                 where = f"indirect table at {addr:#x}"
                 limit = length // ring.DESC_SIZE
                 in_indirect = True
@@ -382,20 +450,16 @@ class VirtQueue:
                         f"chain {head} is {total} bytes or more at {where} entry {idx}, "
                         f"over the {self.max_chain_bytes}-byte limit"
                     )
+                views = chain._wviews if writable else chain._rviews
                 try:
-                    view = self.memory.view(addr, length, writable=writable)
-                except GuestMemoryError as err:
-                    kind = "device-writable" if writable else "device-readable"
-                    raise self._error(
-                        f"chain {head}: {kind} buffer of {where} entry {idx}: {err}"
-                    ) from err
+                    views.append(self.memory.view(addr, length, writable=writable))
+                except GuestMemoryError:
+                    views.extend(self._buffer_pieces(head, where, idx, addr, length, writable))
                 if writable:
                     chain.writable.append((addr, length))
-                    chain._wviews.append(view)
                     chain.writable_len += length
                 else:
                     chain.readable.append((addr, length))
-                    chain._rviews.append(view)
                     chain.readable_len += length
             if not flags & _NEXT:
                 return chain
@@ -405,6 +469,17 @@ class VirtQueue:
                     f"but there are only {limit} entries"
                 )
             idx = nxt
+
+    def _buffer_pieces(self, head: int, where: str, idx: int, addr: int, length: int,
+                       writable: bool) -> list[memoryview]:
+        """A buffer that is not inside one map: its pieces across adjacent maps, or the
+        VirtQueueError naming the descriptor."""
+        try:
+            return self.memory.pieces(addr, length, writable=writable)
+        except GuestMemoryError as err:
+            kind = "device-writable" if writable else "device-readable"
+            raise self._error(
+                f"chain {head}: {kind} buffer of {where} entry {idx}: {err}") from err
 
     # -- pushing ----------------------------------------------------------------------
 
@@ -429,9 +504,26 @@ class VirtQueue:
         if self.journal is not None:
             self.journal.record(index, element)
         start = self.used_addr + ring.USED_RING_OFFSET
-        elements = self._ring_view("used ring", start, ring.USED_ELEM_SIZE * self._size, True)
-        store_u64(elements.cast("Q"), index & (self._size - 1), element)
+        elements = self._area("used ring", start, ring.USED_ELEM_SIZE * self._size, True)
+        if elements is not None:
+            store_u64(elements.cast("Q"), index & (self._size - 1), element)
+        else:
+            self._store_used_elem(start + ring.USED_ELEM_SIZE * (index & (self._size - 1)),
+                                  chain.head, written)
         self._pending_used += 1
+
+    def _store_used_elem(self, addr: int, head: int, written: int) -> None:
+        """Store a used element of a used ring that lies across maps: one 64-bit store if
+        the element is inside one map, else one store per field (``id``, ``len``), as
+        the driver reads neither before the used index that exposes them."""
+        try:
+            view = self.memory.view(addr, ring.USED_ELEM_SIZE, writable=True)
+        except GuestMemoryError:
+            store_u32(self._field("used element", addr, 4).cast("I"), 0, head)
+            store_u32(self._field("used element", addr + _USED_ELEM_LEN_OFFSET, 4).cast("I"),
+                      0, written)
+        else:
+            store_u64(view.cast("Q"), 0, head | written << 32)
 
     def flush(self) -> bool:
         """Publish the pushed entries (used ``idx``) and tell whether to interrupt the driver.
@@ -442,13 +534,18 @@ class VirtQueue:
         """
         if not self._pending_used:
             return False
+        if self.memory.lost.count != self._lost_seen:
+            raise self._lost_error()
         used = self._used_u16()
         old = self.used_idx
         new = (old + self._pending_used) & 0xFFFF
         self._pending_used = 0
         # QEMU virtqueue_split_flush: the elements before the index that exposes them.
         self.memory.barriers.wmb()
-        store_u16(used, _USED_IDX, new)
+        if used is not None:
+            store_u16(used, _USED_IDX, new)
+        else:
+            self._store_used_u16(_USED_IDX, new)
         self.used_idx = new
         if self.journal is not None:
             self.journal.published(new)
@@ -469,11 +566,14 @@ class VirtQueue:
         self.memory.barriers.mb()
         avail = self._avail_view()
         if not self.event_idx:
-            (flags,) = _U16_UNPACK(avail, ring.AVAIL_FLAGS_OFFSET)
+            flags = (_U16_UNPACK(avail, ring.AVAIL_FLAGS_OFFSET)[0] if avail is not None
+                     else self._load_u16(self.avail_addr + ring.AVAIL_FLAGS_OFFSET))
             return not flags & ring.AvailFlag.NO_INTERRUPT
         valid = self._signalled_used_valid
         old = self._signalled_used
         new = self._signalled_used = self.used_idx
         self._signalled_used_valid = True
-        (used_event,) = _U16_UNPACK(avail, ring.used_event_offset(self._size))
+        offset = ring.used_event_offset(self._size)
+        used_event = (_U16_UNPACK(avail, offset)[0] if avail is not None
+                      else self._load_u16(self.avail_addr + offset))
         return not valid or ring.vring_need_event(used_event, new, old)

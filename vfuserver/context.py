@@ -22,9 +22,10 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from vfuserver import dma_backing
 from vfuserver.binding import check, ffi, lib
 from vfuserver.devices.errors import GuestError
-from vfuserver.devices.memory import Barriers, GuestMemory
+from vfuserver.devices.memory import IOVA_LIMIT, Barriers, GuestMemory, NoLostPages
 from vfuserver.devices.pci import BarKind, PciFunction, Region, ResetKind
 from vfuserver.native import NativeDevice
 from vfuserver.sockfile import SocketFile, owner_only_umask, prepare_socket_path
@@ -215,6 +216,13 @@ class VfuContext:
         self.lock = lock if lock is not None else DeviceLock()
         """Taken by every callback that reaches the model, and by whoever else works on
         the device (the event loop's frames and kicks)."""
+        if isinstance(self.memory.lost, NoLostPages):
+            # the count the SIGBUS guard keeps for these maps (C memory, as long as the
+            # GuestMemory lives: a memory shared by successive contexts keeps its count)
+            self.memory.lost = ffi.new("vfuserver_lost_pages_t *")
+        check(lib.vfuserver_guard_install(), "sigaction(SIGBUS)")
+        self._guard_slots: dict[int, int] = {}
+        """SIGBUS guard slot of each map in :attr:`memory`, by iova."""
         self.pending_error: BaseException | None = None
         self.client_attached = False
         """Set by the serving loop while a client is attached."""
@@ -446,6 +454,9 @@ class VfuContext:
         # libvfio-user unmapped every region: nothing may still point into them
         self.memory.clear()
         self._unused_maps.clear()
+        for slot in self._guard_slots.values():
+            lib.vfuserver_guard_remove(slot)
+        self._guard_slots.clear()
         # libvfio-user of this vintage never unlinks the socket it bound
         if self._socket_file is not None:
             self._socket_file.remove()
@@ -529,14 +540,61 @@ class VfuContext:
                 self.log.debug("read-only DMA map [%#x, +%#x) without fd (firmware) ignored",
                                iova, size)
             return
-        backing = ffi.buffer(ffi.cast("char *", info.vaddr), size)
+        vaddr = int(ffi.cast("uintptr_t", info.vaddr))
+        mapping = int(ffi.cast("uintptr_t", info.mapping.iov_base))
+        mapping_len = int(info.mapping.iov_len)
+        usable = self._backed_size(iova, size, vaddr, mapping + mapping_len)
         try:
-            self.memory.add(iova, backing, writable=writable)
-        except ValueError as exc:  # libvfio-user refuses overlaps itself: a bug if reached
+            if usable == 0:
+                raise ValueError("no byte of it is backed by its file")
+            # libvfio-user refuses overlaps itself; a map past 2**64 it lets through
+            self.memory.add(iova, ffi.buffer(ffi.cast("char *", info.vaddr), usable),
+                            writable=writable)
+        except ValueError as exc:
             self._unused_maps.add((iova, size))
             self.log.error("DMA map [%#x, +%#x) refused: %s", iova, size, exc)
             return
+        slot = lib.vfuserver_guard_add(info.mapping.iov_base, mapping_len, info.page_size,
+                                       (iova - (vaddr - mapping)) % IOVA_LIMIT,
+                                       self.memory.lost)
+        if slot < 0:
+            self.log.warning("DMA map [%#x, +%#x) is not guarded against SIGBUS (%s): a "
+                             "client that shrinks its file can kill the server",
+                             iova, size, os.strerror(ffi.errno))
+        else:
+            self._guard_slots[iova] = slot
         self.log.debug("DMA map [%#x, +%#x) %s", iova, size, "rw" if writable else "ro")
+
+    def _backed_size(self, iova: int, size: int, vaddr: int, mapping_end: int) -> int:
+        """How many bytes of the map at ``vaddr`` are really there (beyond them an access
+        is a SIGBUS or worse); the client's file is sealed against shrinking on the way
+        (:func:`dma_backing.inspect`). Each shortfall is logged as the client's error."""
+        mapped = min(size, mapping_end - vaddr)
+        if mapped < size:
+            # libvfio-user maps round_up(size) bytes from round_down(offset) of the file
+            # (lib/dma.c dma_map_region): short by the offset's remainder in the page
+            self.log.error("DMA map [%#x, +%#x) at a file offset that is not page-aligned: "
+                           "libvfio-user maps only [%#x, +%#x) of it. The client must map "
+                           "from page-aligned offsets (QEMU does)", iova, size, iova, mapped)
+        try:
+            backing = dma_backing.inspect(vaddr)
+        except OSError as exc:
+            self.log.warning("DMA map [%#x, +%#x): cannot inspect the file behind it (%s); "
+                             "its size is trusted and only the SIGBUS guard protects the "
+                             "server (run it as root)", iova, size, exc)
+            return mapped
+        if not backing.sealed:
+            self.log.debug("DMA map [%#x, +%#x): %s cannot be sealed against shrinking; "
+                           "the SIGBUS guard covers it", iova, size, backing.name)
+        backed = backing.backed(mapped)
+        if backed < mapped:
+            self.log.error(
+                "DMA map [%#x, +%#x) is larger than what backs it: the client's file %s "
+                "holds %#x bytes from offset %#x on; only [%#x, +%#x) is used. The client "
+                "must map only what its file holds (QEMU maps whole RAM blocks)",
+                iova, size, backing.name, max(0, backing.file_size - backing.offset),
+                backing.offset, iova, backed)
+        return backed
 
     @c_callback("vfuserver_dma_unregister_cb", error=None)
     def _on_dma_unregister(self, info: Any) -> None:
@@ -546,6 +604,7 @@ class VfuContext:
         if (iova, size) in self._unused_maps:
             self._unused_maps.remove((iova, size))
             return
+        lib.vfuserver_guard_remove(self._guard_slots.pop(iova, -1))
         try:
             self.memory.remove(iova)
         except KeyError:

@@ -8,7 +8,10 @@ device: tests drive the real VirtioDevice/VirtQueue through it.
 
 from __future__ import annotations
 
+import itertools
+import mmap
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vfuserver.devices.errors import HostError
@@ -27,15 +30,28 @@ USED_ELEM = struct.Struct("<II")
 
 
 class GuestRam:
-    """One DMA map of guest RAM with a bump allocator for rings and buffers."""
+    """Guest RAM with a bump allocator for rings and buffers: one DMA map, or the same RAM
+    as adjacent maps split at the guest addresses ``splits`` (as a vIOMMU or a RAM block
+    split around a hole presents it)."""
 
-    def __init__(self, size: int = RAM_SIZE, base: int = RAM_BASE) -> None:
-        self.backing = bytearray(size)
+    def __init__(self, size: int = RAM_SIZE, base: int = RAM_BASE,
+                 splits: Sequence[int] = (), *, shared: mmap.mmap | None = None) -> None:
+        self.backing: bytearray | mmap.mmap = bytearray(size) if shared is None else shared
         self.memory = GuestMemory()
-        self.memory.add(base, self.backing, writable=True)
+        """The maps as a device sees them; empty for ``shared`` RAM (a memfd's mmap),
+        which a server's device gets through the client's DMA maps instead."""
+        if shared is None:
+            whole = memoryview(self.backing)
+            bounds = [base, *sorted(splits), base + size]
+            for start, end in itertools.pairwise(bounds):
+                self.memory.add(start, whole[start - base : end - base], writable=True)
         self.base = base
         self.size = size
         self._next = base
+
+    def skip_to(self, addr: int) -> None:
+        """Allocate from ``addr`` on (to place the next ring or buffer across a split)."""
+        self._next = addr
 
     @property
     def end(self) -> int:

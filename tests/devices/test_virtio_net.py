@@ -116,8 +116,8 @@ class Rig:
 
 
 def make_rig(*, vnet_hdr: bool = False, legacy: bool = False, want: int | None = None,
-             mtu: int = 1500) -> Rig:
-    ram = GuestRam()
+             mtu: int = 1500, ram: GuestRam | None = None) -> Rig:
+    ram = GuestRam() if ram is None else ram
     irqs = RecordingInterrupts()
     peer = RecordingPeer(vnet_hdr)
     dev = VirtioNet(ram.memory, irqs, peer, mac=MAC, mtu=mtu, queue_max_size=QUEUE_SIZE)

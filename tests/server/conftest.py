@@ -6,12 +6,13 @@ so tests run it in a worker thread with ``trio.to_thread.run_sync``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
 
+from tests.server.served_net import ServedNet, served_net
 from vfuserver.context import VfuContext
 from vfuserver.devices.pci import Bar, BarKind, ConfigSpace, Interrupts, ResetKind
 from vfuserver.server import serve_device
@@ -84,3 +85,22 @@ async def serve(tmp_path: Path) -> AsyncIterator[Callable[[object, str], trio.Ev
         nursery.cancel_scope.cancel()
     for context in contexts:
         context.close()
+
+
+@pytest.fixture
+async def serve_net(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ServedNet]]]:
+    """serve_net(name) serves a virtio-net device (tests/server/served_net.py) on
+    tmp_path/name.sock, in the test's trio loop."""
+    served: list[ServedNet] = []
+    async with trio.open_nursery() as nursery:
+
+        async def start(name: str = "net") -> ServedNet:
+            device = served_net(str(tmp_path / f"{name}.sock"), name)
+            served.append(device)
+            await nursery.start(serve_device, device.context)
+            return device
+
+        yield start
+        nursery.cancel_scope.cancel()
+    for device in served:
+        device.context.close()

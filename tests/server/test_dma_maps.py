@@ -7,7 +7,10 @@ None of that is worth a warning; an unmap of a map the device never knew is.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +19,30 @@ from typing import Any
 import pytest
 import trio
 
+from tests.devices.driver import (
+    Buf,
+    DriverQueue,
+    GuestRam,
+    driver_ok,
+    negotiate_modern,
+)
 from tests.server.conftest import ScratchFunction
-from vfuserver.client import Client
+from tests.server.served_net import (
+    MAC,
+    MIB,
+    connected,
+    errors_in,
+    kick_transmit,
+    memfd,
+    needs_reset,
+    transmit_queue,
+)
+from vfuserver.client import Client, VfioUserError
 from vfuserver.context import VfuContext
 from vfuserver.devices.pci import ResetKind
+from vfuserver.devices.virtio_net import RX_QUEUE, TX_QUEUE
+from vfuserver.protocol import vfio_user as vu
+from vfuserver.protocol import virtio_ring as ring
 from vfuserver.server import serve_device
 
 RAM_IOVA, RAM_SIZE = 0x100000, 0x10000
@@ -119,3 +142,167 @@ async def test_an_unmap_of_a_map_the_device_lost_is_a_warning(
 
     await trio.to_thread.run_sync(session)
     assert warnings_in(caplog) == [f"DMA unmap of unknown map at {RAM_IOVA:#x}"]
+
+
+# -- maps that disagree with their file (issue 12, input 3 and siblings) ---------------------
+
+
+async def test_a_map_larger_than_its_file_is_clipped_to_the_file(
+        serve_net: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # issue 12, input 3: 2 MiB at IOVA 0 over a 16 KiB memfd, a transmit buffer at 1 MiB
+    served = await serve_net()
+    fd = memfd(16 * 1024)
+    with mmap.mmap(fd, 16 * 1024) as shared:
+        async with connected(served.context) as client:
+            await trio.to_thread.run_sync(client.dma_map, 0, 2 * MIB, fd)
+            assert [(m.iova, m.size) for m in served.context.memory] == [(0, 16 * 1024)]
+            assert any("DMA map [0x0, +0x200000) is larger than what backs it" in e
+                       and "only [0x0, +0x4000) is used" in e for e in errors_in(caplog))
+            tx = transmit_queue(served.net, shared)
+            good = served.net.header_len * b"\0" + MAC + MAC + b"\x08\x00" + b"ok"
+            shared[0x3000 : 0x3000 + len(good)] = good
+            tx.add_bufs([Buf(0x3000, len(good), False)])
+            await kick_transmit(served.context, client)
+            assert served.peer.sent == [good[served.net.header_len :]]  # inside the file: sent
+
+            tx.add_bufs([Buf(MIB, 64, False)])
+            await kick_transmit(served.context, client)
+            assert needs_reset(served.net)
+            assert len(served.peer.sent) == 1
+            assert served.context.memory.lost.count == 0  # refused, not read: no SIGBUS at all
+    os.close(fd)
+
+
+@pytest.mark.parametrize(("offset", "size", "file_size", "usable", "error"), [
+    pytest.param(0x4000, 0x8000, 0x10000, 0x8000, None, id="inside-the-file"),
+    pytest.param(0x4000, 0x10000, 0x10000, 0xC000, "larger than what backs it",
+                 id="runs-past-the-end"),
+    pytest.param(0x800, 0x1000, 0x10000, 0x800, "not page-aligned",  # lib/dma.c maps short
+                 id="unaligned-offset"),
+    pytest.param(0x20000, 0x1000, 0x10000, 0, "refused: no byte of it is backed",
+                 id="offset-past-the-end"),
+])
+async def test_a_map_at_an_offset_into_its_file(
+        serve_net: Any, caplog: pytest.LogCaptureFixture, offset: int, size: int,
+        file_size: int, usable: int, error: str | None) -> None:
+    served = await serve_net()
+    fd = memfd(file_size)
+    os.pwrite(fd, bytes(range(256)) * (file_size // 256), 0)
+    async with connected(served.context) as client:
+        await trio.to_thread.run_sync(functools.partial(client.dma_map, RAM_IOVA, size, fd,
+                                                       offset=offset))
+        memory = served.context.memory
+        assert [(m.iova, m.size) for m in memory] == ([(RAM_IOVA, usable)] if usable else [])
+        if usable:
+            assert (memory.read(RAM_IOVA + usable - 16, 16)
+                    == os.pread(fd, 16, offset + usable - 16))
+    errors = errors_in(caplog)
+    if error is None:
+        assert errors == []
+    else:  # each line names the map; one says what is wrong with it
+        assert all(e.startswith(f"DMA map [{RAM_IOVA:#x}, +{size:#x})") for e in errors)
+        assert any(error in e for e in errors)
+    os.close(fd)
+
+
+async def test_maps_the_library_refuses_leave_the_server_serving(
+        serve_net: Any, ram_fd: int) -> None:
+    served = await serve_net()
+    read_only = os.open(f"/proc/self/fd/{ram_fd}", os.O_RDONLY)
+    pipe_read, pipe_write = os.pipe()
+    attempts = {  # name: (iova, size, fd)
+        "overlap": (RAM_IOVA + 0x1000, RAM_SIZE, ram_fd),
+        "zero-length": (0x800000, 0, ram_fd),
+        "writable-over-a-read-only-fd": (0x800000, RAM_SIZE, read_only),  # mmap: EACCES
+        "a-pipe": (0x800000, RAM_SIZE, pipe_read),  # mmap: ENODEV
+    }
+
+    def session() -> list[str]:
+        refused = []
+        with Client(served.context.socket_path) as client:
+            client.dma_map(RAM_IOVA, RAM_SIZE, ram_fd)
+            for name, (iova, size, fd) in attempts.items():
+                try:
+                    client.dma_map(iova, size, fd)
+                except VfioUserError:
+                    refused.append(name)
+            assert client.read(vu.PciRegion.CONFIG, 0, 2) == b"\xf4\x1a"
+        return refused
+
+    try:
+        assert await trio.to_thread.run_sync(session) == list(attempts)
+    finally:
+        for fd in (read_only, pipe_read, pipe_write):
+            os.close(fd)
+    assert [(m.iova, m.size) for m in served.context.memory] == []
+
+
+async def test_a_map_past_2_64_is_refused_and_its_unmap_is_quiet(
+        serve_net: Any, caplog: pytest.LogCaptureFixture, ram_fd: int) -> None:
+    served = await serve_net()
+    top = (1 << 64) - 0x1000
+
+    def session() -> None:
+        with Client(served.context.socket_path) as client:
+            client.dma_map(top, 0x2000, ram_fd)
+            assert len(served.context.memory) == 0
+            client.dma_unmap(top, 0x2000)
+
+    await trio.to_thread.run_sync(session)
+    assert [m for m in warnings_in(caplog) if "wraps around 2**64" not in m] == []
+    assert any("wraps around 2**64" in e for e in errors_in(caplog))
+
+
+async def test_unmapping_the_rings_under_a_live_queue_needs_reset(serve_net: Any) -> None:
+    served = await serve_net()
+    fd = memfd(RAM_SIZE)
+    with mmap.mmap(fd, RAM_SIZE) as shared:
+        async with connected(served.context) as client:
+            await trio.to_thread.run_sync(client.dma_map, 0, RAM_SIZE, fd)
+            tx = transmit_queue(served.net, shared)
+            await trio.to_thread.run_sync(client.dma_unmap, 0, RAM_SIZE)  # rings gone
+            tx.add([served.net.header_len * b"\0" + MAC + MAC + b"\x08\x00"])
+            await kick_transmit(served.context, client)
+            assert needs_reset(served.net)
+            assert served.peer.sent == []
+    os.close(fd)
+
+
+# -- the same guest RAM as two adjacent maps (issue 12, input 4) ----------------------------
+
+
+async def test_buffers_and_rings_across_maps_of_one_memfd(serve_net: Any) -> None:
+    # As a vIOMMU presents RAM: one memfd as adjacent maps; the transmit queue's
+    # descriptor table crosses the first boundary, the buffers the second.
+    served = await serve_net()
+    net = served.net
+    cuts = [0, MIB, MIB + MIB // 2, 2 * MIB]
+    fd = memfd(2 * MIB)
+    with mmap.mmap(fd, 2 * MIB) as shared:
+        async with connected(served.context) as client:
+            for start, end in itertools.pairwise(cuts):
+                await trio.to_thread.run_sync(functools.partial(
+                    client.dma_map, start, end - start, fd, offset=start))
+            assert [m.iova for m in served.context.memory] == cuts[:-1]
+            negotiate_modern(net)
+            ram = GuestRam(2 * MIB, 0, shared=shared)
+            ram.skip_to(MIB - 512)
+            tx = DriverQueue(ram, net.queues[TX_QUEUE])
+            rx = DriverQueue(ram, net.queues[RX_QUEUE])
+            assert tx.desc < MIB < tx.desc + ring.descriptor_table_size(tx.size)
+            driver_ok(net)
+
+            data = net.header_len * b"\0" + MAC + MAC + b"\x08\x00" + bytes(range(256)) * 4
+            shared[cuts[2] - 100 : cuts[2] - 100 + len(data)] = data
+            tx.add_bufs([Buf(cuts[2] - 100, len(data), False)])
+            await kick_transmit(served.context, client)
+            assert served.peer.sent == [data[net.header_len :]]
+
+            rx.add_bufs([Buf(cuts[2] - 5, 1536, True)])  # the header itself is cut in two
+            net.notify(RX_QUEUE)
+            frame = MAC + MAC + b"\x08\x00" + bytes(range(255, -1, -1)) * 4
+            assert net.receive(frame)
+            [used] = rx.get_used()
+            assert used.data[net.header_len :] == frame
+            assert not needs_reset(net)
+    os.close(fd)

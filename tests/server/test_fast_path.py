@@ -67,9 +67,9 @@ def model_access(rig: Rig, bar: int, offset: int, data: bytes | int, is_write: b
     return region.read(offset, data)
 
 
-def answer(call: Callable[[], bytes]) -> tuple[str, Any]:
+def answer(call: Callable[..., bytes], *args: Any) -> tuple[str, Any]:
     try:
-        return ("ok", call())
+        return ("ok", call(*args))
     except GuestError as exc:
         return ("error", exc.errno)
 
@@ -175,8 +175,8 @@ def test_fast_path_and_model_agree(prepare: Callable[[Rig], None]) -> None:
         prepare(model)
         fast.native.publish()
         assert state(fast) == state(model)
-        got = answer(lambda: fast.access(bar, offset, data, is_write))
-        want = answer(lambda: model_access(model, bar, offset, data, is_write))
+        got = answer(fast.access, bar, offset, data, is_write)
+        want = answer(model_access, model, bar, offset, data, is_write)
         if (got, state(fast)) != (want, state(model)):
             mismatches.append((bar, offset, data, is_write, got, want))
         served += len(fast.served)

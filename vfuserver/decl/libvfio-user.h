@@ -179,6 +179,23 @@ void vfuserver_smp_mb(void);
 void vfuserver_smp_wmb(void);
 void vfuserver_smp_rmb(void);
 
+/* SIGBUS guard for guest memory (a client that shrinks the file behind a DMA map): a
+   SIGBUS inside a registered host range gets a zero page mapped over the faulting page
+   and is counted in that range's vfuserver_lost_pages_t; any other SIGBUS goes to the
+   previous disposition. install: once per process (later calls do nothing), 0 or -1 with
+   errno. add: register [start, +length) (page_size: the map's page size, a power of two;
+   iova: guest address of start) and return its slot, or -1 with errno ENOSPC (no free
+   slot) or EINVAL. remove: forget a slot, before the range is unmapped. lost must stay
+   valid while its slots are registered. */
+typedef struct {
+    uint64_t count;
+    uint64_t iova;
+} vfuserver_lost_pages_t;
+int vfuserver_guard_install(void);
+int vfuserver_guard_add(void *start, size_t length, size_t page_size, uint64_t iova,
+                        vfuserver_lost_pages_t *lost);
+void vfuserver_guard_remove(int index);
+
 extern "Python" ssize_t vfuserver_region_cb(vfu_ctx_t *, int, char *, size_t, loff_t, bool);
 extern "Python" void vfuserver_log_cb(vfu_ctx_t *, int, const char *);
 extern "Python" int vfuserver_reset_cb(vfu_ctx_t *, vfu_reset_type_t);
