@@ -14,7 +14,7 @@ import enum
 import errno
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from vfuserver.devices.errors import GuestError
 from vfuserver.protocol import pci as pcifmt
@@ -287,9 +287,9 @@ class FastRegister:
     legacy: bool = False
 
 
-@dataclass(frozen=True)
-class FastState:
-    """What the fast path reads, published by the model whenever its lock is released."""
+class FastState(NamedTuple):
+    """What the fast path reads, published by the model whenever its lock is released
+    (a tuple: it is built and compared on every release)."""
 
     status: int
     io_enabled: bool

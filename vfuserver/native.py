@@ -63,6 +63,7 @@ class NativeDevice:
         self.live = True
         self.function: FastPath | None = None
         self.registers: list[FastRegister] = []
+        self._published: object = None
 
     def install(self, function: object) -> bool:
         """Take ``function``'s fast registers and ISR, if it offers a fast path; the fast
@@ -92,8 +93,10 @@ class NativeDevice:
         if self.function is None or not self.live:
             return
         state = self.function.fast_state()
-        lib.vfuserver_publish(self.dev, state.status, state.io_enabled, state.settled,
-                              state.active_queues, 1)
+        if state != self._published:  # most releases change none of it
+            self._published = state
+            lib.vfuserver_publish(self.dev, state.status, state.io_enabled, state.settled,
+                                  state.active_queues, 1)
 
     def access(self, region: int, offset: int, data: bytes | int, is_write: bool,
                ) -> bytes | None:

@@ -88,6 +88,14 @@ async def kick_transmit(context: VfuContext, client: Client) -> None:
     context.process_kicks()
 
 
+async def detached(context: VfuContext, timeout: float = 10.0) -> None:
+    """Wait until the serving thread has seen the client go (libvfio-user unmapped its
+    maps and reset the device): a client's close reaches the server asynchronously."""
+    with trio.fail_after(timeout):
+        while context.client_attached:
+            await trio.sleep(0.005)
+
+
 def needs_reset(net: VirtioNet) -> bool:
     return bool(net.status & DeviceStatus.NEEDS_RESET)
 

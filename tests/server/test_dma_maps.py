@@ -31,6 +31,7 @@ from tests.server.served_net import (
     MAC,
     MIB,
     connected,
+    detached,
     errors_in,
     kick_transmit,
     memfd,
@@ -234,6 +235,7 @@ async def test_maps_the_library_refuses_leave_the_server_serving(
     finally:
         for fd in (read_only, pipe_read, pipe_write):
             os.close(fd)
+    await detached(served.context)
     assert [(m.iova, m.size) for m in served.context.memory] == []
 
 
