@@ -47,7 +47,7 @@ MESSAGE_TIMEOUT = 5.0
 REPLY_TIMEOUT = 5.0
 """Seconds a reply may wait for a client that does not read its socket; then it is dropped."""
 
-DEFAULT_POLL_MAX_NS = 0
+DEFAULT_POLL_MAX_NS = 32768
 """Adaptive polling ceiling of the serving thread, in ns (QEMU's IOThread poll-max-ns)."""
 
 CPU_BARRIERS = Barriers(lib.vfuserver_smp_mb, lib.vfuserver_smp_wmb, lib.vfuserver_smp_rmb)
@@ -207,7 +207,9 @@ class VfuContext:
                  memory: GuestMemory | None = None,
                  logger: logging.Logger | None = None,
                  lock: DeviceLock | None = None,
-                 poll_max_ns: int = DEFAULT_POLL_MAX_NS) -> None:
+                 poll_max_ns: int | None = None) -> None:
+        if poll_max_ns is None:
+            poll_max_ns = int(os.environ.get("VFUSERVER_POLL_MAX_NS", DEFAULT_POLL_MAX_NS))
         self.socket_path = os.path.abspath(socket_path)
         self.function = function
         self.log = logger or logging.getLogger(f"vfuserver.{function.name}")

@@ -21,6 +21,8 @@
  * vector in pending_irqs for the serving thread).
  */
 
+#include <sched.h>
+
 #define VFUSERVER_PEEK_BYTES 512
 /* libvfio-user's SERVER_MAX_MSG_SIZE (lib/private.h): 1 MiB of data, the header and a
    region access header. It refuses a larger message without reading its body, which
@@ -280,6 +282,7 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
                 __atomic_load_n(&d->pending_irqs, __ATOMIC_ACQUIRE)) {
                 return READY_EMPTY;
             }
+            sched_yield();  /* a client on this CPU gets to send meanwhile */
         } while (vfuserver_now_ns() < until);
     }
     if (partial) {
