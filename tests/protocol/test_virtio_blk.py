@@ -81,21 +81,13 @@ def test_config_offsets_match_uapi() -> None:
     for sub in BlkConfig.subcons:
         offsets[sub.name] = position
         position += sub.sizeof()
-    off = blk.ConfigOffset
-    assert offsets["capacity"] == off.CAPACITY == 0
-    assert offsets["size_max"] == off.SIZE_MAX == 8
-    assert offsets["seg_max"] == off.SEG_MAX == 12
-    assert offsets["geometry"] == off.GEOMETRY == 16
-    assert offsets["blk_size"] == off.BLK_SIZE == 20
-    assert offsets["topology"] == off.TOPOLOGY == 24
-    assert offsets["writeback"] == off.WRITEBACK == 32
-    assert offsets["num_queues"] == off.NUM_QUEUES == 34
-    assert offsets["max_discard_sectors"] == off.MAX_DISCARD_SECTORS == 36
-    assert offsets["max_discard_seg"] == off.MAX_DISCARD_SEG == 40
-    assert offsets["discard_sector_alignment"] == off.DISCARD_SECTOR_ALIGNMENT == 44
-    assert offsets["max_write_zeroes_sectors"] == off.MAX_WRITE_ZEROES_SECTORS == 48
-    assert offsets["max_write_zeroes_seg"] == off.MAX_WRITE_ZEROES_SEG == 52
-    assert offsets["write_zeroes_may_unmap"] == off.WRITE_ZEROES_MAY_UNMAP == 56
+    expected = {"capacity": 0, "size_max": 8, "seg_max": 12, "geometry": 16, "blk_size": 20,
+                "topology": 24, "writeback": 32, "num_queues": 34, "max_discard_sectors": 36,
+                "max_discard_seg": 40, "discard_sector_alignment": 44,
+                "max_write_zeroes_sectors": 48, "max_write_zeroes_seg": 52,
+                "write_zeroes_may_unmap": 56}
+    assert {name: offsets[name] for name in expected} == expected
+    assert {off.name.lower(): int(off) for off in blk.ConfigOffset} == expected
 
 
 @given(fields=st.tuples(
