@@ -28,11 +28,6 @@ if TYPE_CHECKING:
     from vfuserver.devices.virtio_pci import VirtioPciTransport
     from vfuserver.devices.virtqueue import VirtQueue
 
-LEGACY_DEVICE_CONFIG_BYTES = 8
-"""What the legacy BAR exposes of virtio-net's config: offsetofend(virtio_net_config,
-status), as Linux's virtio-vfio-pci sizes it."""
-
-
 class LegacyInterface:
     """Legacy register file of one device; the member an :class:`AdminOwner` talks to."""
 
