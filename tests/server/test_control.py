@@ -59,37 +59,52 @@ def config_text(tmp_path: Path, *devices: dict[str, str], control: str = "ctl.so
 # --- in-process: queries, profiles, many devices, add/remove, failures ------------------------
 
 async def test_query_devices_and_profiles(tmp_path: Path, nursery: trio.Nursery) -> None:
+    image = tmp_path / "disk0.img"
+    image.write_bytes(bytes(1 << 20))
     config = ServerConfig(control=str(tmp_path / "ctl.sock"), devices=[
         spec(tmp_path, "net0"),
         spec(tmp_path, "net1", profile="transitional", mac="52:54:00:00:00:01",
              netdev="none"),
+        spec(tmp_path, "disk0", type="virtio-blk", profile="transitional", image=str(image),
+             serial="d0"),
     ])
     await start_controller(nursery, config)
 
     devices = await execute(config.control or "", "query-devices")
     assert devices == [
-        {"name": "net0", "socket": str(tmp_path / "net0.sock"), "profile": "modern",
-         "mac": format_mac(default_mac("net0")), "netdev": "none", "state": "running",
-         "client-attached": False},
-        {"name": "net1", "socket": str(tmp_path / "net1.sock"), "profile": "transitional",
-         "mac": "52:54:00:00:00:01", "netdev": "none", "state": "running",
-         "client-attached": False},
+        {"name": "net0", "type": "virtio-net", "socket": str(tmp_path / "net0.sock"),
+         "profile": "modern", "mac": format_mac(default_mac("net0")), "netdev": "none",
+         "state": "running", "client-attached": False},
+        {"name": "net1", "type": "virtio-net", "socket": str(tmp_path / "net1.sock"),
+         "profile": "transitional", "mac": "52:54:00:00:00:01", "netdev": "none",
+         "state": "running", "client-attached": False},
+        {"name": "disk0", "type": "virtio-blk", "socket": str(tmp_path / "disk0.sock"),
+         "profile": "transitional", "image": str(image), "readonly": False, "direct": False,
+         "serial": "d0", "state": "running", "client-attached": False},
     ]
     profiles = await execute(config.control or "", "query-profiles")
     assert profiles == [
-        {"device": "net0", "current": "modern", "available": ["modern", "transitional"],
-         "changeable": True},
-        {"device": "net1", "current": "transitional",
+        {"device": "net0", "type": "virtio-net", "current": "modern",
+         "available": ["modern", "transitional"], "changeable": True},
+        {"device": "net1", "type": "virtio-net", "current": "transitional",
+         "available": ["modern", "transitional"], "changeable": True},
+        {"device": "disk0", "type": "virtio-blk", "current": "transitional",
          "available": ["modern", "transitional"], "changeable": True},
     ]
     one = await execute(config.control or "", "query-profiles", device="net1")
-    assert one == profiles[1:]
+    assert one == profiles[1:2]
+    assert await ids_of(tmp_path / "disk0.sock") == bytes.fromhex("f41a0110")  # 1af4:1001
+    await execute(config.control or "", "set-profile", device="disk0", profile="modern")
+    assert await ids_of(tmp_path / "disk0.sock") == bytes.fromhex("f41a4210")  # 1af4:1042
     with pytest.raises(ServerError) as raised:
         await execute(config.control or "", "query-profiles", device="net9")
     assert raised.value.error_class == "DeviceNotFound"
 
     stats = await execute(config.control or "", "query-stats")
-    assert [entry["device"] for entry in stats] == ["net0", "net1"]
+    assert [(entry["device"], entry["type"]) for entry in stats] == [
+        ("net0", "virtio-net"), ("net1", "virtio-net"), ("disk0", "virtio-blk")]
+    assert {"virtio_blk", "backend"} <= set(stats[2]["stats"])
+    assert stats[2]["stats"]["virtio_blk"]["read_ops"] == 0
     assert {"virtio_net", "backend"} <= set(stats[0]["stats"])
     assert stats[0]["stats"]["backend"]["tx_frames"] == 0
     assert "legacy" in stats[1]["stats"]  # the transitional presentation's counters
@@ -178,7 +193,8 @@ async def test_add_and_remove_devices_at_runtime(tmp_path: Path, nursery: trio.N
 
     added = await execute(control, "device-add", name="net1", socket=str(sock),
                           profile="transitional", mac="52:54:00:ab:cd:ef")
-    assert added == {"name": "net1", "socket": str(sock), "profile": "transitional",
+    assert added == {"name": "net1", "type": "virtio-net", "socket": str(sock),
+                     "profile": "transitional",
                      "mac": "52:54:00:ab:cd:ef", "netdev": "none", "state": "running",
                      "client-attached": False}
     assert sock.is_socket()
