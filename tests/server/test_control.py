@@ -456,6 +456,19 @@ def test_config_round_trip_and_relative_paths(tmp_path: Path) -> None:
     assert render_config(again) == text
 
 
+def test_blk_config_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "devices.toml"
+    path.write_text("[[device]]\nname = 'disk0'\nsocket = 'd.sock'\ntype = 'virtio-blk'\n"
+                    "image = 'images/d.img'\nreadonly = true\ndirect = true\n"
+                    "serial = 'SN1'\n")
+    [disk] = load_config(path).devices
+    assert (disk.type, disk.image, disk.readonly, disk.direct, disk.serial, disk.mac) == (
+        "virtio-blk", str(tmp_path / "images/d.img"), True, True, "SN1", b"")
+    text = render_config(load_config(path))
+    assert "image = " in text and "mac" not in text and "netdev" not in text
+    assert parse_config(text).devices == [disk]
+
+
 @pytest.mark.parametrize(("text", "words"), [
     pytest.param("[[device]]\nname = 'a'\n", "socket is required", id="no-socket"),
     pytest.param("[[device]]\nname = 'a'\nsocket = 's'\nprofile = 'legacy'\n",
@@ -472,6 +485,18 @@ def test_config_round_trip_and_relative_paths(tmp_path: Path) -> None:
                  "socket = 't'\n", "already taken", id="duplicate-name"),
     pytest.param("[[device]]\nname = 'a'\nsocket = 's'\n[[device]]\nname = 'b'\n"
                  "socket = 's'\n", "already device a's", id="duplicate-socket"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\n",
+                 "needs a disk image", id="blk-without-image"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\nimage = 'i'\n"
+                 "mac = '52:54:00:00:00:01'\n", "virtio-net settings", id="blk-with-mac"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\nimage = 'i'\n",
+                 "add type virtio-blk", id="net-with-image"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\nimage = 'i'\n"
+                 "readonly = 'yes'\n", "readonly must be a boolean", id="readonly-not-bool"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\nimage = 'i'\n"
+                 "serial = 'a-serial-longer-than-20'\n", "at most 20", id="long-serial"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-gpu'\n",
+                 "unknown device type 'virtio-gpu'", id="device-type"),
     pytest.param("[server]\nsocket = 'x'\n", "unknown key socket", id="server-key"),
     pytest.param("[devices]\n", "unknown table", id="table"),
     pytest.param("[[device]\n", "not valid TOML", id="syntax"),
@@ -576,11 +601,54 @@ def test_run_socket_shortcut_with_a_control_socket(tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
+def test_run_socket_serves_a_disk(tmp_path: Path) -> None:
+    control, sock, image = tmp_path / "ctl.sock", tmp_path / "disk.sock", tmp_path / "d.img"
+    image.write_bytes(bytes(1 << 20))
+    with server_process(["--socket", str(sock), "--device", "virtio-blk", "--image", str(image),
+                         "--readonly", "--serial", "SN1", "--profile", "transitional",
+                         "--control", str(control)], tmp_path / "server.log",
+                        [control, sock]) as server:
+        assert read_ids(sock) == bytes.fromhex("f41a0110")  # 1af4:1001
+        [device] = json.loads(run_cli("status", "--json", control=control).stdout)
+        assert (device["name"], device["type"], device["readonly"], device["serial"]) == (
+            "disk0", "virtio-blk", True, "SN1")
+        assert server.stop() == 0
+    assert "type virtio-blk, profile transitional, image " in (
+        tmp_path / "server.log").read_text()
+
+
+async def test_device_add_a_disk_at_runtime(tmp_path: Path, nursery: trio.Nursery) -> None:
+    control = tmp_path / "ctl.sock"
+    config = ServerConfig(control=str(control), devices=[])
+    await start_controller(nursery, config)
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(1 << 20))
+    added = await execute(control, "device-add", name="disk1", socket=str(tmp_path / "d.sock"),
+                          type="virtio-blk", image=str(image), direct=True)
+    assert (added["type"], added["image"], added["direct"]) == ("virtio-blk", str(image), True)
+    assert await ids_of(tmp_path / "d.sock") == bytes.fromhex("f41a4210")  # 1af4:1042
+    with pytest.raises(ServerError) as raised:
+        await execute(control, "device-add", name="disk2", socket=str(tmp_path / "e.sock"),
+                      type="virtio-blk", image="rel.img")
+    assert "absolute" in raised.value.desc
+    with pytest.raises(ServerError) as raised:
+        await execute(control, "device-add", name="disk3", socket=str(tmp_path / "f.sock"),
+                      type="virtio-blk", image=str(tmp_path / "missing.img"))
+    assert "cannot open disk image" in raised.value.desc
+
+
 @pytest.mark.parametrize("args", [
     pytest.param(["--persist", "--socket", "x.sock"], id="persist-without-config"),
     pytest.param(["--config", "d.toml", "--profile", "modern"], id="config-and-device-option"),
     pytest.param(["--config", "d.toml", "--socket", "x.sock"], id="config-and-socket"),
     pytest.param([], id="nothing-to-serve"),
+    pytest.param(["--socket", "x.sock", "--device", "virtio-blk"], id="blk-without-image"),
+    pytest.param(["--socket", "x.sock", "--image", "d.img"], id="image-without-blk"),
+    pytest.param(["--socket", "x.sock", "--device", "virtio-blk", "--image", "d.img",
+                  "--netdev", "none"], id="blk-with-netdev"),
+    pytest.param(["--socket", "x.sock", "--device", "virtio-blk", "--image", "d.img",
+                  "--serial", "é"], id="serial-not-ascii"),
+    pytest.param(["--config", "d.toml", "--image", "d.img"], id="config-and-image"),
 ])
 def test_run_usage_errors(args: list[str], tmp_path: Path) -> None:
     result = run_cli("run", *args)
