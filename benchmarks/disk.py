@@ -14,55 +14,37 @@ in the guest section: vfuserver modern and transitional against QEMU's default d
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import JsonDict, Section, Settings, loadavg
+from benchmarks.guest import FORCE_LEGACY, GuestConfig, boot_rounds, guest_tools
 from tests.e2e.rig import (
     GuestRun,
-    NamespaceNames,
     NetNamespace,
     RigError,
     Tools,
     VfuServer,
     boot_guest,
     find_vfuserver,
-    unusable_machine_reason,
 )
 
-FORCE_LEGACY = "virtio_pci.force_legacy=1"
 METRICS = ("seq_write_mibps", "seq_read_mibps", "read4k_iops")
 
 
-@dataclass(frozen=True)
-class DiskConfig:
-    """One way of giving the guest its disk."""
-
-    key: str
-    label: str
-    profile: str | None
-    """vfuserver's profile; None: QEMU's built-in virtio-blk-pci."""
-    append: str = ""
-    reference: str | None = None
-
-
 CONFIGS = (
-    DiskConfig("qemu-default", "QEMU virtio-blk-pci (default)", None),
-    DiskConfig("vfuserver-modern", "vfuserver modern", "modern", reference="qemu-default"),
-    DiskConfig("vfuserver-transitional", "vfuserver transitional", "transitional",
+    GuestConfig("qemu-default", "QEMU virtio-blk-pci (default)", None),
+    GuestConfig("vfuserver-modern", "vfuserver modern", "modern", reference="qemu-default"),
+    GuestConfig("vfuserver-transitional", "vfuserver transitional", "transitional",
                reference="qemu-default"),
-    DiskConfig("qemu-force-legacy", f"QEMU virtio-blk-pci, {FORCE_LEGACY}", None, FORCE_LEGACY),
-    DiskConfig("vfuserver-transitional-legacy", f"vfuserver transitional, {FORCE_LEGACY}",
+    GuestConfig("qemu-force-legacy", f"QEMU virtio-blk-pci, {FORCE_LEGACY}", None, FORCE_LEGACY),
+    GuestConfig("vfuserver-transitional-legacy", f"vfuserver transitional, {FORCE_LEGACY}",
                "transitional", FORCE_LEGACY, reference="qemu-force-legacy"),
 )
 SMOKE_CONFIGS = ("qemu-default", "vfuserver-modern")
 
 
-def _boot(settings: Settings, tools: Tools, ns: NetNamespace, config: DiskConfig, work: Path,
+def _boot(settings: Settings, tools: Tools, ns: NetNamespace, config: GuestConfig, work: Path,
           sockets_dir: Path, round_number: int) -> JsonDict:
     image = work / f"disk-{config.key}-{round_number}.img"
     with open(image, "wb") as file:
@@ -85,7 +67,7 @@ def _boot(settings: Settings, tools: Tools, ns: NetNamespace, config: DiskConfig
             server.start()
             sockets.append(server.socket_path)
         load_before = loadavg()
-        plan = f"virtio,disk-bench:mib={settings.disk_mib}:count={settings.disk_reads}"
+        plan = f"lspci,virtio,disk-bench:mib={settings.disk_mib}:count={settings.disk_reads}"
         run = boot_guest(tools, work / f"disk-{config.key}-{round_number}-console.log", plan,
                          ns=ns, append=config.append, sockets=sockets, qemu_args=qemu_args,
                          timeout=settings.guest_timeout)
@@ -117,37 +99,15 @@ def _result(run: GuestRun) -> JsonDict:
 
 def run(settings: Settings, work: Path) -> Section:
     section = Section("disk")
-    reason = unusable_machine_reason()
-    if reason is not None:
-        section.skip(reason)
-        print(f"benchmarks: disk section skipped: {reason}", file=sys.stderr)
-        return section
-    try:
-        tools = Tools.prepare()
-    except (RigError, OSError) as exc:
-        section.skip(f"QEMU or the test guest is unavailable: {exc}")
+    tools = guest_tools(section)
+    if tools is None:
         return section
     wanted = SMOKE_CONFIGS if settings.smoke else tuple(c.key for c in CONFIGS)
-    boots: dict[str, list[JsonDict]] = {}
-    failures: dict[str, int] = {}
-    sockets_dir = Path(tempfile.mkdtemp(prefix="vfud-"))
-    ns = NetNamespace(NamespaceNames().next())
-    try:
-        ns.create()
-        for round_number in range(settings.guest_repeats):
-            for config in CONFIGS:
-                if config.key not in wanted:
-                    continue
-                try:
-                    boots.setdefault(config.key, []).append(
-                        _boot(settings, tools, ns, config, work, sockets_dir, round_number))
-                except (RigError, OSError, AssertionError, StopIteration) as exc:
-                    section.notes.append(f"{config.key} boot {round_number + 1} failed: {exc}")
-                    section.status = "partial"
-                    failures[config.key] = failures.get(config.key, 0) + 1
-    finally:
-        ns.delete()
-        shutil.rmtree(sockets_dir, ignore_errors=True)
+    boots, failures = boot_rounds(
+        settings, section, wanted,
+        lambda ns, config, sockets, number: _boot(settings, tools, ns, config, work, sockets,
+                                                  number),
+        configs=CONFIGS, tap=False)
     kernel = next((b[0]["guest_kernel"] for b in boots.values() if b), None)
     section.extra["setup"] = (f"QEMU TCG, 1 vCPU, 512 MiB, guest Linux {kernel}; not pinned; "
                               f"median of {settings.guest_repeats} boots per row")

@@ -15,6 +15,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,41 +161,66 @@ def _boot(settings: Settings, tools: Tools, ns: NetNamespace, config: GuestConfi
             server.stop()
 
 
-def run(settings: Settings, work: Path, configs: tuple[str, ...] | None = None) -> Section:
-    section = Section("guest")
+def guest_tools(section: Section) -> Tools | None:
+    """QEMU and the test guest, or None with the section marked skipped (and why)."""
     reason = unusable_machine_reason()
     if reason is not None:
         section.skip(reason)
-        print(f"benchmarks: guest section skipped: {reason}", file=sys.stderr)
-        return section
+        print(f"benchmarks: {section.name} section skipped: {reason}", file=sys.stderr)
+        return None
     try:
-        tools = Tools.prepare()
+        return Tools.prepare()
     except (RigError, OSError) as exc:
         section.skip(f"QEMU or the test guest is unavailable: {exc}")
-        return section
-    section.extra["qemu_path"] = str(tools.qemu)
-    wanted = configs or (SMOKE_CONFIGS if settings.smoke else tuple(c.key for c in CONFIGS))
+        return None
+
+
+Boot = Callable[[NetNamespace, GuestConfig, Path, int], JsonDict]
+"""One boot of a configuration: (namespace, config, sockets folder, round) -> numbers."""
+
+
+def boot_rounds(settings: Settings, section: Section, wanted: Sequence[str], boot: Boot, *,
+                configs: Sequence[GuestConfig] = CONFIGS, tap: bool = True,
+                ) -> tuple[dict[str, list[JsonDict]], dict[str, int]]:
+    """``settings.guest_repeats`` rounds over the wanted ``configs``, interleaved, in one
+    namespace (with the tap if ``tap``); the numbers of each configuration's boots and how
+    many failed (their errors are the section's notes)."""
     boots: dict[str, list[JsonDict]] = {}
     failures: dict[str, int] = {}
     sockets_dir = Path(tempfile.mkdtemp(prefix="vfub-"))  # short paths: sun_path is 108 bytes
     ns = NetNamespace(NamespaceNames().next())
     try:
         ns.create()
-        ns.add_tap(TAP)
+        if tap:
+            ns.add_tap(TAP)
         for round_number in range(settings.guest_repeats):
-            for config in CONFIGS:
+            for config in configs:
                 if config.key not in wanted:
                     continue
                 try:
                     boots.setdefault(config.key, []).append(
-                        _boot(settings, tools, ns, config, work, sockets_dir, round_number))
-                except (RigError, OSError, AssertionError) as exc:
+                        boot(ns, config, sockets_dir, round_number))
+                except (RigError, OSError, AssertionError, KeyError) as exc:
                     section.notes.append(f"{config.key} boot {round_number + 1} failed: {exc}")
                     section.status = "partial"
                     failures[config.key] = failures.get(config.key, 0) + 1
     finally:
         ns.delete()
         shutil.rmtree(sockets_dir, ignore_errors=True)
+    return boots, failures
+
+
+def run(settings: Settings, work: Path, configs: tuple[str, ...] | None = None) -> Section:
+    section = Section("guest")
+    tools = guest_tools(section)
+    if tools is None:
+        return section
+    section.extra["qemu_path"] = str(tools.qemu)
+    wanted = configs or (SMOKE_CONFIGS if settings.smoke else tuple(c.key for c in CONFIGS))
+    boots, failures = boot_rounds(
+        settings, section, wanted,
+        lambda ns, config, sockets, number: _boot(settings, tools, ns, config, work, sockets,
+                                                  number))
 
     kernel = next((b[0]["guest_kernel"] for b in boots.values() if b), None)
     section.extra["setup"] = (f"QEMU TCG, 1 vCPU, 512 MiB, guest Linux {kernel}; not pinned; "
