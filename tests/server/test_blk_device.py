@@ -115,7 +115,7 @@ class BlkDriver:
         while struct.unpack_from("<H", self.ram, USED + 2)[0] < count:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{count} requests not used in 10 s")
-            time.sleep(0.001)
+            time.sleep(0.00005)
 
 
 @pytest.fixture
