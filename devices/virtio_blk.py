@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from vfuserver.devices.errors import GuestMemoryError, HostError
+from vfuserver.devices.errors import GuestError, GuestMemoryError, HostError
 from vfuserver.devices.virtio import VirtioDevice, VirtioInterrupts
 from vfuserver.devices.virtqueue import DescriptorChain, VirtQueue, VirtQueueError
 from vfuserver.protocol import virtio_blk as blk
@@ -387,6 +387,10 @@ class VirtioBlk(VirtioDevice):
             queue = self.queues[request.queue]
             chain = request.chain
             request.chain = None
+            if not queue.enabled:
+                # a legacy driver wrote QUEUE_PFN 0 meanwhile: the ring is gone
+                self.stats.stale_completions += 1
+                continue
             try:
                 chain.map_views(self.memory)
             except GuestMemoryError as err:
@@ -401,9 +405,16 @@ class VirtioBlk(VirtioDevice):
                                      request.offset, os.strerror(request.error))
             elif request.type == RequestType.IN:
                 chain.write(request.result)
-            self._answer(queue, chain, status)
+            try:
+                self._answer(queue, chain, status)
+            except GuestError as err:  # the driver moved the ring under the request
+                self.needs_reset(str(err))
+                continue
             touched[queue.index] = queue
         for queue in touched.values():
-            if queue.flush():
-                self.queue_interrupt(queue)
+            try:
+                if queue.flush():
+                    self.queue_interrupt(queue)
+            except GuestError as err:
+                self.needs_reset(str(err))
 

@@ -290,6 +290,24 @@ def test_reset_drops_completions_of_older_requests(rig: Rig) -> None:
     assert not rig.dev.broken
 
 
+def test_legacy_queue_removed_while_a_request_is_on_the_disk(tmp_path: Path) -> None:
+    rig = Rig(make_image(tmp_path), legacy=True)
+    try:
+        rig.submit(RequestType.IN, 0, read=512)
+        rig.dev.queues[0].place_contiguous(0)  # QUEUE_PFN 0 (Linux legacy del_vq)
+        rig.finish()
+        assert rig.dev.stats.stale_completions == 1 and not rig.dev.broken
+    finally:
+        rig.close()
+
+
+def test_ring_moved_under_a_request_needs_reset(rig: Rig) -> None:
+    rig.submit(RequestType.IN, 0, read=512)
+    rig.dev.queues[0].used_addr = rig.ram.end + 0x1000  # outside guest memory
+    rig.finish()  # no exception: the device stops, the driver is told
+    assert rig.dev.broken and rig.dev.status & DeviceStatus.NEEDS_RESET
+
+
 def test_buffers_unmapped_before_completion_need_reset(rig: Rig) -> None:
     rig.submit(RequestType.IN, 0, read=512)
     rig.ram.memory.clear()  # the client unmapped guest memory meanwhile
@@ -406,3 +424,43 @@ def test_transitional_identity_and_legacy_config(rig: Rig) -> None:
     assert legacy.bar0.read(24, 4) + legacy.bar0.read(28, 4) == capacity
     assert legacy.read(24 + blk.ConfigOffset.BLK_SIZE, 4) == 512
     assert legacy.read(Register.HOST_FEATURES, 4) == (BASE_FEATURES | WRITE_FEATURES) & 0xFFFFFFFF
+
+
+# -- the raw image under the device ------------------------------------------------------
+
+
+def test_direct_io_round_trip(tmp_path: Path) -> None:
+    path = make_image(tmp_path)
+    ram = GuestRam()
+    image = RawImage(str(path), direct=True)
+    try:
+        backend = InlineBackend(image)
+        dev = VirtioBlk(ram.memory, RecordingInterrupts(), backend, queue_max_size=QUEUE_SIZE)
+        negotiate_modern(dev)
+        queue = DriverQueue(ram, dev.queues[0])
+        driver_ok(dev)
+        data = os.urandom(4096)
+        queue.add([blk.OUTHDR_STRUCT.pack(RequestType.OUT, 0, 8), data], [1])
+        queue.add([blk.OUTHDR_STRUCT.pack(RequestType.IN, 0, 8)], [4096, 1])
+        dev.notify(0)
+        backend.finish(dev)
+        done = queue.get_used()
+        assert [u.data[-1] for u in done] == [Status.OK, Status.OK]
+        assert done[1].data[:4096] == data and path.read_bytes()[4096:8192] == data
+    finally:
+        image.close()
+
+
+def test_image_size_is_whole_sectors_and_other_files_are_refused(tmp_path: Path) -> None:
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(bytes(4096 + 100))
+    image = RawImage(str(odd))
+    assert image.size == 4096
+    image.close()
+    image.close()  # idempotent
+    with pytest.raises(OSError, match="neither a regular file nor a block device"):
+        RawImage(os.devnull, read_only=True)  # a character device
+    with pytest.raises(OSError, match="Is a directory"):
+        RawImage(str(tmp_path))
+    with pytest.raises(OSError, match=r"cannot open disk image .*absent.img"):
+        RawImage(str(tmp_path / "absent.img"))
