@@ -25,6 +25,7 @@ from vfuserver.spec import (
     check_serial,
     default_mac,
     parse_mac,
+    parse_queues,
 )
 
 log = logging.getLogger("vfuserver")
@@ -34,7 +35,8 @@ RUN_EPILOG = f"""\
 device types (--device):
   virtio-net    a network function on --netdev (default)
   virtio-blk    a disk on --image, a raw image (a regular file or a block device):
-                --readonly, --direct (O_DIRECT), --serial (the guest's serial, at most 20)
+                --readonly, --direct (O_DIRECT), --serial (the guest's serial, at most 20),
+                --queues N (request queues, default 1)
 
 profiles:
   modern        the device as it is: virtio-net 1af4:1041, virtio-blk 1af4:1042,
@@ -87,7 +89,7 @@ def _argument_type(parse: Callable[[str], _T]) -> Callable[[str], _T]:
 
 # --- run --------------------------------------------------------------------------------------
 
-_SOCKET_ONLY = ("name", "profile", "mac", "netdev", "device", "image", "serial")
+_SOCKET_ONLY = ("name", "profile", "mac", "netdev", "device", "image", "serial", "queues")
 _SOCKET_ONLY_FLAGS = ("readonly", "direct")
 
 
@@ -103,8 +105,10 @@ def _socket_device(args: argparse.Namespace) -> DeviceSpec:
             parser.error(f"{', '.join(given)}: virtio-net options, not virtio-blk ones")
         return DeviceSpec(name=args.name or "disk0", socket=args.socket, type=device_type,
                           profile=args.profile or "modern", image=args.image,
-                          readonly=args.readonly, direct=args.direct, serial=args.serial or "")
-    given = [f"--{key}" for key in ("image", "serial") if getattr(args, key) is not None]
+                          readonly=args.readonly, direct=args.direct, serial=args.serial or "",
+                          queues=args.queues or 1)
+    given = [f"--{key}" for key in ("image", "serial", "queues")
+             if getattr(args, key) is not None]
     given += [f"--{key}" for key in ("readonly", "direct") if getattr(args, key)]
     if given:
         parser.error(f"{', '.join(given)}: virtio-blk options; add --device virtio-blk")
@@ -267,6 +271,8 @@ def _device_add(args: argparse.Namespace) -> Request:
             arguments[key] = getattr(args, key)
     if args.device is not None:
         arguments["type"] = args.device
+    if args.queues is not None:
+        arguments["queues"] = args.queues
     if args.image is not None:
         arguments["image"] = os.path.abspath(args.image)
     for key in ("readonly", "direct"):
@@ -319,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="virtio-blk: O_DIRECT (bypass the host page cache)")
     run.add_argument("--serial", type=_argument_type(check_serial), metavar="ID",
                      help="virtio-blk: the disk's serial (at most 20 characters)")
+    run.add_argument("--queues", type=_argument_type(parse_queues), metavar="N",
+                     help="virtio-blk: request queues, 1..64 (default 1)")
     run.add_argument("--control", metavar="PATH",
                      help="QMP control socket (created 0600) for 'vfuserver "
                           "profile/status/device' or qmp-shell (default: [server] control of "
@@ -379,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--readonly", action="store_true", help="virtio-blk: read-only")
     add.add_argument("--direct", action="store_true", help="virtio-blk: O_DIRECT")
     add.add_argument("--serial", metavar="ID", help="virtio-blk: the disk's serial")
+    add.add_argument("--queues", type=int, metavar="N", help="virtio-blk: request queues")
     remove = leaf(device_sub, "remove", "stop a device and drop its definition",
                   _device_remove, _no_lines)
     remove.add_argument("name", metavar="NAME")

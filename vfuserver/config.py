@@ -20,6 +20,7 @@
     readonly = false                          # default false
     direct = false                            # O_DIRECT (default false)
     serial = "disk0"                          # GET_ID answer, at most 20 (default: empty)
+    queues = 2                                # request queues, 1..64 (default 1)
 
 Relative paths (``control``, ``socket``) are taken relative to the file's directory, as
 an operator reading the file would expect whatever the server's working directory is; they
@@ -57,8 +58,9 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 SERVER_KEYS = frozenset({"control"})
 DEVICE_KEYS = frozenset({"name", "socket", "profile", "mac", "netdev", "type", "image",
-                         "readonly", "direct", "serial"})
+                         "readonly", "direct", "serial", "queues"})
 BOOLEAN_DEVICE_KEYS = frozenset({"readonly", "direct"})
+INTEGER_DEVICE_KEYS = frozenset({"queues"})
 REQUIRED_DEVICE_KEYS = ("name", "socket")
 
 
@@ -93,11 +95,11 @@ def device_from_mapping(values: Mapping[str, Any], *, base: Path | None = None,
         raise ConfigError(f"{where}: unknown key {', '.join(unknown)} "
                           f"(known: {', '.join(sorted(DEVICE_KEYS))})")
     for key, value in values.items():
-        wanted = bool if key in BOOLEAN_DEVICE_KEYS else str
-        if not isinstance(value, wanted):
-            raise ConfigError(f"{where}: {key} must be a "
-                              f"{'boolean' if wanted is bool else 'string'}, "
-                              f"not {type(value).__name__}")
+        wanted = (bool if key in BOOLEAN_DEVICE_KEYS
+                  else int if key in INTEGER_DEVICE_KEYS else str)
+        if type(value) is not wanted:  # bool is an int: compare exactly
+            name = {bool: "a boolean", int: "an integer", str: "a string"}[wanted]
+            raise ConfigError(f"{where}: {key} must be {name}, not {type(value).__name__}")
     for key in REQUIRED_DEVICE_KEYS:
         if not values.get(key):
             raise ConfigError(f"{where}: {key} is required")
@@ -122,17 +124,18 @@ def device_from_mapping(values: Mapping[str, Any], *, base: Path | None = None,
                           type=values.get("type", VIRTIO_NET),
                           image=_resolve(image, base) if image else "",
                           readonly=values.get("readonly", False),
-                          direct=values.get("direct", False), serial=values.get("serial", ""))
+                          direct=values.get("direct", False), serial=values.get("serial", ""),
+                          queues=values.get("queues", 1))
     except SpecError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def device_to_mapping(spec: DeviceSpec) -> dict[str, str | bool]:
+def device_to_mapping(spec: DeviceSpec) -> dict[str, str | bool | int]:
     """The inverse of :func:`device_from_mapping` (every key of the type written out)."""
     if spec.type == VIRTIO_BLK:
         return {"name": spec.name, "socket": spec.socket, "profile": spec.profile,
                 "type": spec.type, "image": spec.image, "readonly": spec.readonly,
-                "direct": spec.direct, "serial": spec.serial}
+                "direct": spec.direct, "serial": spec.serial, "queues": spec.queues}
     return {"name": spec.name, "socket": spec.socket, "profile": spec.profile,
             "mac": format_mac(spec.mac), "netdev": str(spec.netdev)}
 

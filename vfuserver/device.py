@@ -325,7 +325,7 @@ async def open_device(spec: DeviceSpec, *, owner: AdminOwner | None = None) -> S
         image = RawImage(spec.image, read_only=spec.readonly, direct=spec.direct)
         disk = ImageBackend(image)
         try:
-            return ServedBlkDevice(spec, disk, owner)
+            return ServedBlkDevice(spec, disk, owner, num_queues=spec.queues)
         except BaseException:
             disk.close()
             raise

@@ -224,7 +224,7 @@ class _Edit:
             start -= 1
         return start
 
-    def _append_device(self, mapping: dict[str, str | bool]) -> None:
+    def _append_device(self, mapping: dict[str, str | bool | int]) -> None:
         table = Table(Container(), Trivia(), is_aot_element=True)
         for key, value in mapping.items():
             table.add(key, value)  # tomlkit quotes and escapes

@@ -22,6 +22,8 @@ DEVICE_TYPES = (VIRTIO_NET, VIRTIO_BLK)
 """The device types, named as QEMU names its virtio devices (without ``-pci``)."""
 SERIAL_BYTES = 20
 """A virtio-blk serial fits VIRTIO_BLK_ID_BYTES."""
+MAX_QUEUES = 64
+"""Request queues of one virtio-blk device (Linux uses at most one per vCPU)."""
 
 ETH_ALEN = 6
 QEMU_MAC_PREFIX = bytes.fromhex("525400")
@@ -109,13 +111,28 @@ def check_serial(serial: str) -> str:
     return serial
 
 
+def check_queues(queues: int) -> int:
+    """A virtio-blk request queue count: 1..MAX_QUEUES (VIRTIO_BLK_F_MQ's num_queues)."""
+    if isinstance(queues, bool) or not 1 <= queues <= MAX_QUEUES:
+        raise DeviceTypeError(f"{queues!r} request queues: choose 1..{MAX_QUEUES}")
+    return queues
+
+
+def parse_queues(text: str) -> int:
+    """``--queues`` as text: a decimal count checked by :func:`check_queues`."""
+    if not text.isdecimal():
+        raise DeviceTypeError(f"{text!r} is not a number of request queues")
+    return check_queues(int(text))
+
+
 @dataclass
 class DeviceSpec:
     """One device: where it listens, how it presents itself, what is behind it.
 
     ``type`` is :data:`VIRTIO_NET` (the default: ``mac`` and ``netdev``; ``mac`` left
     empty becomes :func:`default_mac` of ``name``) or :data:`VIRTIO_BLK` (``image``, the
-    raw disk image, required; ``readonly``, ``direct`` for O_DIRECT, ``serial``). Raises
+    raw disk image, required; ``readonly``, ``direct`` for O_DIRECT, ``serial``, ``queues``
+    the request queues). Raises
     :class:`ProfileError`, :class:`MacAddressError` or :class:`DeviceTypeError`.
     """
 
@@ -129,6 +146,7 @@ class DeviceSpec:
     readonly: bool = False
     direct: bool = False
     serial: str = ""
+    queues: int = 1
 
     def __post_init__(self) -> None:
         check_profile(self.profile)
@@ -141,8 +159,9 @@ class DeviceSpec:
                 raise DeviceTypeError("mac and netdev are virtio-net settings, not "
                                       "virtio-blk ones")
             check_serial(self.serial)
+            check_queues(self.queues)
             return
-        if self.image or self.readonly or self.direct or self.serial:
-            raise DeviceTypeError("image, readonly, direct and serial are virtio-blk "
+        if self.image or self.readonly or self.direct or self.serial or self.queues != 1:
+            raise DeviceTypeError("image, readonly, direct, serial and queues are virtio-blk "
                                   "settings; add type virtio-blk (--device virtio-blk)")
         self.mac = check_mac(self.mac) if self.mac else default_mac(self.name)

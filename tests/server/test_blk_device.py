@@ -196,6 +196,21 @@ async def test_read_only_disk_refuses_writes(tmp_path: Path, ram_fd: int,
     assert image.read_bytes() == b"\x5a" * (1 << 20)
 
 
+async def test_request_queues_from_the_spec(tmp_path: Path, ram_fd: int,
+                                           nursery: trio.Nursery) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    spec = DeviceSpec(name="disk0", socket=str(tmp_path / "d.sock"), type="virtio-blk",
+                      image=str(image), queues=4)
+    device = await serve_disk(nursery, spec)
+    assert len(device.blk.queues) == 4
+    config = await trio.to_thread.run_sync(session, spec.socket, ram_fd,
+                                           lambda driver: driver.config())
+    assert blk.BlkConfig.parse(config).num_queues == 4
+    # one MSI-X vector per queue and one for configuration changes
+    assert device.function.msix_vectors == 5
+
+
 async def test_missing_image_is_a_clear_error(tmp_path: Path) -> None:
     spec = DeviceSpec(name="disk0", socket=str(tmp_path / "d.sock"), type="virtio-blk",
                       image=str(tmp_path / "nope.img"))

@@ -80,7 +80,7 @@ async def test_query_devices_and_profiles(tmp_path: Path, nursery: trio.Nursery)
          "state": "running", "client-attached": False},
         {"name": "disk0", "type": "virtio-blk", "socket": str(tmp_path / "disk0.sock"),
          "profile": "transitional", "image": str(image), "readonly": False, "direct": False,
-         "serial": "d0", "state": "running", "client-attached": False},
+         "serial": "d0", "queues": 1, "state": "running", "client-attached": False},
     ]
     profiles = await execute(config.control or "", "query-profiles")
     assert profiles == [
@@ -460,10 +460,11 @@ def test_blk_config_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "devices.toml"
     path.write_text("[[device]]\nname = 'disk0'\nsocket = 'd.sock'\ntype = 'virtio-blk'\n"
                     "image = 'images/d.img'\nreadonly = true\ndirect = true\n"
-                    "serial = 'SN1'\n")
+                    "serial = 'SN1'\nqueues = 4\n")
     [disk] = load_config(path).devices
-    assert (disk.type, disk.image, disk.readonly, disk.direct, disk.serial, disk.mac) == (
-        "virtio-blk", str(tmp_path / "images/d.img"), True, True, "SN1", b"")
+    assert (disk.type, disk.image, disk.readonly, disk.direct, disk.serial, disk.mac,
+            disk.queues) == ("virtio-blk", str(tmp_path / "images/d.img"), True, True, "SN1",
+                             b"", 4)
     text = render_config(load_config(path))
     assert "image = " in text and "mac" not in text and "netdev" not in text
     assert parse_config(text).devices == [disk]
@@ -495,6 +496,12 @@ def test_blk_config_round_trip(tmp_path: Path) -> None:
                  "readonly = 'yes'\n", "readonly must be a boolean", id="readonly-not-bool"),
     pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\nimage = 'i'\n"
                  "serial = 'a-serial-longer-than-20'\n", "at most 20", id="long-serial"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\nimage = 'i'\n"
+                 "queues = 0\n", "0 request queues: choose 1..64", id="no-queues"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\nimage = 'i'\n"
+                 "queues = '2'\n", "queues must be an integer", id="queues-not-int"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\nqueues = 2\n", "add type virtio-blk",
+                 id="net-with-queues"),
     pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-gpu'\n",
                  "unknown device type 'virtio-gpu'", id="device-type"),
     pytest.param("[server]\nsocket = 'x'\n", "unknown key socket", id="server-key"),
@@ -624,8 +631,9 @@ async def test_device_add_a_disk_at_runtime(tmp_path: Path, nursery: trio.Nurser
     image = tmp_path / "d.img"
     image.write_bytes(bytes(1 << 20))
     added = await execute(control, "device-add", name="disk1", socket=str(tmp_path / "d.sock"),
-                          type="virtio-blk", image=str(image), direct=True)
-    assert (added["type"], added["image"], added["direct"]) == ("virtio-blk", str(image), True)
+                          type="virtio-blk", image=str(image), direct=True, queues=2)
+    assert (added["type"], added["image"], added["direct"], added["queues"]) == (
+        "virtio-blk", str(image), True, 2)
     assert await ids_of(tmp_path / "d.sock") == bytes.fromhex("f41a4210")  # 1af4:1042
     with pytest.raises(ServerError) as raised:
         await execute(control, "device-add", name="disk2", socket=str(tmp_path / "e.sock"),
@@ -649,6 +657,9 @@ async def test_device_add_a_disk_at_runtime(tmp_path: Path, nursery: trio.Nurser
     pytest.param(["--socket", "x.sock", "--device", "virtio-blk", "--image", "d.img",
                   "--serial", "é"], id="serial-not-ascii"),
     pytest.param(["--config", "d.toml", "--image", "d.img"], id="config-and-image"),
+    pytest.param(["--socket", "x.sock", "--device", "virtio-blk", "--image", "d.img",
+                  "--queues", "0"], id="no-queues"),
+    pytest.param(["--socket", "x.sock", "--queues", "2"], id="queues-without-blk"),
 ])
 def test_run_usage_errors(args: list[str], tmp_path: Path) -> None:
     result = run_cli("run", *args)

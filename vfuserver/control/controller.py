@@ -72,7 +72,7 @@ class ControlledDevice(Protocol):
 
 # --- arguments --------------------------------------------------------------------------------
 
-_TYPE_NAMES = {str: "string", bool: "boolean"}
+_TYPE_NAMES = {str: "string", bool: "boolean", int: "integer"}
 
 
 @dataclass(frozen=True)
@@ -388,7 +388,8 @@ COMMANDS: dict[str, Command] = {command.name: command for command in [
                            Param("profile", str, False), Param("mac", str, False),
                            Param("netdev", str, False), Param("type", str, False),
                            Param("image", str, False), Param("readonly", bool, False),
-                           Param("direct", bool, False), Param("serial", str, False)),
+                           Param("direct", bool, False), Param("serial", str, False),
+                           Param("queues", int, False)),
             Controller.device_add, "{name, socket, profile, ...} as in query-devices"),
     Command("device-del", (Param("name", str), Param("force", bool, False)),
             Controller.device_del, "{}"),
@@ -402,5 +403,5 @@ def _settings(spec: DeviceSpec) -> dict[str, JsonValue]:
     """What is behind a device, by type, as query-devices shows it."""
     if spec.type == VIRTIO_BLK:
         return {"image": spec.image, "readonly": spec.readonly, "direct": spec.direct,
-                "serial": spec.serial}
+                "serial": spec.serial, "queues": spec.queues}
     return {"mac": format_mac(spec.mac), "netdev": str(spec.netdev)}
