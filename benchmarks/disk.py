@@ -18,7 +18,13 @@ import statistics
 from pathlib import Path
 
 from benchmarks.common import JsonDict, Section, Settings, loadavg
-from benchmarks.guest import FORCE_LEGACY, GuestConfig, boot_rounds, guest_tools
+from benchmarks.guest import (
+    FORCE_LEGACY,
+    GuestConfig,
+    boot_rounds,
+    guest_tools,
+    reference_rows,
+)
 from tests.e2e.rig import (
     GuestRun,
     NetNamespace,
@@ -113,22 +119,14 @@ def run(settings: Settings, work: Path) -> Section:
                               f"median of {settings.guest_repeats} boots per row")
     results = {key: _aggregate(samples, failures.get(key, 0))
                for key, samples in boots.items() if samples}
-    for config in CONFIGS:
-        result = results.get(config.key)
-        if result is None:
-            continue
-        row: JsonDict = {"key": config.key, "label": config.label, "append": config.append,
-                         **result}
-        reference = results.get(config.reference) if config.reference else None
-        if reference is not None:
-            row["reference"] = config.reference
-            for key in METRICS:
-                ours, theirs = result[key], reference[key]
-                row[f"{key}_ratio"] = ours / theirs if ours > 0 and theirs > 0 else None
-        section.rows.append(row)
-    if not section.rows:
-        section.status = "failed"
+    reference_rows(section, CONFIGS, results, _ratios)
     return section
+
+
+def _ratios(result: JsonDict, reference: JsonDict) -> JsonDict:
+    """Rates, so ours / QEMU: higher is better."""
+    return {f"{key}_ratio": result[key] / reference[key]
+            if result[key] > 0 and reference[key] > 0 else None for key in METRICS}
 
 
 def _aggregate(samples: list[JsonDict], failed: int) -> JsonDict:

@@ -228,7 +228,28 @@ def run(settings: Settings, work: Path, configs: tuple[str, ...] | None = None) 
                               "interleaved")
     results = {key: {**_aggregate(samples), "failed_boots": failures.get(key, 0)}
                for key, samples in boots.items() if samples}
-    for config in CONFIGS:
+    reference_rows(section, CONFIGS, results, _ratios)
+    return section
+
+
+def _ratios(result: JsonDict, reference: JsonDict) -> JsonDict:
+    return {
+        "ping_ratio": _ratio(result["ping_seconds"], reference["ping_seconds"]),
+        "transfer_ratio": _ratio(reference["transfer_seconds"], result["transfer_seconds"]),
+        # best against best: what is left when the machine's noise is taken out
+        "ping_ratio_best": _ratio(result["ping_range"][0], reference["ping_range"][0]),
+        "transfer_ratio_best": _ratio(reference["transfer_range"][0],
+                                      result["transfer_range"][0]),
+    }
+
+
+def reference_rows(section: Section, configs: Sequence[GuestConfig],
+                   results: dict[str, JsonDict],
+                   ratios: Callable[[JsonDict, JsonDict], JsonDict]) -> None:
+    """One row per configuration that has results, in ``configs`` order; a row with a
+    reference configuration also gets ``ratios(its result, the reference's)``. A section
+    without rows has failed."""
+    for config in configs:
         result = results.get(config.key)
         if result is None:
             continue
@@ -237,18 +258,10 @@ def run(settings: Settings, work: Path, configs: tuple[str, ...] | None = None) 
         reference = results.get(config.reference) if config.reference else None
         if reference is not None:
             row["reference"] = config.reference
-            row["ping_ratio"] = _ratio(result["ping_seconds"], reference["ping_seconds"])
-            row["transfer_ratio"] = _ratio(reference["transfer_seconds"],
-                                           result["transfer_seconds"])
-            # best against best: what is left when the machine's noise is taken out
-            row["ping_ratio_best"] = _ratio(result["ping_range"][0],
-                                            reference["ping_range"][0])
-            row["transfer_ratio_best"] = _ratio(reference["transfer_range"][0],
-                                                result["transfer_range"][0])
+            row.update(ratios(result, reference))
         section.rows.append(row)
     if not section.rows:
         section.status = "failed"
-    return section
 
 
 def _aggregate(samples: list[JsonDict]) -> JsonDict:

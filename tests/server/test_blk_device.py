@@ -10,13 +10,14 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import trio
 
+from tests.server.conftest import GUEST_RAM_BYTES
 from vfuserver.client import Client
 from vfuserver.device import ServedBlkDevice, open_device
 from vfuserver.devices.virtio_pci import Layout
@@ -27,7 +28,7 @@ from vfuserver.protocol.virtio_blk import BlkFeature, RequestType, Status
 from vfuserver.protocol.virtio_pci import CommonCfgRegister as Reg
 from vfuserver.spec import DeviceSpec
 
-RAM_IOVA, RAM_SIZE = 0x100000, 4 << 20
+RAM_IOVA, RAM_SIZE = 0x100000, GUEST_RAM_BYTES
 QUEUE_SIZE = 64
 DESC, AVAIL, USED = 0x0, 0x1000, 0x2000  # offsets in RAM
 DATA = 0x10000
@@ -116,14 +117,6 @@ class BlkDriver:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{count} requests not used in 10 s")
             time.sleep(0.00005)
-
-
-@pytest.fixture
-def ram_fd() -> Iterator[int]:
-    fd = os.memfd_create("guest-ram")
-    os.ftruncate(fd, RAM_SIZE)
-    yield fd
-    os.close(fd)
 
 
 def session(socket: str, ram_fd: int, body: Callable[[BlkDriver], _T]) -> _T:
