@@ -46,6 +46,11 @@ SIZE_MAX = 64 * 1024
 """Largest segment offered (VIRTIO_BLK_F_SIZE_MAX); with seg_max it bounds a request."""
 MAX_DISCARD_SECTORS = 0x3F_FFFF
 """QEMU's default max-discard-sectors and max-write-zeroes-sectors (BDRV_REQUEST_MAX_SECTORS)."""
+MAX_IN_FLIGHT_BYTES = 64 << 20
+"""Data the backend may hold for one device at once (write data copied out, read buffers);
+beyond it the device stops taking requests off its queues until some complete, so a guest
+that fills every queue with the largest requests cannot make the server allocate without
+bound."""
 MAX_QUEUES = 64
 """Request queues a device may have (QEMU VIRTIO_QUEUE_MAX is larger; Linux uses at most
 one per vCPU)."""
@@ -132,6 +137,10 @@ class BlkStats:
     """Completions of requests submitted before a reset, dropped."""
     in_flight: int = 0
     """Requests the backend holds now."""
+    in_flight_bytes: int = 0
+    """Their data (see MAX_IN_FLIGHT_BYTES)."""
+    throttled: int = 0
+    """Times a queue was left with requests because MAX_IN_FLIGHT_BYTES was reached."""
 
 
 class VirtioBlk(VirtioDevice):
@@ -172,6 +181,9 @@ class VirtioBlk(VirtioDevice):
         """The write cache as the driver sees it (config ``writeback``)."""
         self.epoch = 0
         """Bumped by every reset: completions of older requests are dropped."""
+        self.max_in_flight_bytes = MAX_IN_FLIGHT_BYTES
+        self._throttled: set[int] = set()
+        """Queues left with available requests for lack of in-flight budget."""
         self.reset()
 
     # -- state ------------------------------------------------------------------------
@@ -183,7 +195,8 @@ class VirtioBlk(VirtioDevice):
 
     def _reset_device(self) -> None:
         self.epoch += 1
-        self.stats.in_flight = 0
+        self.stats.in_flight = self.stats.in_flight_bytes = 0
+        self._throttled.clear()
         self.writeback = True
 
     def _features_changed(self) -> None:
@@ -220,7 +233,16 @@ class VirtioBlk(VirtioDevice):
 
     def _handle_queue(self, queue: VirtQueue) -> None:
         answered = False
-        while (chain := queue.pop()) is not None:
+        while True:
+            if self.stats.in_flight_bytes >= self.max_in_flight_bytes:
+                if queue.available():
+                    # taken up again by complete(); the driver's kicks meanwhile are moot
+                    self._throttled.add(queue.index)
+                    self.stats.throttled += 1
+                break
+            chain = queue.pop()
+            if chain is None:
+                break
             if not chain.writable_len:
                 # QEMU: "virtio-blk missing headers"; there is no byte for a status
                 raise VirtQueueError(
@@ -366,6 +388,7 @@ class VirtioBlk(VirtioDevice):
             self._refuse(queue, chain, Status.IOERR, "backend refused it: %s", err)
             return
         self.stats.in_flight += 1
+        self.stats.in_flight_bytes += request.length if request.type in _DATA_TYPES else 0
 
     # -- completions ------------------------------------------------------------------
 
@@ -382,6 +405,8 @@ class VirtioBlk(VirtioDevice):
                 self.stats.stale_completions += 1
                 continue
             self.stats.in_flight -= 1
+            self.stats.in_flight_bytes -= (request.length if request.type in _DATA_TYPES
+                                           else 0)
             if self.broken:
                 continue
             queue = self.queues[request.queue]
@@ -417,4 +442,10 @@ class VirtioBlk(VirtioDevice):
                     self.queue_interrupt(queue)
             except GuestError as err:
                 self.needs_reset(str(err))
+        throttled, self._throttled = self._throttled, set()
+        for index in sorted(throttled):
+            self.notify(index)  # what waited for the budget (notify checks the state)
 
+
+_DATA_TYPES = frozenset({RequestType.IN, RequestType.OUT})
+"""Requests whose data the host holds while they run (counted in in_flight_bytes)."""

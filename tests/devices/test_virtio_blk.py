@@ -290,6 +290,19 @@ def test_reset_drops_completions_of_older_requests(rig: Rig) -> None:
     assert not rig.dev.broken
 
 
+def test_in_flight_data_is_bounded_and_the_rest_waits(rig: Rig) -> None:
+    rig.dev.max_in_flight_bytes = 8192
+    heads = [rig.submit(RequestType.IN, 8 * i, read=4096) for i in range(3)]
+    assert len(rig.backend.pending) == 2  # the third stays in the ring
+    assert rig.dev.stats.throttled == 1 and rig.queues[0].queue.available() == 1
+    rig.finish()  # the completions free the budget: the third goes to the backend
+    assert [u.head for u in rig.used()] == heads[:2]
+    assert len(rig.backend.pending) == 1
+    rig.finish()
+    assert [u.head for u in rig.used()] == heads[2:]
+    assert rig.dev.stats.in_flight_bytes == 0
+
+
 def test_legacy_queue_removed_while_a_request_is_on_the_disk(tmp_path: Path) -> None:
     rig = Rig(make_image(tmp_path), legacy=True)
     try:
