@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks import cbuild, guest, inprocess, region, report, scale, stress
+from benchmarks import cbuild, disk, guest, inprocess, region, report, scale, stress
 from benchmarks.common import (
     DEFAULT_SECTIONS,
     RESULTS_DIR,
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guest-repeats", type=int, help="boots per guest configuration")
     parser.add_argument("--ping-count", type=int, help="pings of the guest section")
     parser.add_argument("--transfer-mib", type=int, help="MiB the guest sends")
+    parser.add_argument("--disk-mib", type=int, help="MiB the disk section writes and reads")
+    parser.add_argument("--disk-reads", type=int, help="random 4 KiB reads of the disk section")
     parser.add_argument("--stress-boots", type=int, help="boots of the stress section")
     parser.add_argument("--stress-parallel", type=int, help="stress boots at a time")
     parser.add_argument("--stress-hogs", type=int, help="CPU hogs during the stress section")
@@ -119,6 +121,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "stress_hogs": args.stress_hogs, "stress_mib": args.stress_mib,
         "stress_watch": args.stress_watch, "stress_smp": args.stress_smp,
         "stress_qemu_server": args.stress_qemu_server,
+        "disk_mib": args.disk_mib, "disk_reads": args.disk_reads,
     }
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items()
                                             if v is not None})
@@ -150,6 +153,8 @@ def run_sections(names: Sequence[str], settings: Settings, work: Path,
                 section = inprocess.run(settings, work)
             elif name == "stress":
                 section = stress.run(settings, work)
+            elif name == "disk":
+                section = disk.run(settings, work)
             else:
                 section = guest.run(settings, work, guest_configs)
         except Exception:

@@ -19,8 +19,8 @@ from tests.e2e.rig import LoggedProcess
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SECTIONS = ("region", "inprocess", "guest", "scale", "stress")
-DEFAULT_SECTIONS = ("region", "inprocess", "guest", "scale")
+SECTIONS = ("region", "inprocess", "guest", "disk", "scale", "stress")
+DEFAULT_SECTIONS = ("region", "inprocess", "guest", "disk", "scale")
 """What a run without --only does: the stress section is long and asked for by name."""
 
 JsonDict = dict[str, Any]
@@ -51,6 +51,10 @@ class Settings:
     """Seconds the guest's ping and transfer may take each (a stalled device fails fast)."""
     guest_repeats: int = 3
     """Boots per guest configuration (rounds over all configurations; the median counts)."""
+    disk_mib: int = 64
+    """MiB the disk section writes and reads sequentially."""
+    disk_reads: int = 200
+    """Random 4 KiB reads of the disk section (one dd process each)."""
     stress_boots: int = 60
     """Loaded boots of the stress section (the configurations take turns)."""
     stress_parallel: int = 2
@@ -71,7 +75,8 @@ class Settings:
     def smoke_settings(cls) -> Settings:
         return cls(smoke=True, seconds=0.15, repeats=1, inprocess_iterations=500,
                    scale_counts=(1, 8), ping_count=50, transfer_mib=1, guest_timeout=90.0,
-                   step_timeout=30, guest_repeats=1, stress_boots=2, stress_mib=8)
+                   step_timeout=30, guest_repeats=1, stress_boots=2, stress_mib=8,
+                   disk_mib=4, disk_reads=10)
 
     @property
     def cpus(self) -> tuple[int | None, int | None]:

@@ -15,6 +15,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,41 +161,66 @@ def _boot(settings: Settings, tools: Tools, ns: NetNamespace, config: GuestConfi
             server.stop()
 
 
-def run(settings: Settings, work: Path, configs: tuple[str, ...] | None = None) -> Section:
-    section = Section("guest")
+def guest_tools(section: Section) -> Tools | None:
+    """QEMU and the test guest, or None with the section marked skipped (and why)."""
     reason = unusable_machine_reason()
     if reason is not None:
         section.skip(reason)
-        print(f"benchmarks: guest section skipped: {reason}", file=sys.stderr)
-        return section
+        print(f"benchmarks: {section.name} section skipped: {reason}", file=sys.stderr)
+        return None
     try:
-        tools = Tools.prepare()
+        return Tools.prepare()
     except (RigError, OSError) as exc:
         section.skip(f"QEMU or the test guest is unavailable: {exc}")
-        return section
-    section.extra["qemu_path"] = str(tools.qemu)
-    wanted = configs or (SMOKE_CONFIGS if settings.smoke else tuple(c.key for c in CONFIGS))
+        return None
+
+
+Boot = Callable[[NetNamespace, GuestConfig, Path, int], JsonDict]
+"""One boot of a configuration: (namespace, config, sockets folder, round) -> numbers."""
+
+
+def boot_rounds(settings: Settings, section: Section, wanted: Sequence[str], boot: Boot, *,
+                configs: Sequence[GuestConfig] = CONFIGS, tap: bool = True,
+                ) -> tuple[dict[str, list[JsonDict]], dict[str, int]]:
+    """``settings.guest_repeats`` rounds over the wanted ``configs``, interleaved, in one
+    namespace (with the tap if ``tap``); the numbers of each configuration's boots and how
+    many failed (their errors are the section's notes)."""
     boots: dict[str, list[JsonDict]] = {}
     failures: dict[str, int] = {}
     sockets_dir = Path(tempfile.mkdtemp(prefix="vfub-"))  # short paths: sun_path is 108 bytes
     ns = NetNamespace(NamespaceNames().next())
     try:
         ns.create()
-        ns.add_tap(TAP)
+        if tap:
+            ns.add_tap(TAP)
         for round_number in range(settings.guest_repeats):
-            for config in CONFIGS:
+            for config in configs:
                 if config.key not in wanted:
                     continue
                 try:
                     boots.setdefault(config.key, []).append(
-                        _boot(settings, tools, ns, config, work, sockets_dir, round_number))
-                except (RigError, OSError, AssertionError) as exc:
+                        boot(ns, config, sockets_dir, round_number))
+                except (RigError, OSError, AssertionError, KeyError) as exc:
                     section.notes.append(f"{config.key} boot {round_number + 1} failed: {exc}")
                     section.status = "partial"
                     failures[config.key] = failures.get(config.key, 0) + 1
     finally:
         ns.delete()
         shutil.rmtree(sockets_dir, ignore_errors=True)
+    return boots, failures
+
+
+def run(settings: Settings, work: Path, configs: tuple[str, ...] | None = None) -> Section:
+    section = Section("guest")
+    tools = guest_tools(section)
+    if tools is None:
+        return section
+    section.extra["qemu_path"] = str(tools.qemu)
+    wanted = configs or (SMOKE_CONFIGS if settings.smoke else tuple(c.key for c in CONFIGS))
+    boots, failures = boot_rounds(
+        settings, section, wanted,
+        lambda ns, config, sockets, number: _boot(settings, tools, ns, config, work, sockets,
+                                                  number))
 
     kernel = next((b[0]["guest_kernel"] for b in boots.values() if b), None)
     section.extra["setup"] = (f"QEMU TCG, 1 vCPU, 512 MiB, guest Linux {kernel}; not pinned; "
@@ -202,7 +228,28 @@ def run(settings: Settings, work: Path, configs: tuple[str, ...] | None = None) 
                               "interleaved")
     results = {key: {**_aggregate(samples), "failed_boots": failures.get(key, 0)}
                for key, samples in boots.items() if samples}
-    for config in CONFIGS:
+    reference_rows(section, CONFIGS, results, _ratios)
+    return section
+
+
+def _ratios(result: JsonDict, reference: JsonDict) -> JsonDict:
+    return {
+        "ping_ratio": _ratio(result["ping_seconds"], reference["ping_seconds"]),
+        "transfer_ratio": _ratio(reference["transfer_seconds"], result["transfer_seconds"]),
+        # best against best: what is left when the machine's noise is taken out
+        "ping_ratio_best": _ratio(result["ping_range"][0], reference["ping_range"][0]),
+        "transfer_ratio_best": _ratio(reference["transfer_range"][0],
+                                      result["transfer_range"][0]),
+    }
+
+
+def reference_rows(section: Section, configs: Sequence[GuestConfig],
+                   results: dict[str, JsonDict],
+                   ratios: Callable[[JsonDict, JsonDict], JsonDict]) -> None:
+    """One row per configuration that has results, in ``configs`` order; a row with a
+    reference configuration also gets ``ratios(its result, the reference's)``. A section
+    without rows has failed."""
+    for config in configs:
         result = results.get(config.key)
         if result is None:
             continue
@@ -211,18 +258,10 @@ def run(settings: Settings, work: Path, configs: tuple[str, ...] | None = None) 
         reference = results.get(config.reference) if config.reference else None
         if reference is not None:
             row["reference"] = config.reference
-            row["ping_ratio"] = _ratio(result["ping_seconds"], reference["ping_seconds"])
-            row["transfer_ratio"] = _ratio(reference["transfer_seconds"],
-                                           result["transfer_seconds"])
-            # best against best: what is left when the machine's noise is taken out
-            row["ping_ratio_best"] = _ratio(result["ping_range"][0],
-                                            reference["ping_range"][0])
-            row["transfer_ratio_best"] = _ratio(reference["transfer_range"][0],
-                                                result["transfer_range"][0])
+            row.update(ratios(result, reference))
         section.rows.append(row)
     if not section.rows:
         section.status = "failed"
-    return section
 
 
 def _aggregate(samples: list[JsonDict]) -> JsonDict:

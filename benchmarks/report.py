@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from benchmarks import guest, inprocess, region, scale, stress
+from benchmarks import disk, guest, inprocess, region, scale, stress
 from benchmarks.common import JsonDict, Section
 
 MARKDOWN: Mapping[str, Callable[[Section], list[str]]] = {
     "region": region.markdown,
     "inprocess": inprocess.markdown,
     "guest": guest.markdown,
+    "disk": disk.markdown,
     "scale": scale.markdown,
     "stress": stress.markdown,
 }
@@ -18,6 +19,7 @@ TITLES = {
     "region": "Region accesses (legacy translation path)",
     "inprocess": "In-process cost of the translation",
     "guest": "Guest-visible (data path)",
+    "disk": "Disk (virtio-blk)",
     "scale": "Scale",
     "stress": "Stress: loaded boots, queue failures",
 }

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from benchmarks import cbuild
 from benchmarks.common import JsonDict, Section, Settings, loadavg
-from benchmarks.guest import FORCE_LEGACY
+from benchmarks.guest import FORCE_LEGACY, guest_tools
 from tests.e2e.rig import (
     BROKEN_QUEUE,
     HOST_ADDRESS,
@@ -42,7 +42,6 @@ from tests.e2e.rig import (
     VfuServer,
     boot_guest,
     find_vfuserver,
-    unusable_machine_reason,
 )
 from tests.e2e.traffic import BRING_UP
 from vfuserver.device import RING_JOURNAL_ENV
@@ -232,14 +231,8 @@ def _boot(settings: Settings, tools: Tools, config: StressConfig, number: int,
 
 def run(settings: Settings, work: Path) -> Section:
     section = Section("stress")
-    reason = unusable_machine_reason()
-    if reason is not None:
-        section.skip(reason)
-        return section
-    try:
-        tools = Tools.prepare()
-    except (RigError, OSError) as exc:
-        section.skip(f"QEMU or the test guest is unavailable: {exc}")
+    tools = guest_tools(section)
+    if tools is None:
         return section
     sockets_dir = Path(os.path.realpath(work)) / "s"
     sockets_dir.mkdir(exist_ok=True)

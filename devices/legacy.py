@@ -44,9 +44,6 @@ _BAD_FEATURE = 1 << legacy.BAD_FEATURE
 _FEATURES_OK = int(DeviceStatus.FEATURES_OK)
 _ACKNOWLEDGE_DRIVER = int(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
 _MASTER = int(pcifmt.Command.MASTER)
-LEGACY_DEVICE_CONFIG_BYTES = 8
-"""What the legacy BAR exposes of virtio-net's config: offsetofend(virtio_net_config,
-status), as Linux's virtio-vfio-pci sizes it."""
 
 
 class LegacyInterface:

@@ -3,12 +3,14 @@
 Chosen once, when a device is built with the transitional profile, this component wraps
 the modern function (drivers/vfio/pci/virtio/legacy_io.c, its probe-time ops table):
 
-* config space: device ID 0x1000, revision 0, subsystem 1af4:0001 and an emulated IO
+* config space: the transitional device ID of the device's type (0x1000 for net, 0x1001
+  for block), revision 0, subsystem 1af4:<type> and an emulated IO
   BAR0 are laid over the modern function's config space byte-wise (partial and unaligned
   reads come out right); the PCI_COMMAND IO bit and BAR0 live in one :class:`LegacyIoShadow`
   that the config overlay writes and BAR0 reads, cleared on reset
   (``virtiovf_pci_read_config/write_config``, ``virtiovf_legacy_io_reset_done``);
-* BAR0, an IO region of the smallest power of two >= 24 + 8 bytes: IO decode off -> EIO,
+* BAR0, an IO region of the smallest power of two >= 24 + the device's legacy config
+  size (8 bytes for net, as the kernel sizes it): IO decode off -> EIO,
   beyond the BAR -> EINVAL, offset 16 with 2 bytes -> a queue notify on the fast path (a
   write to the member's notify address from LEGACY_NOTIFY_INFO, no admin command), every
   other access -> exactly one virtio admin command executed by the group owner
@@ -32,7 +34,7 @@ from typing import NamedTuple
 
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.errors import GuestError, HostError
-from vfuserver.devices.legacy import LEGACY_DEVICE_CONFIG_BYTES, LegacyInterface
+from vfuserver.devices.legacy import LegacyInterface
 from vfuserver.devices.pci import (
     Bar,
     BarKind,
@@ -53,10 +55,8 @@ from vfuserver.protocol import virtio_admin as admin
 from vfuserver.protocol import virtio_legacy as legacy
 from vfuserver.protocol import virtio_pci as vpci
 from vfuserver.protocol.fields import name_or_number
-from vfuserver.protocol.virtio import DeviceType
 
 TRANSITIONAL_REVISION = legacy.ABI_VERSION  # "Transitional needs to have revision 0"
-BAR0_SIZE = legacy.bar0_size(LEGACY_DEVICE_CONFIG_BYTES)
 NOTIFY_OFFSET = legacy.Register.QUEUE_NOTIFY
 LEGACY_OPCODES = frozenset(admin.LEGACY_OPCODES)
 
@@ -74,13 +74,19 @@ _COMMON_WRITE = admin.Opcode.LEGACY_COMMON_CFG_WRITE
 _DEVICE_READ = admin.Opcode.LEGACY_DEV_CFG_READ
 _DEVICE_WRITE = admin.Opcode.LEGACY_DEV_CFG_WRITE
 _REGISTER_NAMES = {int(reg): reg.name for reg in legacy.Register}
-_IDENTITY: dict[int, bytes] = {
-    pcifmt.Offset.DEVICE_ID: vpci.TransitionalDeviceId.NET.to_bytes(2, "little"),
-    pcifmt.Offset.REVISION_ID: bytes([TRANSITIONAL_REVISION]),
-    pcifmt.Offset.SUBSYSTEM_VENDOR_ID: vpci.VENDOR_ID.to_bytes(2, "little"),
-    pcifmt.Offset.SUBSYSTEM_ID: DeviceType.NET.to_bytes(2, "little"),
-}
-"""The constant part of the overlay: a transitional virtio-net's identity (§4.1.2.3)."""
+
+
+def transitional_identity(device_type: int) -> dict[int, bytes]:
+    """The constant part of the overlay: a transitional device's identity (§4.1.2.3),
+    the device id from QEMU's virtio_pci_id_info, the type as subsystem id (legacy
+    drivers match on it). ValueError for a type without a transitional id."""
+    return {
+        pcifmt.Offset.DEVICE_ID: vpci.pci_id_info(device_type).transitional_device_id
+        .to_bytes(2, "little"),
+        pcifmt.Offset.REVISION_ID: bytes([TRANSITIONAL_REVISION]),
+        pcifmt.Offset.SUBSYSTEM_VENDOR_ID: vpci.VENDOR_ID.to_bytes(2, "little"),
+        pcifmt.Offset.SUBSYSTEM_ID: device_type.to_bytes(2, "little"),
+    }
 
 
 @dataclass
@@ -164,16 +170,18 @@ class TransitionalConfig:
     """Config space: the modern function's, with the identity and the shadow laid over
     reads; writes are shadowed, then passed through (as vfio_pci_core_write)."""
 
-    def __init__(self, modern: Region, config: ConfigSpace, shadow: LegacyIoShadow) -> None:
+    def __init__(self, modern: Region, config: ConfigSpace, shadow: LegacyIoShadow,
+                 identity: dict[int, bytes]) -> None:
         self.modern = modern
         self.config = config
         self.shadow = shadow
+        self.identity = identity
 
     def read(self, offset: int, size: int) -> bytes:
         data = bytearray(self.modern.read(offset, size))
         shadow = self.shadow
         overlay: dict[int, bytes] = {
-            **_IDENTITY,
+            **self.identity,
             _COMMAND: shadow.command(self.config.command).to_bytes(2, "little"),
             _BAR0: shadow.bar0().to_bytes(4, "little"),
         }
@@ -231,7 +239,7 @@ class LegacyBar0:
         self.notify_region, self.notify_offset = notify
         self.msix_enabled = msix_enabled
         self._routes = {
-            msix: tuple(_route(offset, msix, member_id) for offset in range(BAR0_SIZE))
+            msix: tuple(_route(offset, msix, member_id) for offset in range(shadow.bar0_size))
             for msix in (False, True)
         }
 
@@ -308,13 +316,16 @@ class TransitionalFunction:
         self.intx = modern.intx
         self.owner = owner
         self.stats = LegacyStats()
-        self.shadow = LegacyIoShadow(BAR0_SIZE)
+        self.bar0_size = legacy.bar0_size(modern.device.legacy_config_size)
+        identity = transitional_identity(modern.device.device_id)
+        self.shadow = LegacyIoShadow(self.bar0_size)
         self.member = LegacyInterface(modern.transport, notify_bar=4,
                                       notify_offset=Layout.NOTIFY, ignored=self.stats.ignored)
         self.member_id = owner.add_member(self.member)
         self._enable_legacy_commands()
         notify = self._notify_location()
-        self._config = TransitionalConfig(modern.config_region(), modern.config, self.shadow)
+        self._config = TransitionalConfig(modern.config_region(), modern.config, self.shadow,
+                                          identity)
         self.bar0 = LegacyBar0(self.shadow, owner, self.member_id, self.stats, notify,
                                modern.transport.msix_enabled)
 
@@ -356,7 +367,7 @@ class TransitionalFunction:
     # -- PciFunction --------------------------------------------------------------------
 
     def bars(self) -> list[Bar]:
-        return [Bar(0, BAR0_SIZE, BarKind.IO, self.bar0), *self.modern.bars()]
+        return [Bar(0, self.bar0_size, BarKind.IO, self.bar0), *self.modern.bars()]
 
     def config_region(self) -> Region:
         return self._config

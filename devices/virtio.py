@@ -283,6 +283,12 @@ class VirtioDevice:
         """Bytes of device-specific configuration."""
         return len(self._config_bytes())
 
+    @property
+    def legacy_config_size(self) -> int:
+        """Bytes of it a legacy IO BAR exposes after the 20/24-byte common header (the
+        BAR's size follows); by default all of them (QEMU's config_len)."""
+        return self.config_size
+
     def _check_config_range(self, offset: int, size: int, what: str) -> None:
         limit = self.config_size
         if offset < 0 or size <= 0 or offset + size > limit:

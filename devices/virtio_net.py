@@ -265,6 +265,12 @@ class VirtioNet(VirtioDevice):
     def _config_bytes(self) -> bytes:
         return net.CONFIG_HEAD_STRUCT.pack(self.mac, self.net_status, 1, self.mtu)
 
+    @property
+    def legacy_config_size(self) -> int:
+        """offsetofend(virtio_net_config, status), as Linux's virtio-vfio-pci sizes the
+        legacy BAR for the net functions it serves."""
+        return net.CONFIG_SIZE_LEGACY
+
     def _write_config(self, offset: int, data: bytes) -> None:
         # Only the legacy interface lets the driver write the MAC, and only while
         # CTRL_MAC_ADDR is not negotiated (QEMU virtio_net_set_config).

@@ -1,6 +1,6 @@
 """The virtio PCI transport (virtio 1.x §4.1): maps BARs and capabilities onto a device.
 
-The layout follows QEMU's modern virtio-net-pci: BAR1 holds the MSI-X table and PBA,
+The layout follows QEMU's modern virtio-*-pci: BAR1 holds the MSI-X table and PBA,
 BAR4 is a 64-bit prefetchable memory BAR with the common configuration at 0x0000, the ISR
 at 0x1000, the device configuration at 0x2000 and the notify area at 0x3000
 (``notify_off_multiplier`` 4, queue ``n`` notifies at 0x3000 + 4n). The virtio device
@@ -335,13 +335,18 @@ class VirtioPciFunction:
     """A virtio device behind the modern virtio PCI transport: the PCI function to serve.
 
     Identity as the spec asks of a modern-only device (§4.1.2.1): vendor 0x1af4, device
-    0x1040 + type, revision 1, subsystem 0x1af4:0x1100 (QEMU's choice, >= 0x40).
+    0x1040 + type, revision 1, subsystem 0x1af4:0x1100 (QEMU's choice, >= 0x40), and the
+    class code of the device's type (:data:`~vfuserver.protocol.virtio_pci.PCI_ID_INFO`)
+    unless ``class_code`` says otherwise. ``msix_vectors`` should cover the queues plus
+    the configuration vector (Linux falls back to shared vectors otherwise).
     """
 
     SUBSYSTEM_ID = 0x1100
 
-    def __init__(self, device: VirtioDevice, *, name: str, class_code: int,
+    def __init__(self, device: VirtioDevice, *, name: str, class_code: int | None = None,
                  msix_vectors: int = 4) -> None:
+        if class_code is None:
+            class_code = vpci.pci_id_info(device.device_id).class_code
         self.name = name
         self.device = device
         self.msix_vectors = msix_vectors

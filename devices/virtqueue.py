@@ -22,7 +22,8 @@ in one map (one store per field, see devices/memory.py).
 
 The memory views a :class:`DescriptorChain` holds are valid only until control returns to
 the server loop (see :meth:`GuestMemory.view`): a chain is popped, processed and pushed
-within one call and never kept.
+within one call, or (a request that waits for the host) its views are released and
+mapped again, checked, when it completes.
 """
 
 from __future__ import annotations
@@ -90,6 +91,19 @@ class DescriptorChain:
             f"<DescriptorChain head={self.head} readable={self.readable_len}B "
             f"writable={self.writable_len}B>"
         )
+
+    def release_views(self) -> None:
+        """Drop the memory views: a chain kept while its request waits for the host (a
+        block read) must not pin guest memory the client may unmap meanwhile."""
+        self._rviews = []
+        self._wviews = []
+
+    def map_views(self, memory: GuestMemory) -> None:
+        """Resolve the buffers' views again after :meth:`release_views`, when the request
+        completes; GuestMemoryError if a buffer is no longer mapped (or not writable)."""
+        self._rviews = [memory.view(addr, length) for addr, length in self.readable]
+        self._wviews = [memory.view(addr, length, writable=True)
+                        for addr, length in self.writable]
 
     def read(self) -> bytes:
         """All device-readable bytes, gathered into one bytes object (one copy)."""

@@ -93,6 +93,8 @@ BAR_MEM_MASK = ~0xF & 0xFFFFFFFF
 class ClassCode(enum.IntEnum):
     """Base/sub class pairs used here, as the 16-bit PCI_CLASS_DEVICE value."""
 
+    STORAGE_SCSI = 0x0100
+    """What QEMU gives virtio-blk and virtio-scsi (PCI_CLASS_STORAGE_SCSI)."""
     NETWORK_ETHERNET = 0x0200
 
 

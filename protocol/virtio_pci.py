@@ -15,11 +15,13 @@ length 0). The device side chooses its own layout; this module only describes th
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
 
 from vfuserver.protocol.fields import IntEnumAdapter
-from vfuserver.protocol.pci import CapabilityId
+from vfuserver.protocol.pci import CapabilityId, ClassCode
+from vfuserver.protocol.virtio import DeviceType
 
 # --------------------------------------------------------------------------------------
 # Identity (§4.1.2 PCI Device Discovery; virtio_ids.h)
@@ -56,6 +58,31 @@ def modern_device_id(device_type: int) -> int:
     if not 0 <= device_type <= 0xFFFF - MODERN_DEVICE_ID_BASE:
         raise ValueError(f"virtio device type {device_type} out of range")
     return MODERN_DEVICE_ID_BASE + device_type
+
+
+class PciIdInfo(NamedTuple):
+    """What a PCI transport presents for one virtio device type besides 0x1040 + type."""
+
+    transitional_device_id: TransitionalDeviceId
+    """The device id of the transitional presentation; its subsystem id is the type."""
+    class_code: ClassCode
+
+
+PCI_ID_INFO: dict[DeviceType, PciIdInfo] = {
+    DeviceType.NET: PciIdInfo(TransitionalDeviceId.NET, ClassCode.NETWORK_ETHERNET),
+    DeviceType.BLOCK: PciIdInfo(TransitionalDeviceId.BLOCK, ClassCode.STORAGE_SCSI),
+}
+"""By virtio device type, the device types this project serves: QEMU's
+virtio_pci_id_info[] (hw/virtio/virtio-pci.c), whose class codes Linux and firmware match
+on (SeaBIOS probes virtio-blk by id, the guest's lspci names the class)."""
+
+
+def pci_id_info(device_type: int) -> PciIdInfo:
+    """:data:`PCI_ID_INFO` of ``device_type``; ValueError for a type without an entry."""
+    try:
+        return PCI_ID_INFO[DeviceType(device_type)]
+    except (KeyError, ValueError):
+        raise ValueError(f"no PCI identity for virtio device type {device_type}") from None
 
 
 # --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 from tests.e2e.rig import unusable_machine_reason
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("region", "inprocess", "guest", "scale")
+SECTIONS = ("region", "inprocess", "guest", "disk", "scale")
 
 pytestmark = [
     pytest.mark.e2e,  # the guest section boots a real guest under QEMU
@@ -54,7 +54,7 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
     skip_guest = unusable_machine_reason()
     for name in SECTIONS:
         section = results["sections"][name]
-        if name == "guest" and skip_guest is not None:
+        if name in ("guest", "disk") and skip_guest is not None:
             assert section["status"] == "skipped"
             assert any(skip_guest in note for note in section["notes"])
             continue

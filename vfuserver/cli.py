@@ -15,17 +15,36 @@ from vfuserver.config import ConfigError, ServerConfig, load_config
 from vfuserver.control.client import ControlUnreachable, ServerError, execute
 from vfuserver.control.qmp import JsonValue
 from vfuserver.netdev import NETDEV_HELP, NetdevSyntaxError, NoneSpec, parse_netdev
-from vfuserver.spec import PROFILES, DeviceSpec, SpecError, default_mac, parse_mac
+from vfuserver.spec import (
+    DEVICE_TYPES,
+    PROFILES,
+    VIRTIO_BLK,
+    VIRTIO_NET,
+    DeviceSpec,
+    SpecError,
+    check_serial,
+    default_mac,
+    parse_mac,
+    parse_queues,
+)
 
 log = logging.getLogger("vfuserver")
 _T = TypeVar("_T")
 
 RUN_EPILOG = f"""\
+device types (--device):
+  virtio-net    a network function on --netdev (default)
+  virtio-blk    a disk on --image, a raw image (a regular file or a block device):
+                --readonly, --direct (O_DIRECT), --serial (the guest's serial, at most 20),
+                --queues N (request queues, default 1)
+
 profiles:
-  modern        the device as it is: virtio-net 1af4:1041, revision 1 (default)
+  modern        the device as it is: virtio-net 1af4:1041, virtio-blk 1af4:1042,
+                revision 1 (default)
   transitional  also presents the legacy virtio interface, as Linux's virtio-vfio-pci does
-                for hardware VFs: device ID 0x1000, revision 0, subsystem 1af4:0001 and an
-                IO BAR0 whose accesses are translated into virtio admin commands
+                for hardware VFs: device ID 0x1000 (net) or 0x1001 (blk), revision 0,
+                subsystem 1af4:0001 (net) or 1af4:0002 (blk) and an IO BAR0 whose accesses
+                are translated into virtio admin commands
 
 network backends (--netdev, QEMU's -netdev syntax):
 {NETDEV_HELP}
@@ -44,6 +63,12 @@ relative to the file's directory):
   profile = "modern"                        # default modern
   mac = "52:54:00:12:34:56"                 # default 52:54:00 + 3 bytes derived from name
   netdev = "tap,ifname=tap0"                # --netdev syntax, default none
+  [[device]]
+  name = "disk0"
+  socket = "/run/vfuserver/disk0.sock"
+  type = "virtio-blk"                       # default virtio-net
+  image = "/var/lib/vfuserver/disk0.img"    # required for virtio-blk
+  readonly = false                          # also: direct = true (O_DIRECT), serial = "..."
 A device that cannot be served is logged with its name and the reason; the others go on.
 With $NOTIFY_SOCKET set (systemd Type=notify), READY=1 is sent once every socket exists.
 """
@@ -64,13 +89,42 @@ def _argument_type(parse: Callable[[str], _T]) -> Callable[[str], _T]:
 
 # --- run --------------------------------------------------------------------------------------
 
-_SOCKET_ONLY = ("name", "profile", "mac", "netdev")
+_SOCKET_ONLY = ("name", "profile", "mac", "netdev", "device", "image", "serial", "queues")
+_SOCKET_ONLY_FLAGS = ("readonly", "direct")
+
+
+def _socket_device(args: argparse.Namespace) -> DeviceSpec:
+    """The one device ``run --socket`` describes; usage errors name the flag."""
+    parser: argparse.ArgumentParser = args.parser
+    device_type = args.device or VIRTIO_NET
+    if device_type == VIRTIO_BLK:
+        if args.image is None:
+            parser.error("--device virtio-blk needs --image PATH (a raw disk image)")
+        given = [f"--{key}" for key in ("mac", "netdev") if getattr(args, key) is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: virtio-net options, not virtio-blk ones")
+        return DeviceSpec(name=args.name or "disk0", socket=args.socket, type=device_type,
+                          profile=args.profile or "modern", image=args.image,
+                          readonly=args.readonly, direct=args.direct, serial=args.serial or "",
+                          queues=args.queues or 1)
+    given = [f"--{key}" for key in ("image", "serial", "queues")
+             if getattr(args, key) is not None]
+    given += [f"--{key}" for key in ("readonly", "direct") if getattr(args, key)]
+    if given:
+        parser.error(f"{', '.join(given)}: virtio-blk options; add --device virtio-blk")
+    # As a [[device]] table, the default MAC is derived from the name; without --name
+    # every such device is net0, so from the socket path, which two servers cannot share.
+    mac = args.mac or default_mac(args.name or os.path.abspath(args.socket))
+    return DeviceSpec(name=args.name or "net0", socket=args.socket,
+                      profile=args.profile or "modern", mac=mac,
+                      netdev=args.netdev if args.netdev is not None else NoneSpec())
 
 
 def _run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
     if args.config is not None:
         given = [f"--{key}" for key in _SOCKET_ONLY if getattr(args, key) is not None]
+        given += [f"--{key}" for key in _SOCKET_ONLY_FLAGS if getattr(args, key)]
         if given:
             parser.error(f"{', '.join(given)} describe the --socket device; with --config, "
                          "put them in the config file's [[device]] table")
@@ -82,13 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if args.persist:
             parser.error("--persist writes changes back to a config file: it needs --config")
-        # As a [[device]] table, the default MAC is derived from the name; without --name
-        # every such device is net0, so from the socket path, which two servers cannot share.
-        mac = args.mac or default_mac(args.name or os.path.abspath(args.socket))
-        spec = DeviceSpec(name=args.name or "net0", socket=args.socket,
-                          profile=args.profile or "modern", mac=mac,
-                          netdev=args.netdev if args.netdev is not None else NoneSpec())
-        config = ServerConfig(devices=[spec])
+        config = ServerConfig(devices=[_socket_device(args)])
     if args.control is not None:
         config.control = os.path.abspath(args.control)
     # The serving stack (trio, the C extension) is loaded here, for `run` alone: the client
@@ -218,9 +266,18 @@ def _stats(args: argparse.Namespace) -> Request:
 
 def _device_add(args: argparse.Namespace) -> Request:
     arguments: dict[str, JsonValue] = {"name": args.name, "socket": os.path.abspath(args.socket)}
-    for key in ("profile", "mac", "netdev"):
+    for key in ("profile", "mac", "netdev", "serial"):
         if getattr(args, key) is not None:
             arguments[key] = getattr(args, key)
+    if args.device is not None:
+        arguments["type"] = args.device
+    if args.queues is not None:
+        arguments["queues"] = args.queues
+    if args.image is not None:
+        arguments["image"] = os.path.abspath(args.image)
+    for key in ("readonly", "direct"):
+        if getattr(args, key):
+            arguments[key] = True
     return "device-add", arguments
 
 
@@ -233,7 +290,8 @@ def _device_remove(args: argparse.Namespace) -> Request:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfuserver",
-        description="vfio-user device server presenting virtio-net functions to QEMU.")
+        description="vfio-user device server presenting virtio-net and virtio-blk functions "
+                    "to QEMU.")
     levels = ["debug", "info", "warning", "error"]
     parser.add_argument("--log-level", default="info", choices=levels,
                         help="log verbosity (default: info)")
@@ -248,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="UNIX socket to listen on (created 0600, removed on exit)")
     what.add_argument("--config", metavar="FILE",
                       help="serve every device a TOML file defines (see CONFIG below)")
-    run.add_argument("--name", help="device name used in logs (default net0)")
+    run.add_argument("--name", help="device name used in logs (default net0, disk0)")
+    run.add_argument("--device", choices=DEVICE_TYPES,
+                     help="device type (default: virtio-net)")
     run.add_argument("--profile", choices=PROFILES,
                      help="how the device presents itself to the guest (default: modern)")
     run.add_argument("--mac", type=_argument_type(parse_mac),
@@ -256,6 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "or without --name from the socket's absolute path)")
     run.add_argument("--netdev", type=_argument_type(parse_netdev), metavar="SPEC",
                      help="network backend, e.g. tap,ifname=tap0 (default: none)")
+    run.add_argument("--image", metavar="PATH",
+                     help="virtio-blk: the raw disk image, a regular file or a block device")
+    run.add_argument("--readonly", action="store_true",
+                     help="virtio-blk: open the image read-only; the guest sees a "
+                          "read-only disk")
+    run.add_argument("--direct", action="store_true",
+                     help="virtio-blk: O_DIRECT (bypass the host page cache)")
+    run.add_argument("--serial", type=_argument_type(check_serial), metavar="ID",
+                     help="virtio-blk: the disk's serial (at most 20 characters)")
+    run.add_argument("--queues", type=_argument_type(parse_queues), metavar="N",
+                     help="virtio-blk: request queues, 1..64 (default 1)")
     run.add_argument("--control", metavar="PATH",
                      help="QMP control socket (created 0600) for 'vfuserver "
                           "profile/status/device' or qmp-shell (default: [server] control of "
@@ -311,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--profile", choices=PROFILES, help="default: modern")
     add.add_argument("--mac", help="default: 52:54:00 and 3 bytes derived from NAME")
     add.add_argument("--netdev", metavar="SPEC", help="network backend (default: none)")
+    add.add_argument("--device", choices=DEVICE_TYPES, help="default: virtio-net")
+    add.add_argument("--image", metavar="PATH", help="virtio-blk: the raw disk image")
+    add.add_argument("--readonly", action="store_true", help="virtio-blk: read-only")
+    add.add_argument("--direct", action="store_true", help="virtio-blk: O_DIRECT")
+    add.add_argument("--serial", metavar="ID", help="virtio-blk: the disk's serial")
+    add.add_argument("--queues", type=int, metavar="N", help="virtio-blk: request queues")
     remove = leaf(device_sub, "remove", "stop a device and drop its definition",
                   _device_remove, _no_lines)
     remove.add_argument("name", metavar="NAME")

@@ -12,6 +12,16 @@
     mac = "52:54:00:12:34:56"                 # default: 52:54:00 + 3 bytes derived from name
     netdev = "tap,ifname=tap0"                # --netdev syntax (default: none)
 
+    [[device]]
+    name = "disk0"
+    socket = "/run/vfuserver/disk0.sock"
+    type = "virtio-blk"                       # default: virtio-net
+    image = "/var/lib/vfuserver/disk0.img"    # required: raw image, file or block device
+    readonly = false                          # default false
+    direct = false                            # O_DIRECT (default false)
+    serial = "disk0"                          # GET_ID answer, at most 20 (default: empty)
+    queues = 2                                # request queues, 1..64 (default 1)
+
 Relative paths (``control``, ``socket``) are taken relative to the file's directory, as
 an operator reading the file would expect whatever the server's working directory is; they
 are written back absolute. Anything wrong in the file is a :class:`ConfigError` naming the
@@ -34,10 +44,11 @@ from typing import Any
 from vfuserver.netdev.errors import NetdevSyntaxError
 from vfuserver.netdev.options import parse_netdev
 from vfuserver.spec import (
+    VIRTIO_BLK,
+    VIRTIO_NET,
     DeviceSpec,
     SpecError,
     check_profile,
-    default_mac,
     format_mac,
     parse_mac,
 )
@@ -46,7 +57,10 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 """Device names: they appear in log lines, CLI output columns and systemd instance names."""
 
 SERVER_KEYS = frozenset({"control"})
-DEVICE_KEYS = frozenset({"name", "socket", "profile", "mac", "netdev"})
+DEVICE_KEYS = frozenset({"name", "socket", "profile", "mac", "netdev", "type", "image",
+                         "readonly", "direct", "serial", "queues"})
+BOOLEAN_DEVICE_KEYS = frozenset({"readonly", "direct"})
+INTEGER_DEVICE_KEYS = frozenset({"queues"})
 REQUIRED_DEVICE_KEYS = ("name", "socket")
 
 
@@ -81,8 +95,11 @@ def device_from_mapping(values: Mapping[str, Any], *, base: Path | None = None,
         raise ConfigError(f"{where}: unknown key {', '.join(unknown)} "
                           f"(known: {', '.join(sorted(DEVICE_KEYS))})")
     for key, value in values.items():
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {key} must be a string, not {type(value).__name__}")
+        wanted = (bool if key in BOOLEAN_DEVICE_KEYS
+                  else int if key in INTEGER_DEVICE_KEYS else str)
+        if type(value) is not wanted:  # bool is an int: compare exactly
+            name = {bool: "a boolean", int: "an integer", str: "a string"}[wanted]
+            raise ConfigError(f"{where}: {key} must be {name}, not {type(value).__name__}")
     for key in REQUIRED_DEVICE_KEYS:
         if not values.get(key):
             raise ConfigError(f"{where}: {key} is required")
@@ -94,18 +111,31 @@ def device_from_mapping(values: Mapping[str, Any], *, base: Path | None = None,
     except SpecError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     try:
-        mac = parse_mac(values["mac"]) if "mac" in values else default_mac(name)
+        mac = parse_mac(values["mac"]) if "mac" in values else b""
     except SpecError as exc:
         raise ConfigError(f"{where}: mac: {exc}") from None
     try:
         netdev = parse_netdev(values.get("netdev", "none"))
     except NetdevSyntaxError as exc:
         raise ConfigError(f"{where}: netdev: {exc}") from None
-    return DeviceSpec(name=name, socket=socket, profile=profile, mac=mac, netdev=netdev)
+    image = values.get("image", "")
+    try:
+        return DeviceSpec(name=name, socket=socket, profile=profile, mac=mac, netdev=netdev,
+                          type=values.get("type", VIRTIO_NET),
+                          image=_resolve(image, base) if image else "",
+                          readonly=values.get("readonly", False),
+                          direct=values.get("direct", False), serial=values.get("serial", ""),
+                          queues=values.get("queues", 1))
+    except SpecError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
-def device_to_mapping(spec: DeviceSpec) -> dict[str, str]:
-    """The inverse of :func:`device_from_mapping` (every key written out)."""
+def device_to_mapping(spec: DeviceSpec) -> dict[str, str | bool | int]:
+    """The inverse of :func:`device_from_mapping` (every key of the type written out)."""
+    if spec.type == VIRTIO_BLK:
+        return {"name": spec.name, "socket": spec.socket, "profile": spec.profile,
+                "type": spec.type, "image": spec.image, "readonly": spec.readonly,
+                "direct": spec.direct, "serial": spec.serial, "queues": spec.queues}
     return {"name": spec.name, "socket": spec.socket, "profile": spec.profile,
             "mac": format_mac(spec.mac), "netdev": str(spec.netdev)}
 

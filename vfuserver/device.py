@@ -1,9 +1,11 @@
 """A served device: what the operator asked for, and the objects that make it run.
 
-One :class:`ServedDevice` ties together a network backend, the virtio-net model, its PCI
+One :class:`ServedDevice` ties together a backend, a virtio device model, its PCI
 presentation (chosen by the profile, once, when the presentation is built) and the
 libvfio-user context; :meth:`ServedDevice.run` is the one trio task tree that owns them
-(the context's poll fd, the backend's fds, the transmit pump).
+(the context's poll fd, the backend's tasks). What differs by device type is in two
+subclasses: :class:`ServedNetDevice` (virtio-net on a network backend, the transmit pump)
+and :class:`ServedBlkDevice` (virtio-blk on a raw image, the worker pool).
 """
 
 from __future__ import annotations
@@ -16,23 +18,27 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from vfuserver.blkdev.backend import ImageBackend
+from vfuserver.blkdev.raw import IoRequest, RawImage
 from vfuserver.context import DeviceLock, VfuContext
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.legacy_io import TransitionalFunction
 from vfuserver.devices.memory import GuestMemory
 from vfuserver.devices.pci import PciFunction
 from vfuserver.devices.ring_journal import RingJournal
+from vfuserver.devices.virtio import VirtioDevice
+from vfuserver.devices.virtio_blk import BlockRequest, VirtioBlk
 from vfuserver.devices.virtio_net import RX_QUEUE, VirtioNet
 from vfuserver.devices.virtio_pci import VirtioPciFunction
 from vfuserver.netdev.backend import NetBackend, NetOffloads
 from vfuserver.netdev.open import open_netdev
-from vfuserver.protocol.pci import ClassCode
 from vfuserver.protocol.virtio_net import HDR_LEN
 from vfuserver.server import serve_device
-from vfuserver.spec import DeviceSpec, check_profile
+from vfuserver.spec import VIRTIO_BLK, DeviceSpec, check_profile
 
 
 class DeviceBusyError(RuntimeError):
@@ -40,30 +46,41 @@ class DeviceBusyError(RuntimeError):
 
 
 class ServedDevice:
-    """A device model behind its PCI presentation, a vfio-user socket and a backend."""
+    """A device model behind its PCI presentation, a vfio-user socket and a backend.
 
-    def __init__(self, spec: DeviceSpec, backend: NetBackend, owner: AdminOwner) -> None:
+    Subclasses build :attr:`model` (before calling ``__init__`` here, which presents it)
+    and fill in :meth:`_run_backend`, :meth:`_close_backend` and :attr:`STATS_KEY`.
+    """
+
+    STATS_KEY = "device"
+    """The model's counters in :meth:`stats` (``virtio_net``, ``virtio_blk``)."""
+    RECEIVE_QUEUES: frozenset[int] = frozenset()
+    """Queues whose ring journal is a receive queue's (devices/ring_journal.py)."""
+    model: VirtioDevice
+    backend: Any
+    """The backend; its ``stats`` dataclass is shown by :meth:`stats`."""
+
+    def __init__(self, spec: DeviceSpec, owner: AdminOwner, *, msix_vectors: int = 4) -> None:
         self.spec = spec
         self.log = logging.getLogger(f"vfuserver.{spec.name}")
-        self.backend = backend
         self.owner = owner
-        self.memory = GuestMemory()
+        self.memory = self.model.memory
         self.lock = DeviceLock()
         """The model's lock (:class:`DeviceLock`): the serving thread's callbacks and
         this device's event-loop tasks take it."""
-        self.net = VirtioNet(self.memory, _NO_INTERRUPTS, backend, mac=spec.mac, name=spec.name)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._loop_thread: int | None = None
+        self.msix_vectors = msix_vectors
         self.function: PciFunction
         self.context: VfuContext
         self._build(spec.profile)
-        self._journals = _attach_journals(self.net, spec.name)
-        self._tx_pending = trio.Event()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._loop_thread: int | None = None
-        self.net.on_rx_buffers = self._in_loop(backend.wake_receiver)
-        self.net.on_guest_offloads = self._apply_guest_offloads
-        self.net.on_tx_pending = self._in_loop(self._request_tx)
+        self._journals = _attach_journals(self.model, spec.name, self.RECEIVE_QUEUES)
         self._serve_scope: trio.CancelScope | None = None
         self._switch: _Switch | None = None
+
+    @property
+    def type(self) -> str:
+        return self.spec.type
 
     def _in_loop(self, call: Callable[[], None]) -> Callable[[], None]:
         """``call`` as a hook the model may call from the serving thread: there it is
@@ -75,19 +92,11 @@ class ServedDevice:
                 self._token.run_sync_soon(call)
         return hook
 
-    def _request_tx(self) -> None:
-        self._tx_pending.set()
-
-    def _apply_guest_offloads(self, offloads: int) -> None:
-        """The offloads the driver negotiated or set go to the backend, as QEMU's
-        virtio_net_apply_guest_offloads(): a tap then hands the guest only what it takes."""
-        self.backend.set_offload(NetOffloads.from_guest_offloads(offloads))
-
     def _build(self, profile: str) -> None:
         """The presentation for ``profile`` and the context serving it: the one place the
         profile is looked at."""
-        modern = VirtioPciFunction(self.net, name=self.spec.name,
-                                   class_code=ClassCode.NETWORK_ETHERNET)
+        modern = VirtioPciFunction(self.model, name=self.spec.name,
+                                   msix_vectors=self.msix_vectors)
         function: PciFunction = modern
         if profile == "transitional":
             function = TransitionalFunction(modern, self.owner)
@@ -129,7 +138,7 @@ class ServedDevice:
     def _replace(self, profile: str) -> None:
         old_profile = self.profile
         self._close_presentation()
-        self.net.reset()
+        self.model.reset()
         try:
             self._build(profile)
         except BaseException:
@@ -142,20 +151,20 @@ class ServedDevice:
     def stats(self) -> dict[str, dict[str, int]]:
         """Counters of the model, the backend and (transitional) the legacy path."""
         return {
-            "virtio_net": dataclasses.asdict(self.net.stats),
+            self.STATS_KEY: dataclasses.asdict(self.model.stats),  # type: ignore[attr-defined]
             "backend": dataclasses.asdict(self.backend.stats),
             **self.function.counters(),
             "fast_path": self.context.native.counters(),
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve clients and move frames until cancelled; the device is closed on the way out."""
+        """Serve clients and run the backend until cancelled; the device is closed on the
+        way out."""
         self._token = trio.lowlevel.current_trio_token()
         self._loop_thread = threading.get_ident()
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.backend.run, self._deliver)
-                nursery.start_soon(self._transmit_pump)
+                await self._run_backend(nursery)
                 await nursery.start(self._serve)
                 task_status.started()
         finally:
@@ -182,6 +191,62 @@ class ServedDevice:
                 switch.error = exc
             switch.done.set()
 
+    async def _run_backend(self, nursery: trio.Nursery) -> None:
+        """Start the backend's tasks in ``nursery``."""
+        raise NotImplementedError
+
+    def _close_backend(self) -> None:
+        raise NotImplementedError
+
+    def _close_presentation(self) -> None:
+        self.context.close()
+        self.function.close()
+
+    def close(self) -> None:
+        """Idempotent; the final counters are logged once."""
+        if not self.context.closed:
+            self.log.info("stats of %s (profile %s): %s", self.spec.name, self.profile,
+                          json.dumps(self.stats(), sort_keys=True))
+            self._close_presentation()
+        self._close_backend()
+        for queue in self.model.queues:
+            queue.journal = None
+        for journal in self._journals:
+            journal.close()
+        self._journals = []
+
+
+class ServedNetDevice(ServedDevice):
+    """virtio-net on a network backend, with the transmit bottom half."""
+
+    STATS_KEY = "virtio_net"
+    RECEIVE_QUEUES = frozenset({RX_QUEUE})
+
+    def __init__(self, spec: DeviceSpec, backend: NetBackend, owner: AdminOwner) -> None:
+        self.backend = backend
+        self.net = self.model = VirtioNet(GuestMemory(), _NO_INTERRUPTS, backend, mac=spec.mac,
+                                          name=spec.name)
+        super().__init__(spec, owner)
+        self._tx_pending = trio.Event()
+        self.net.on_rx_buffers = self._in_loop(backend.wake_receiver)
+        self.net.on_guest_offloads = self._apply_guest_offloads
+        self.net.on_tx_pending = self._in_loop(self._request_tx)
+
+    def _request_tx(self) -> None:
+        self._tx_pending.set()
+
+    def _apply_guest_offloads(self, offloads: int) -> None:
+        """The offloads the driver negotiated or set go to the backend, as QEMU's
+        virtio_net_apply_guest_offloads(): a tap then hands the guest only what it takes."""
+        self.backend.set_offload(NetOffloads.from_guest_offloads(offloads))
+
+    async def _run_backend(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self.backend.run, self._deliver)
+        nursery.start_soon(self._transmit_pump)
+
+    def _close_backend(self) -> None:
+        self.backend.close()
+
     def _deliver(self, frame: bytes) -> bool:
         """A frame from the backend into the guest; False: no receive buffers yet."""
         try:
@@ -205,22 +270,32 @@ class ServedDevice:
             except Exception:
                 self.log.exception("bug while transmitting")
 
-    def _close_presentation(self) -> None:
-        self.context.close()
-        self.function.close()
 
-    def close(self) -> None:
-        """Idempotent; the final counters are logged once."""
-        if not self.context.closed:
-            self.log.info("stats of %s (profile %s): %s", self.spec.name, self.profile,
-                          json.dumps(self.stats(), sort_keys=True))
-            self._close_presentation()
+class ServedBlkDevice(ServedDevice):
+    """virtio-blk on a raw image, its requests on the backend's worker threads."""
+
+    STATS_KEY = "virtio_blk"
+
+    def __init__(self, spec: DeviceSpec, backend: ImageBackend, owner: AdminOwner, *,
+                 num_queues: int = 1) -> None:
+        self.backend = backend
+        self.blk = self.model = VirtioBlk(GuestMemory(), _NO_INTERRUPTS, backend,
+                                          num_queues=num_queues, serial=spec.serial.encode(),
+                                          name=spec.name)
+        super().__init__(spec, owner, msix_vectors=num_queues + 1)
+
+    async def _run_backend(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self.backend.run, self._complete)
+
+    def _complete(self, batch: list[IoRequest]) -> None:
+        """Finished disk requests into the model: the one place the trio side touches
+        the model's state (requests reach the backend from region callbacks)."""
+        requests: list[BlockRequest] = batch  # type: ignore[assignment]  # what submit got
+        with self.lock:
+            self.blk.complete(requests)
+
+    def _close_backend(self) -> None:
         self.backend.close()
-        for queue in self.net.queues:
-            queue.journal = None
-        for journal in self._journals:
-            journal.close()
-        self._journals = []
 
 
 RING_JOURNAL_ENV = "VFUSERVER_RING_JOURNAL"
@@ -228,14 +303,15 @@ RING_JOURNAL_ENV = "VFUSERVER_RING_JOURNAL"
 for an outside watcher (benchmarks/c/ring_watch.c) to check the used rings against."""
 
 
-def _attach_journals(net: VirtioNet, name: str) -> list[RingJournal]:
+def _attach_journals(model: VirtioDevice, name: str,
+                     receive_queues: frozenset[int]) -> list[RingJournal]:
     folder = os.environ.get(RING_JOURNAL_ENV)
     if not folder:
         return []
     journals = []
-    for queue in net.queues:
+    for queue in model.queues:
         journal = RingJournal(Path(folder) / f"{name}-q{queue.index}.journal", queue.index,
-                              receive=queue.index == RX_QUEUE)
+                              receive=queue.index in receive_queues)
         queue.journal = journal
         queue.publish_journal()
         journals.append(journal)
@@ -266,11 +342,21 @@ async def open_device(spec: DeviceSpec, *, owner: AdminOwner | None = None) -> S
     """Open the backend, then build the device; the backend is closed if that fails.
 
     ``owner`` is the server's admin group owner (one per process); a device opened
-    without one gets a group of its own.
+    without one gets a group of its own. OSError (an ImageError naming the image) if a
+    disk image cannot be opened.
     """
+    owner = owner if owner is not None else AdminOwner()
+    if spec.type == VIRTIO_BLK:
+        image = RawImage(spec.image, read_only=spec.readonly, direct=spec.direct)
+        disk = ImageBackend(image)
+        try:
+            return ServedBlkDevice(spec, disk, owner, num_queues=spec.queues)
+        except BaseException:
+            disk.close()
+            raise
     backend = await open_netdev(spec.netdev)
     try:
-        return ServedDevice(spec, backend, owner if owner is not None else AdminOwner())
+        return ServedNetDevice(spec, backend, owner)
     except BaseException:
         backend.close()
         raise

@@ -194,7 +194,7 @@ class _Edit:
             old = device_from_mapping(table.unwrap(), base=base)
             new = wanted[name]
             mapping = device_to_mapping(new)
-            for key in ("socket", "profile", "mac", "netdev"):
+            for key in [key for key in mapping if key != "name"]:
                 if getattr(old, key) != getattr(new, key):
                     table[key] = mapping[key]  # an existing key keeps its comment
             index -= 1
@@ -224,7 +224,7 @@ class _Edit:
             start -= 1
         return start
 
-    def _append_device(self, mapping: dict[str, str]) -> None:
+    def _append_device(self, mapping: dict[str, str | bool | int]) -> None:
         table = Table(Container(), Trivia(), is_aot_element=True)
         for key, value in mapping.items():
             table.add(key, value)  # tomlkit quotes and escapes

@@ -16,6 +16,14 @@ from vfuserver.netdev.options import NetdevSpec, NoneSpec
 PROFILES = ("modern", "transitional")
 """How a device presents itself: as it is, or also with the legacy (transitional)
 interface; see ``vfuserver run --help``."""
+VIRTIO_NET = "virtio-net"
+VIRTIO_BLK = "virtio-blk"
+DEVICE_TYPES = (VIRTIO_NET, VIRTIO_BLK)
+"""The device types, named as QEMU names its virtio devices (without ``-pci``)."""
+SERIAL_BYTES = 20
+"""A virtio-blk serial fits VIRTIO_BLK_ID_BYTES."""
+MAX_QUEUES = 64
+"""Request queues of one virtio-blk device (Linux uses at most one per vCPU)."""
 
 ETH_ALEN = 6
 QEMU_MAC_PREFIX = bytes.fromhex("525400")
@@ -33,6 +41,10 @@ class MacAddressError(SpecError):
 
 class ProfileError(SpecError):
     """Not one of :data:`PROFILES`."""
+
+
+class DeviceTypeError(SpecError):
+    """Not one of :data:`DEVICE_TYPES`, or a setting the type does not take."""
 
 
 def parse_mac(text: str) -> bytes:
@@ -83,12 +95,45 @@ def check_profile(profile: str) -> str:
     return profile
 
 
+def check_device_type(device_type: str) -> str:
+    """``device_type`` if it is one of :data:`DEVICE_TYPES`, else :class:`DeviceTypeError`."""
+    if device_type not in DEVICE_TYPES:
+        raise DeviceTypeError(f"unknown device type {device_type!r}; choose one of "
+                              f"{', '.join(DEVICE_TYPES)}")
+    return device_type
+
+
+def check_serial(serial: str) -> str:
+    """A virtio-blk serial: printable ASCII, at most 20 characters (GET_ID's 20 bytes)."""
+    if len(serial) > SERIAL_BYTES or not (serial.isascii() and serial.isprintable()):
+        raise DeviceTypeError(f"serial {serial!r}: use at most {SERIAL_BYTES} printable "
+                              "ASCII characters")
+    return serial
+
+
+def check_queues(queues: int) -> int:
+    """A virtio-blk request queue count: 1..MAX_QUEUES (VIRTIO_BLK_F_MQ's num_queues)."""
+    if isinstance(queues, bool) or not 1 <= queues <= MAX_QUEUES:
+        raise DeviceTypeError(f"{queues!r} request queues: choose 1..{MAX_QUEUES}")
+    return queues
+
+
+def parse_queues(text: str) -> int:
+    """``--queues`` as text: a decimal count checked by :func:`check_queues`."""
+    if not text.isdecimal():
+        raise DeviceTypeError(f"{text!r} is not a number of request queues")
+    return check_queues(int(text))
+
+
 @dataclass
 class DeviceSpec:
-    """One device: where it listens, how it presents itself, where its frames go.
+    """One device: where it listens, how it presents itself, what is behind it.
 
-    ``mac`` left empty becomes :func:`default_mac` of ``name``. Raises
-    :class:`ProfileError` or :class:`MacAddressError`.
+    ``type`` is :data:`VIRTIO_NET` (the default: ``mac`` and ``netdev``; ``mac`` left
+    empty becomes :func:`default_mac` of ``name``) or :data:`VIRTIO_BLK` (``image``, the
+    raw disk image, required; ``readonly``, ``direct`` for O_DIRECT, ``serial``, ``queues``
+    the request queues). Raises
+    :class:`ProfileError`, :class:`MacAddressError` or :class:`DeviceTypeError`.
     """
 
     name: str
@@ -96,7 +141,27 @@ class DeviceSpec:
     profile: str = "modern"
     mac: bytes = b""
     netdev: NetdevSpec = field(default_factory=NoneSpec)
+    type: str = VIRTIO_NET
+    image: str = ""
+    readonly: bool = False
+    direct: bool = False
+    serial: str = ""
+    queues: int = 1
 
     def __post_init__(self) -> None:
         check_profile(self.profile)
+        check_device_type(self.type)
+        if self.type == VIRTIO_BLK:
+            if not self.image:
+                raise DeviceTypeError("a virtio-blk device needs a disk image (image, "
+                                      "--image PATH)")
+            if self.mac or not isinstance(self.netdev, NoneSpec):
+                raise DeviceTypeError("mac and netdev are virtio-net settings, not "
+                                      "virtio-blk ones")
+            check_serial(self.serial)
+            check_queues(self.queues)
+            return
+        if self.image or self.readonly or self.direct or self.serial or self.queues != 1:
+            raise DeviceTypeError("image, readonly, direct, serial and queues are virtio-blk "
+                                  "settings; add type virtio-blk (--device virtio-blk)")
         self.mac = check_mac(self.mac) if self.mac else default_mac(self.name)

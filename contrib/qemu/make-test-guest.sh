@@ -22,8 +22,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 INIT=$HERE/test-guest-init.sh
 KFLAVOUR=${KFLAVOUR:-cloud-amd64}
 # top-level modules; their dependencies (virtio, virtio_ring, virtio_pci_legacy_dev,
-# virtio_pci_modern_dev, failover, net_failover) are added from each .ko's modinfo
-MODS="virtio_pci virtio_net"
+# virtio_pci_modern_dev, failover, net_failover) are added from each .ko's modinfo;
+# virtio_blk for the disk tests (Debian's cloud kernel builds it as a module)
+MODS="virtio_pci virtio_net virtio_blk"
 say() { echo "make-test-guest: $*" >&2; }
 die() { say "error: $*"; exit 1; }
 

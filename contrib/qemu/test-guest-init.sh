@@ -47,6 +47,17 @@
 #   unbind[:DEV]                 unbind DEV from virtio-pci (sysfs drivers/virtio-pci/unbind)
 #   bind[:DEV][:timeout=S]       bind DEV to virtio-pci, wait for its virtio device and netdev
 #   sleep:S
+#   disk-write[:DEV][:mib=N][:seek=M][:buffered][:timeout=S]
+#                                N MiB (default 1) of random data (made in /tmp first) onto
+#                                /dev/DEV (default vda) at MiB M with dd bs=1M oflag=direct, or
+#                                through the page cache and then `sync` (buffered); waits up to
+#                                S s (default 10) for DEV; bytes sha256 seconds
+#   disk-read[:DEV][:mib=N][:skip=M][:timeout=S]
+#                                N MiB from MiB M with dd bs=1M iflag=direct; bytes sha256 seconds
+#   disk-bench[:DEV][:mib=N][:count=N]
+#                                dd oflag=direct / iflag=direct: seq_write_mibps and
+#                                seq_read_mibps (bs=1M, N MiB, default 64), then 4 KiB reads of
+#                                random blocks (one dd each, N of them, default 200): read4k_iops
 
 export PATH=/bin:/sbin
 mount -t proc proc /proc
@@ -374,6 +385,67 @@ step_bind() {
     set -- $(netdev_of "$d")
     [ "$st" -eq 0 ] && st=pass || st=fail
     result $st "bdf=${d##*/}" "driver=$after" "virtio=$1" "ifname=$2" "seconds=$secs" "rc=$rc"
+}
+
+wait_block() { # wait_block DEV TIMEOUT: until /dev/DEV is a block device
+    is_block() { [ -b "/dev/$1" ]; }
+    wait_for "$2" is_block "$1" >/dev/null || fail "no block device /dev/$1 after $2 s"
+}
+
+step_disk_write() {
+    parse_args "$@"
+    dev=${P1:-vda}; [ "$dev" = buffered ] && dev=vda
+    mib=${O_mib:-1}; wait_block "$dev" "${O_timeout:-10}"
+    f=/tmp/disk-write.bin
+    head -c $((mib * 1048576)) /dev/urandom > "$f" || fail "cannot make $mib MiB in /tmp"
+    sum=$(sha256sum "$f" | cut -d' ' -f1)
+    t0=$(now)
+    if [ -n "${F_buffered:-}" ]; then
+        dd if="$f" of="/dev/$dev" bs=1M seek="${O_seek:-0}" conv=notrunc 2>/dev/null \
+            && sync; rc=$?
+    else
+        dd if="$f" of="/dev/$dev" bs=1M seek="${O_seek:-0}" oflag=direct 2>/dev/null; rc=$?
+    fi
+    secs=$(since "$t0")
+    rm -f "$f"
+    st=fail; [ "$rc" -eq 0 ] && st=pass
+    result $st "dev=$dev" "bytes=$((mib * 1048576))" "sha256=$sum" "seconds=$secs" "rc=$rc"
+}
+
+step_disk_read() {
+    parse_args "$@"
+    dev=${P1:-vda}; mib=${O_mib:-1}; wait_block "$dev" "${O_timeout:-10}"
+    t0=$(now)
+    sum=$(dd if="/dev/$dev" bs=1M skip="${O_skip:-0}" count="$mib" iflag=direct 2>/dev/null \
+          | sha256sum | cut -d' ' -f1)
+    secs=$(since "$t0")
+    result pass "dev=$dev" "bytes=$((mib * 1048576))" "sha256=$sum" "seconds=$secs"
+}
+
+rate() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.1f", (s > 0 ? n / s : 0) }'; }
+
+step_disk_bench() {
+    parse_args "$@"
+    dev=${P1:-vda}; mib=${O_mib:-64}; count=${O_count:-200}; wait_block "$dev" 10
+    t0=$(now)
+    dd if=/dev/zero of="/dev/$dev" bs=1M count="$mib" oflag=direct 2>/dev/null \
+        || fail "sequential write failed"
+    write_secs=$(since "$t0")
+    t0=$(now)
+    dd if="/dev/$dev" of=/dev/null bs=1M count="$mib" iflag=direct 2>/dev/null \
+        || fail "sequential read failed"
+    read_secs=$(since "$t0")
+    blocks=$((mib * 256))
+    i=0; t0=$(now)
+    while [ "$i" -lt "$count" ]; do
+        dd if="/dev/$dev" of=/dev/null bs=4k count=1 skip=$(( (RANDOM * 32768 + RANDOM) % blocks )) \
+            iflag=direct 2>/dev/null || fail "4 KiB read $i failed"
+        i=$((i + 1))
+    done
+    rand_secs=$(since "$t0")
+    result pass "dev=$dev" "mib=$mib" "seq_write_mibps=$(rate "$mib" "$write_secs")" \
+        "seq_read_mibps=$(rate "$mib" "$read_secs")" "reads=$count" \
+        "read4k_iops=$(rate "$count" "$rand_secs")"
 }
 
 step_sleep() {

@@ -204,3 +204,14 @@ def test_an_inline_array_of_devices_is_refused_with_the_fix(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r"one \[\[device\]\] table per device"):
         save_config(config, changed={"net0"})
     assert path.read_text() == text
+
+
+def test_a_disk_s_profile_change_touches_only_its_profile(tmp_path: Path) -> None:
+    path = tmp_path / "devices.toml"
+    original = ('[[device]]\nname = "disk0"\nsocket = "d.sock"\n'
+                'type = "virtio-blk"  # a disk\nimage = "d.img"\nqueues = 2\n')
+    path.write_text(original)
+    assert edited(path, {"disk0": "transitional"}) == original + 'profile = "transitional"\n'
+    [disk] = load_config(path).devices
+    assert (disk.type, disk.profile, disk.image, disk.queues) == (
+        "virtio-blk", "transitional", str(tmp_path / "d.img"), 2)

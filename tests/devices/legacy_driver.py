@@ -1,8 +1,9 @@
 """A legacy virtio driver's view of a transitional function: BAR0 and config space.
 
-Real objects joined by fake links: a real VirtioNet with guest RAM in a bytearray, the real
-modern function, the real AdminOwner and the presentation; the rig plays the guest driver
-through BAR0 and config space exactly as QEMU forwards its accesses.
+Real objects joined by fake links: a real device model (VirtioNet in :class:`Rig`) with
+guest RAM in a bytearray, the real modern function, the real AdminOwner and the
+presentation; the rig plays the guest driver through BAR0 and config space exactly as
+QEMU forwards its accesses.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from tests.devices.driver import GuestRam, RecordingPeer
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.legacy_io import TransitionalFunction
+from vfuserver.devices.virtio import VirtioDevice
 from vfuserver.devices.virtio_net import VirtioNet
 from vfuserver.devices.virtio_pci import MSIX_CONTROL_ENABLE, VirtioPciFunction
 from vfuserver.protocol import pci as pcifmt
@@ -20,12 +22,13 @@ from vfuserver.protocol.virtio_legacy import Register
 MAC = bytes.fromhex("525400abcdef")
 
 
-class Rig:
-    def __init__(self, owner: AdminOwner | None = None) -> None:
-        self.ram = GuestRam()
-        self.peer = RecordingPeer()
-        self.net = VirtioNet(self.ram.memory, None, self.peer, mac=MAC)  # type: ignore[arg-type]
-        self.modern = VirtioPciFunction(self.net, name="t", class_code=ClassCode.NETWORK_ETHERNET)
+class LegacyRig:
+    """The transitional presentation of ``device`` (whose memory is ``ram``)."""
+
+    def __init__(self, ram: GuestRam, device: VirtioDevice, owner: AdminOwner | None = None,
+                 *, class_code: int | None = None) -> None:
+        self.ram = ram
+        self.modern = VirtioPciFunction(device, name="t", class_code=class_code)
         self.owner = owner or AdminOwner()
         self.fn = TransitionalFunction(self.modern, self.owner)
         self.config = self.fn.config_region()
@@ -59,3 +62,13 @@ class Rig:
         self.write(Register.STATUS, DeviceStatus.ACKNOWLEDGE, 1)
         self.write(Register.STATUS, DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER, 1)
         return self.read(Register.HOST_FEATURES, 4)
+
+
+class Rig(LegacyRig):
+    """A transitional virtio-net."""
+
+    def __init__(self, owner: AdminOwner | None = None) -> None:
+        ram = GuestRam()
+        self.peer = RecordingPeer()
+        self.net = VirtioNet(ram.memory, None, self.peer, mac=MAC)  # type: ignore[arg-type]
+        super().__init__(ram, self.net, owner, class_code=ClassCode.NETWORK_ETHERNET)

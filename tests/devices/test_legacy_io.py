@@ -20,13 +20,17 @@ from tests.devices.driver import DriverQueue
 from tests.devices.legacy_driver import MAC, Rig
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.errors import GuestError
-from vfuserver.devices.legacy_io import BAR0_SIZE, LegacyIoShadow
+from vfuserver.devices.legacy_io import LegacyIoShadow
 from vfuserver.devices.pci import ResetKind
 from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol import virtio_admin as admin
 from vfuserver.protocol.virtio import DeviceStatus, Feature
 from vfuserver.protocol.virtio_legacy import BAD_FEATURE, Register
 from vfuserver.protocol.virtio_net import NetFeature
+
+BAR0_SIZE = 32
+"""Linux virtio-vfio-pci's legacy BAR for a net function: 24 + offsetofend(struct
+virtio_net_config, status) = 32."""
 
 
 @pytest.fixture

@@ -259,6 +259,23 @@ def test_identity() -> None:
         vp.modern_device_id(0x10000)
 
 
+@pytest.mark.parametrize(
+    ("device_type", "transitional_id", "class_code"),
+    [(DeviceType.NET, 0x1000, 0x0200), (DeviceType.BLOCK, 0x1001, 0x0100)],
+)
+def test_pci_id_info_as_qemu(device_type: int, transitional_id: int, class_code: int) -> None:
+    """QEMU virtio_pci_id_info[]: PCI_DEVICE_ID_VIRTIO_NET/BLOCK, PCI_CLASS_NETWORK_ETHERNET
+    and PCI_CLASS_STORAGE_SCSI."""
+    assert vp.pci_id_info(device_type) == (transitional_id, class_code)
+
+
+def test_pci_id_info_refuses_unserved_types() -> None:
+    with pytest.raises(ValueError, match="no PCI identity for virtio device type 18"):
+        vp.pci_id_info(DeviceType.INPUT)
+    with pytest.raises(ValueError, match="type 0"):
+        vp.pci_id_info(0)
+
+
 def test_notify_offset() -> None:
     assert vp.notify_offset(0x3000, 2, 4) == 0x3008
     assert vp.notify_offset(0, 5, 0) == 0  # multiplier 0: all queues share one address

@@ -6,7 +6,8 @@ so tests run it in a worker thread with ``trio.to_thread.run_sync``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,15 @@ async def serve_net(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Ser
         nursery.cancel_scope.cancel()
     for device in served:
         device.context.close()
+
+GUEST_RAM_BYTES = 4 << 20
+"""Size of the :func:`ram_fd` memfd: guest RAM a test client maps (any part of it)."""
+
+
+@pytest.fixture
+def ram_fd() -> Iterator[int]:
+    """A memfd of GUEST_RAM_BYTES, as QEMU's memory-backend-memfd,share=on hands out."""
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, GUEST_RAM_BYTES)
+    yield fd
+    os.close(fd)

@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from tests.devices.driver import DriverQueue, GuestRam, driver_ok, negotiate_modern
-from vfuserver.device import open_device
+from vfuserver.device import ServedNetDevice, open_device
 from vfuserver.devices.virtio_net import CTRL_QUEUE, VirtioNet
 from vfuserver.netdev.backend import NetOffloads
 from vfuserver.netdev.errors import NetdevHostError
@@ -143,7 +143,8 @@ async def offloads(netdev: str) -> dict[str, Any]:
         device = await open_device(DeviceSpec(name="net0", socket=str(Path(directory) / "s"),
                                               netdev=parse_netdev(netdev)))
         try:
-            if not isinstance(device.backend, TapBackend):
+            if not isinstance(device, ServedNetDevice) or not isinstance(device.backend,
+                                                                         TapBackend):
                 raise SystemExit(f"{netdev} is not a tap")
             ifname, net = device.backend.ifname, device.net
             ram = GuestRam()

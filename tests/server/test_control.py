@@ -59,37 +59,52 @@ def config_text(tmp_path: Path, *devices: dict[str, str], control: str = "ctl.so
 # --- in-process: queries, profiles, many devices, add/remove, failures ------------------------
 
 async def test_query_devices_and_profiles(tmp_path: Path, nursery: trio.Nursery) -> None:
+    image = tmp_path / "disk0.img"
+    image.write_bytes(bytes(1 << 20))
     config = ServerConfig(control=str(tmp_path / "ctl.sock"), devices=[
         spec(tmp_path, "net0"),
         spec(tmp_path, "net1", profile="transitional", mac="52:54:00:00:00:01",
              netdev="none"),
+        spec(tmp_path, "disk0", type="virtio-blk", profile="transitional", image=str(image),
+             serial="d0"),
     ])
     await start_controller(nursery, config)
 
     devices = await execute(config.control or "", "query-devices")
     assert devices == [
-        {"name": "net0", "socket": str(tmp_path / "net0.sock"), "profile": "modern",
-         "mac": format_mac(default_mac("net0")), "netdev": "none", "state": "running",
-         "client-attached": False},
-        {"name": "net1", "socket": str(tmp_path / "net1.sock"), "profile": "transitional",
-         "mac": "52:54:00:00:00:01", "netdev": "none", "state": "running",
-         "client-attached": False},
+        {"name": "net0", "type": "virtio-net", "socket": str(tmp_path / "net0.sock"),
+         "profile": "modern", "mac": format_mac(default_mac("net0")), "netdev": "none",
+         "state": "running", "client-attached": False},
+        {"name": "net1", "type": "virtio-net", "socket": str(tmp_path / "net1.sock"),
+         "profile": "transitional", "mac": "52:54:00:00:00:01", "netdev": "none",
+         "state": "running", "client-attached": False},
+        {"name": "disk0", "type": "virtio-blk", "socket": str(tmp_path / "disk0.sock"),
+         "profile": "transitional", "image": str(image), "readonly": False, "direct": False,
+         "serial": "d0", "queues": 1, "state": "running", "client-attached": False},
     ]
     profiles = await execute(config.control or "", "query-profiles")
     assert profiles == [
-        {"device": "net0", "current": "modern", "available": ["modern", "transitional"],
-         "changeable": True},
-        {"device": "net1", "current": "transitional",
+        {"device": "net0", "type": "virtio-net", "current": "modern",
+         "available": ["modern", "transitional"], "changeable": True},
+        {"device": "net1", "type": "virtio-net", "current": "transitional",
+         "available": ["modern", "transitional"], "changeable": True},
+        {"device": "disk0", "type": "virtio-blk", "current": "transitional",
          "available": ["modern", "transitional"], "changeable": True},
     ]
     one = await execute(config.control or "", "query-profiles", device="net1")
-    assert one == profiles[1:]
+    assert one == profiles[1:2]
+    assert await ids_of(tmp_path / "disk0.sock") == bytes.fromhex("f41a0110")  # 1af4:1001
+    await execute(config.control or "", "set-profile", device="disk0", profile="modern")
+    assert await ids_of(tmp_path / "disk0.sock") == bytes.fromhex("f41a4210")  # 1af4:1042
     with pytest.raises(ServerError) as raised:
         await execute(config.control or "", "query-profiles", device="net9")
     assert raised.value.error_class == "DeviceNotFound"
 
     stats = await execute(config.control or "", "query-stats")
-    assert [entry["device"] for entry in stats] == ["net0", "net1"]
+    assert [(entry["device"], entry["type"]) for entry in stats] == [
+        ("net0", "virtio-net"), ("net1", "virtio-net"), ("disk0", "virtio-blk")]
+    assert {"virtio_blk", "backend"} <= set(stats[2]["stats"])
+    assert stats[2]["stats"]["virtio_blk"]["read_ops"] == 0
     assert {"virtio_net", "backend"} <= set(stats[0]["stats"])
     assert stats[0]["stats"]["backend"]["tx_frames"] == 0
     assert "legacy" in stats[1]["stats"]  # the transitional presentation's counters
@@ -178,7 +193,8 @@ async def test_add_and_remove_devices_at_runtime(tmp_path: Path, nursery: trio.N
 
     added = await execute(control, "device-add", name="net1", socket=str(sock),
                           profile="transitional", mac="52:54:00:ab:cd:ef")
-    assert added == {"name": "net1", "socket": str(sock), "profile": "transitional",
+    assert added == {"name": "net1", "type": "virtio-net", "socket": str(sock),
+                     "profile": "transitional",
                      "mac": "52:54:00:ab:cd:ef", "netdev": "none", "state": "running",
                      "client-attached": False}
     assert sock.is_socket()
@@ -440,6 +456,20 @@ def test_config_round_trip_and_relative_paths(tmp_path: Path) -> None:
     assert render_config(again) == text
 
 
+def test_blk_config_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "devices.toml"
+    path.write_text("[[device]]\nname = 'disk0'\nsocket = 'd.sock'\ntype = 'virtio-blk'\n"
+                    "image = 'images/d.img'\nreadonly = true\ndirect = true\n"
+                    "serial = 'SN1'\nqueues = 4\n")
+    [disk] = load_config(path).devices
+    assert (disk.type, disk.image, disk.readonly, disk.direct, disk.serial, disk.mac,
+            disk.queues) == ("virtio-blk", str(tmp_path / "images/d.img"), True, True, "SN1",
+                             b"", 4)
+    text = render_config(load_config(path))
+    assert "image = " in text and "mac" not in text and "netdev" not in text
+    assert parse_config(text).devices == [disk]
+
+
 @pytest.mark.parametrize(("text", "words"), [
     pytest.param("[[device]]\nname = 'a'\n", "socket is required", id="no-socket"),
     pytest.param("[[device]]\nname = 'a'\nsocket = 's'\nprofile = 'legacy'\n",
@@ -456,6 +486,24 @@ def test_config_round_trip_and_relative_paths(tmp_path: Path) -> None:
                  "socket = 't'\n", "already taken", id="duplicate-name"),
     pytest.param("[[device]]\nname = 'a'\nsocket = 's'\n[[device]]\nname = 'b'\n"
                  "socket = 's'\n", "already device a's", id="duplicate-socket"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\n",
+                 "needs a disk image", id="blk-without-image"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\nimage = 'i'\n"
+                 "mac = '52:54:00:00:00:01'\n", "virtio-net settings", id="blk-with-mac"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\nimage = 'i'\n",
+                 "add type virtio-blk", id="net-with-image"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\nimage = 'i'\n"
+                 "readonly = 'yes'\n", "readonly must be a boolean", id="readonly-not-bool"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\nimage = 'i'\n"
+                 "serial = 'a-serial-longer-than-20'\n", "at most 20", id="long-serial"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\nimage = 'i'\n"
+                 "queues = 0\n", "0 request queues: choose 1..64", id="no-queues"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\nimage = 'i'\n"
+                 "queues = '2'\n", "queues must be an integer", id="queues-not-int"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\nqueues = 2\n", "add type virtio-blk",
+                 id="net-with-queues"),
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-gpu'\n",
+                 "unknown device type 'virtio-gpu'", id="device-type"),
     pytest.param("[server]\nsocket = 'x'\n", "unknown key socket", id="server-key"),
     pytest.param("[devices]\n", "unknown table", id="table"),
     pytest.param("[[device]\n", "not valid TOML", id="syntax"),
@@ -560,11 +608,58 @@ def test_run_socket_shortcut_with_a_control_socket(tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
+def test_run_socket_serves_a_disk(tmp_path: Path) -> None:
+    control, sock, image = tmp_path / "ctl.sock", tmp_path / "disk.sock", tmp_path / "d.img"
+    image.write_bytes(bytes(1 << 20))
+    with server_process(["--socket", str(sock), "--device", "virtio-blk", "--image", str(image),
+                         "--readonly", "--serial", "SN1", "--profile", "transitional",
+                         "--control", str(control)], tmp_path / "server.log",
+                        [control, sock]) as server:
+        assert read_ids(sock) == bytes.fromhex("f41a0110")  # 1af4:1001
+        [device] = json.loads(run_cli("status", "--json", control=control).stdout)
+        assert (device["name"], device["type"], device["readonly"], device["serial"]) == (
+            "disk0", "virtio-blk", True, "SN1")
+        assert server.stop() == 0
+    assert "type virtio-blk, profile transitional, image " in (
+        tmp_path / "server.log").read_text()
+
+
+async def test_device_add_a_disk_at_runtime(tmp_path: Path, nursery: trio.Nursery) -> None:
+    control = tmp_path / "ctl.sock"
+    config = ServerConfig(control=str(control), devices=[])
+    await start_controller(nursery, config)
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(1 << 20))
+    added = await execute(control, "device-add", name="disk1", socket=str(tmp_path / "d.sock"),
+                          type="virtio-blk", image=str(image), direct=True, queues=2)
+    assert (added["type"], added["image"], added["direct"], added["queues"]) == (
+        "virtio-blk", str(image), True, 2)
+    assert await ids_of(tmp_path / "d.sock") == bytes.fromhex("f41a4210")  # 1af4:1042
+    with pytest.raises(ServerError) as raised:
+        await execute(control, "device-add", name="disk2", socket=str(tmp_path / "e.sock"),
+                      type="virtio-blk", image="rel.img")
+    assert "absolute" in raised.value.desc
+    with pytest.raises(ServerError) as raised:
+        await execute(control, "device-add", name="disk3", socket=str(tmp_path / "f.sock"),
+                      type="virtio-blk", image=str(tmp_path / "missing.img"))
+    assert "cannot open disk image" in raised.value.desc
+
+
 @pytest.mark.parametrize("args", [
     pytest.param(["--persist", "--socket", "x.sock"], id="persist-without-config"),
     pytest.param(["--config", "d.toml", "--profile", "modern"], id="config-and-device-option"),
     pytest.param(["--config", "d.toml", "--socket", "x.sock"], id="config-and-socket"),
     pytest.param([], id="nothing-to-serve"),
+    pytest.param(["--socket", "x.sock", "--device", "virtio-blk"], id="blk-without-image"),
+    pytest.param(["--socket", "x.sock", "--image", "d.img"], id="image-without-blk"),
+    pytest.param(["--socket", "x.sock", "--device", "virtio-blk", "--image", "d.img",
+                  "--netdev", "none"], id="blk-with-netdev"),
+    pytest.param(["--socket", "x.sock", "--device", "virtio-blk", "--image", "d.img",
+                  "--serial", "é"], id="serial-not-ascii"),
+    pytest.param(["--config", "d.toml", "--image", "d.img"], id="config-and-image"),
+    pytest.param(["--socket", "x.sock", "--device", "virtio-blk", "--image", "d.img",
+                  "--queues", "0"], id="no-queues"),
+    pytest.param(["--socket", "x.sock", "--queues", "2"], id="queues-without-blk"),
 ])
 def test_run_usage_errors(args: list[str], tmp_path: Path) -> None:
     result = run_cli("run", *args)

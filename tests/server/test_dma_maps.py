@@ -12,7 +12,6 @@ import itertools
 import logging
 import mmap
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +47,6 @@ from vfuserver.server import serve_device
 
 RAM_IOVA, RAM_SIZE = 0x100000, 0x10000
 ROM_IOVA, ROM_SIZE = 0xF0000, 0x10000
-
-
-@pytest.fixture
-def ram_fd() -> Iterator[int]:
-    fd = os.memfd_create("guest-ram")
-    os.ftruncate(fd, RAM_SIZE)
-    yield fd
-    os.close(fd)
 
 
 def map_ram_and_rom(client: Client, ram_fd: int) -> None:

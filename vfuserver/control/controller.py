@@ -40,7 +40,7 @@ from vfuserver.devices.errors import DeviceError
 from vfuserver.persist import save_config
 from vfuserver.sdnotify import Notifier
 from vfuserver.server import DeviceSet, Service, describe_error, serve
-from vfuserver.spec import PROFILES, DeviceSpec, format_mac
+from vfuserver.spec import PROFILES, VIRTIO_BLK, DeviceSpec, format_mac
 
 log = logging.getLogger("vfuserver.control")
 device_log = logging.getLogger("vfuserver")
@@ -72,7 +72,7 @@ class ControlledDevice(Protocol):
 
 # --- arguments --------------------------------------------------------------------------------
 
-_TYPE_NAMES = {str: "string", bool: "boolean"}
+_TYPE_NAMES = {str: "string", bool: "boolean", int: "integer"}
 
 
 @dataclass(frozen=True)
@@ -181,8 +181,14 @@ class Controller:
             self._errors[spec.name] = reason
             device_log.error("device %s: cannot serve %s: %s", spec.name, spec.socket, reason)
             raise QMPError(GENERIC_ERROR, f"device {spec.name}: {reason}") from None
-        device_log.info("listening on %s (device %s, profile %s, mac %s, netdev %s)",
-                        spec.socket, spec.name, spec.profile, format_mac(spec.mac), spec.netdev)
+        if spec.type == VIRTIO_BLK:
+            device_log.info("listening on %s (device %s, type %s, profile %s, image %s%s)",
+                            spec.socket, spec.name, spec.type, spec.profile, spec.image,
+                            ", read-only" if spec.readonly else "")
+        else:
+            device_log.info("listening on %s (device %s, profile %s, mac %s, netdev %s)",
+                            spec.socket, spec.name, spec.profile, format_mac(spec.mac),
+                            spec.netdev)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -211,9 +217,9 @@ class Controller:
     def describe(self, spec: DeviceSpec) -> dict[str, JsonValue]:
         device = self.running(spec.name)
         info: dict[str, JsonValue] = {
-            "name": spec.name, "socket": spec.socket,
+            "name": spec.name, "type": spec.type, "socket": spec.socket,
             "profile": device.profile if device is not None else spec.profile,
-            "mac": format_mac(spec.mac), "netdev": str(spec.netdev),
+            **_settings(spec),
             "state": "running" if device is not None else "failed",
             "client-attached": device is not None and device.client_attached,
         }
@@ -275,6 +281,7 @@ class Controller:
             device = self.running(spec.name)
             out.append({
                 "device": spec.name,
+                "type": spec.type,
                 "current": device.profile if device is not None else spec.profile,
                 "available": list(PROFILES),
                 "changeable": device is None or not device.client_attached,
@@ -308,12 +315,13 @@ class Controller:
     async def query_stats(self, args: dict[str, Any]) -> JsonValue:
         if "device" in args:
             name = args["device"]
-            return [{"device": name, "stats": self._active(name).stats()}]
+            return [{"device": name, "type": self.definition(name).type,
+                     "stats": self._active(name).stats()}]
         out = []
         for spec in self.config.devices:
             device = self.running(spec.name)
             if device is not None:
-                out.append({"device": spec.name, "stats": device.stats()})
+                out.append({"device": spec.name, "type": spec.type, "stats": device.stats()})
         return out
 
     async def device_add(self, args: dict[str, Any]) -> JsonValue:
@@ -322,6 +330,9 @@ class Controller:
                 spec = device_from_mapping(args, where="device-add")
                 if not os.path.isabs(spec.socket):
                     raise ConfigError(f"device-add: socket {spec.socket!r} must be an "
+                                      "absolute path")
+                if spec.image and not os.path.isabs(spec.image):
+                    raise ConfigError(f"device-add: image {spec.image!r} must be an "
                                       "absolute path")
                 check_unique(self.config.devices, spec)
             except ConfigError as exc:
@@ -375,7 +386,10 @@ COMMANDS: dict[str, Command] = {command.name: command for command in [
             "[{device, stats: {group: {counter: int}}}]"),
     Command("device-add", (Param("name", str), Param("socket", str),
                            Param("profile", str, False), Param("mac", str, False),
-                           Param("netdev", str, False)),
+                           Param("netdev", str, False), Param("type", str, False),
+                           Param("image", str, False), Param("readonly", bool, False),
+                           Param("direct", bool, False), Param("serial", str, False),
+                           Param("queues", int, False)),
             Controller.device_add, "{name, socket, profile, ...} as in query-devices"),
     Command("device-del", (Param("name", str), Param("force", bool, False)),
             Controller.device_del, "{}"),
@@ -383,3 +397,11 @@ COMMANDS: dict[str, Command] = {command.name: command for command in [
             "{qemu: {major, minor, micro}, package}: vfuserver's version"),
     Command("query-commands", (), Controller.query_commands, "[{name}]"),
 ]}
+
+
+def _settings(spec: DeviceSpec) -> dict[str, JsonValue]:
+    """What is behind a device, by type, as query-devices shows it."""
+    if spec.type == VIRTIO_BLK:
+        return {"image": spec.image, "readonly": spec.readonly, "direct": spec.direct,
+                "serial": spec.serial, "queues": spec.queues}
+    return {"mac": format_mac(spec.mac), "netdev": str(spec.netdev)}
