@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks import cbuild, disk, guest, inprocess, region, report, scale, stress
+from benchmarks import cbuild, disk, guest, hostile, inprocess, region, report, scale, stress
 from benchmarks.common import (
     DEFAULT_SECTIONS,
     RESULTS_DIR,
@@ -31,6 +31,7 @@ from benchmarks.common import (
     code_version,
     loadavg,
     machine_description,
+    vfuserver_cli,
 )
 
 
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, help="length of one region-access loop")
     parser.add_argument("--repeats", type=int, help="loops per access kind and server")
     parser.add_argument("--placement", choices=("same", "cross", "free"),
-                        help="CPU placement of client and server (default: same CPU)")
+                        help="CPU placement of client and server (default: the region "
+                             "section measures cross, then same; the others use same)")
     parser.add_argument("--scale-counts", type=_counts, metavar="N,N,...",
                         help="device counts of the scale section (default 1,64,512)")
     parser.add_argument("--guest-configs", type=_guest_configs, metavar="KEYS",
@@ -123,6 +125,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "stress_qemu_server": args.stress_qemu_server,
         "disk_mib": args.disk_mib, "disk_reads": args.disk_reads,
     }
+    if args.placement is not None:
+        overrides["placements"] = (args.placement,)
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items()
                                             if v is not None})
 
@@ -155,6 +159,8 @@ def run_sections(names: Sequence[str], settings: Settings, work: Path,
                 section = stress.run(settings, work)
             elif name == "disk":
                 section = disk.run(settings, work)
+            elif name == "hostile":
+                section = hostile.run(settings, work, vfuserver_cli(log_level="info"))
             else:
                 section = guest.run(settings, work, guest_configs)
         except Exception:

@@ -19,8 +19,8 @@ from tests.e2e.rig import LoggedProcess
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SECTIONS = ("region", "inprocess", "guest", "disk", "scale", "stress")
-DEFAULT_SECTIONS = ("region", "inprocess", "guest", "disk", "scale")
+SECTIONS = ("region", "inprocess", "guest", "disk", "scale", "hostile", "stress")
+DEFAULT_SECTIONS = ("region", "inprocess", "guest", "disk", "scale", "hostile")
 """What a run without --only does: the stress section is long and asked for by name."""
 
 JsonDict = dict[str, Any]
@@ -41,8 +41,13 @@ class Settings:
     """Region-access loops per access kind and server (the median is reported)."""
     placement: str = "same"
     """same: client and server on CPU 0; cross: client on CPU 0, server on CPU 1; free."""
+    placements: tuple[str, ...] = ("cross", "same")
+    """The placements the region section measures, in turn (cross first: a vCPU thread
+    and the server sit on different CPUs of a real host)."""
     inprocess_iterations: int = 20000
     scale_counts: tuple[int, ...] = (1, 64, 512)
+    idle_seconds: float = 10.0
+    """Wall time over which the scale section measures an idle server's CPU."""
     ping_count: int = 1000
     transfer_mib: int = 64
     guest_timeout: float = 300.0
@@ -74,7 +79,8 @@ class Settings:
     @classmethod
     def smoke_settings(cls) -> Settings:
         return cls(smoke=True, seconds=0.15, repeats=1, inprocess_iterations=500,
-                   scale_counts=(1, 8), ping_count=50, transfer_mib=1, guest_timeout=90.0,
+                   scale_counts=(1, 8), idle_seconds=0.5, ping_count=50, transfer_mib=1,
+                   guest_timeout=90.0,
                    step_timeout=30, guest_repeats=1, stress_boots=2, stress_mib=8,
                    disk_mib=4, disk_reads=10)
 
@@ -180,10 +186,14 @@ class HelperProcess(LoggedProcess):
         self.stop()
 
 
+def vfuserver_cli(log_level: str = "warning") -> list[str]:
+    """``vfuserver`` through this Python (the project's venv), before its command."""
+    return [sys.executable, "-m", "vfuserver.cli", "--log-level", log_level]
+
+
 def vfuserver_argv(socket_path: Path, *args: str, log_level: str = "warning") -> list[str]:
     """``vfuserver run`` through this Python (the project's venv)."""
-    return [sys.executable, "-m", "vfuserver.cli", "--log-level", log_level, "run",
-            "--socket", str(socket_path), *args]
+    return [*vfuserver_cli(log_level), "run", "--socket", str(socket_path), *args]
 
 
 def loadavg() -> list[float]:

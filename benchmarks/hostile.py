@@ -93,11 +93,28 @@ class Probe:
         self.latencies: list[float] = []
         self.error: BaseException | None = None
         self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+        self._idle = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No reads meanwhile (to measure what the server does on its own)."""
+        self._idle.clear()
+        self._running.clear()
+        self._idle.wait(30)
+        try:
+            yield
+        finally:
+            self._running.set()
 
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                if not self._running.is_set():
+                    self._idle.set()
+                    self._running.wait()
                 started = time.perf_counter()
                 ids = self.client.read(vu.PciRegion.CONFIG, 0, 4)
                 self.latencies.append(time.perf_counter() - started)
@@ -113,6 +130,7 @@ class Probe:
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
+        self._running.set()
         self._thread.join(60)
         self.client.close()
         if self._thread.is_alive():
@@ -172,7 +190,7 @@ def _version_message() -> bytes:
                           0) + payload
 
 
-def _wait_closed(sock: socket.socket, timeout: float) -> bool:
+def wait_closed(sock: socket.socket, timeout: float) -> bool:
     """True once the server closed the connection (EOF or reset) within ``timeout``."""
     sock.settimeout(timeout)
     try:
@@ -185,7 +203,7 @@ def _wait_closed(sock: socket.socket, timeout: float) -> bool:
     return True
 
 
-def large_message_stall(server: ServerUnderTest) -> None:
+def large_message_stall(server: ServerUnderTest, probe: Probe) -> None:
     """Issue 12, input 1: the 16-byte header of a REGION_WRITE announcing 100,000 bytes,
     then nothing for HOLD seconds, then the client leaves."""
     with _negotiated(server.a) as client:
@@ -194,21 +212,22 @@ def large_message_stall(server: ServerUnderTest) -> None:
         time.sleep(HOLD)
 
 
-def closed_in_message(server: ServerUnderTest) -> None:
+def closed_in_message(server: ServerUnderTest, probe: Probe) -> None:
     """Issue 12, input 2: 20 of the 32 bytes of a REGION_READ, then close. Afterwards the
-    server must be idle (no CPU)."""
+    server must be idle (no CPU, with the probe paused)."""
     with _negotiated(server.a) as client:
         client.sock.sendall(_region_read()[:20])
-    time.sleep(0.2)
-    before = cpu_seconds(server.pid)
-    time.sleep(HOLD)
-    spent = cpu_seconds(server.pid) - before
+    with probe.paused():
+        time.sleep(0.2)
+        before = cpu_seconds(server.pid)
+        time.sleep(HOLD)
+        spent = cpu_seconds(server.pid) - before
     if spent > 0.1 * HOLD:
         raise ScenarioFailed(f"the server spent {spent:.2f} s of CPU in {HOLD} s after a "
                              "client closed in the middle of a message")
 
 
-def stall_every_offset(server: ServerUnderTest) -> None:
+def stall_every_offset(server: ServerUnderTest, probe: Probe) -> None:
     """Every split point of a REGION_READ: the first part, a pause, the rest; the reply
     must be right. Then every split point again, closing instead of sending the rest."""
     message = _region_read(msg_id=5)
@@ -225,7 +244,7 @@ def stall_every_offset(server: ServerUnderTest) -> None:
             client.sock.sendall(message[:split])
 
 
-def stall_in_handshake(server: ServerUnderTest) -> None:
+def stall_in_handshake(server: ServerUnderTest, probe: Probe) -> None:
     """Every split point of the VERSION message, closing after the first part: the
     handshake fails for that client (libvfio-user reads VERSION in one piece) and nothing
     else is held."""
@@ -237,7 +256,7 @@ def stall_in_handshake(server: ServerUnderTest) -> None:
             time.sleep(0.01)
 
 
-def unfinished_with_fds(server: ServerUnderTest) -> None:
+def unfinished_with_fds(server: ServerUnderTest, probe: Probe) -> None:
     """A DMA_MAP whose header and file descriptor arrive, body missing, then close: the
     descriptor must not leak."""
     fd = os.memfd_create("hostile")
@@ -254,15 +273,15 @@ def unfinished_with_fds(server: ServerUnderTest) -> None:
         os.close(fd)
 
 
-def oversized_header(server: ServerUnderTest) -> None:
+def oversized_header(server: ServerUnderTest, probe: Probe) -> None:
     """A header announcing 4 GiB: the client is cut off at once."""
     with _negotiated(server.a) as client:
         client.sock.sendall(vu.HEADER.pack(4, vu.Command.REGION_WRITE, 0xFFFF_FFF0, 0, 0))
-        if not _wait_closed(client.sock, 5):
+        if not wait_closed(client.sock, 5):
             raise ScenarioFailed("a client announcing a 4 GiB message was not cut off")
 
 
-def never_reads_replies(server: ServerUnderTest) -> None:
+def never_reads_replies(server: ServerUnderTest, probe: Probe) -> None:
     """Requests whose replies the client never reads, until both socket buffers are full
     and the server's reply blocks; then HOLD seconds; then the client leaves."""
     with _negotiated(server.a) as client:
@@ -276,7 +295,7 @@ def never_reads_replies(server: ServerUnderTest) -> None:
         time.sleep(HOLD)
 
 
-def silent_client(server: ServerUnderTest) -> None:
+def silent_client(server: ServerUnderTest, probe: Probe) -> None:
     """A client that connects and says nothing for HOLD seconds."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(server.a))
@@ -291,7 +310,7 @@ def connect_cycles(server: ServerUnderTest, sessions: int) -> None:
                 raise ScenarioFailed("a answered wrong during connect cycles")
 
 
-SCENARIOS: dict[str, Callable[[ServerUnderTest], None]] = {
+SCENARIOS: dict[str, Callable[[ServerUnderTest, Probe], None]] = {
     "large-message-stall": large_message_stall,
     "closed-in-message": closed_in_message,
     "stall-every-offset": stall_every_offset,
@@ -330,18 +349,31 @@ def settle(server: ServerUnderTest, fds: int, timeout: float = 10.0) -> int:
     return current
 
 
+def quiet_fds(server: ServerUnderTest, timeout: float = 10.0) -> int:
+    """The server's fd count once it has held still for 0.3 s."""
+    deadline = time.monotonic() + timeout
+    last, since = server.fds(), time.monotonic()
+    while time.monotonic() - since < 0.3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        current = server.fds()
+        if current != last:
+            last, since = current, time.monotonic()
+    return last
+
+
 def run_scenario(server: ServerUnderTest, name: str, sessions: int = 1000) -> Outcome:
     """One scenario with the probe on b: its figures. ScenarioFailed if b stopped
     answering, a is not served again, or the server died."""
     outcome = Outcome(name)
-    fds, rss, threads = server.fds(), server.rss_kib(), server.threads()
+    fds = quiet_fds(server)  # the last scenario's last client may still be going away
+    rss, threads = server.rss_kib(), server.threads()
     started = cpu_seconds(server.pid)
     with Probe(server.b) as probe:
         if name == "connect-cycles":
             connect_cycles(server, sessions)
             outcome.sessions = sessions
         else:
-            SCENARIOS[name](server)
+            SCENARIOS[name](server, probe)
         served_again(server)
         if probe.count() == 0:
             raise ScenarioFailed("b was never answered while a's client misbehaved")

@@ -13,6 +13,7 @@ access (from /proc/PID/stat), and the ratio ours / C.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -90,11 +91,26 @@ def transitional_unavailable(socket_path: Path) -> str | None:
 
 
 def run(settings: Settings, programs: Programs, work: Path) -> Section:
+    """Every placement of ``settings.placements`` in turn (cross first); each row names its
+    placement, the section's floor and notes are per placement."""
     section = Section("region")
-    client_cpu, server_cpu = settings.cpus
-    section.extra["placement"] = settings.describe_placement()
     section.extra["seconds_per_loop"] = settings.seconds
     section.extra["repeats"] = settings.repeats
+    section.extra["placements"] = {}
+    section.extra["floor"] = {}
+    for placement in settings.placements:
+        placed = dataclasses.replace(settings, placement=placement)
+        folder = work / f"region-{placement}"
+        folder.mkdir(exist_ok=True)
+        section.extra["placements"][placement] = placed.describe_placement()
+        _run_placement(section, placed, programs, folder)
+    return section
+
+
+def _run_placement(section: Section, settings: Settings, programs: Programs,
+                   work: Path) -> None:
+    placement = settings.placement
+    client_cpu, server_cpu = settings.cpus
     with ExitStack() as stack:
         c_socket = work / "c.sock"
         c_server = stack.enter_context(HelperProcess(
@@ -121,7 +137,7 @@ def run(settings: Settings, programs: Programs, work: Path) -> Section:
             ours["transitional"] = transitional
             kinds = list(LEGACY_KINDS) + kinds
         else:
-            section.skip(f"legacy BAR0 rows: {reason}")
+            section.skip(f"legacy BAR0 rows ({placement}): {reason}")
 
         samples: dict[tuple[str, str], list[JsonDict]] = {}
         failed: dict[str, str] = {}
@@ -143,10 +159,11 @@ def run(settings: Settings, programs: Programs, work: Path) -> Section:
                     samples.setdefault((kind.key, side), []).append(result)
 
     for key, error in failed.items():
-        section.notes.append(f"{key} failed, no row: {error}")
+        section.notes.append(f"{key} ({placement}) failed, no row: {error}")
         section.status = "partial"
     floor_row = _aggregate(samples[("floor", "pingpong")])
-    section.extra["floor"] = {"label": "raw AF_UNIX ping-pong (C, no libvfio-user)", **floor_row}
+    section.extra["floor"][placement] = {"label": "raw AF_UNIX ping-pong (C, no libvfio-user)",
+                                         **floor_row}
     for kind in kinds:
         if kind.key in failed:
             continue
@@ -155,6 +172,7 @@ def run(settings: Settings, programs: Programs, work: Path) -> Section:
         section.rows.append({
             "key": kind.key,
             "label": kind.label,
+            "placement": placement,
             "profile": kind.profile,
             "group": kind.group,
             "accesses": [a.spec for a in kind.accesses],
@@ -162,7 +180,6 @@ def run(settings: Settings, programs: Programs, work: Path) -> Section:
             "c": c_row,
             "ratio": ours_row["ops_per_s"] / c_row["ops_per_s"],
         })
-    return section
 
 
 def _aggregate(samples: list[JsonDict]) -> JsonDict:
@@ -176,25 +193,27 @@ def _aggregate(samples: list[JsonDict]) -> JsonDict:
 
 def markdown(section: Section) -> list[str]:
     lines = [
-        f"Region accesses over the vfio-user socket, one request outstanding; "
-        f"{section.extra.get('placement', '')}; median of {section.extra.get('repeats')} "
-        f"loops of {section.extra.get('seconds_per_loop')} s. Writes wait for their reply "
-        f"(QEMU waits for IO-port writes; it posts memory-BAR writes). Server CPU: the "
-        f"server process's CPU time per access.",
+        f"Region accesses over the vfio-user socket, one request outstanding; median of "
+        f"{section.extra.get('repeats')} loops of {section.extra.get('seconds_per_loop')} s. "
+        f"Writes wait for their reply (QEMU waits for IO-port writes; it posts memory-BAR "
+        f"writes). Server CPU: the server process's CPU time per access. Placements: "
+        + "; ".join(f"{name}: {text}" for name, text in
+                    section.extra.get("placements", {}).items()) + ".",
         "",
-        "| access | vfuserver ops/s | C server ops/s | ours / C | vfuserver µs/op "
+        "| placement | access | vfuserver ops/s | C server ops/s | ours / C | vfuserver µs/op "
         "| server CPU µs/op (ours / C) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for row in section.rows:
-        ours, c = row["vfuserver"], row["c"]
-        lines.append(
-            f"| {row['label']} | {ours['ops_per_s']:,.0f} | {c['ops_per_s']:,.0f} "
-            f"| {row['ratio']:.2f} | {ours['us_per_op']:.1f} "
-            f"| {ours['server_cpu_us_per_op']:.1f} / {c['server_cpu_us_per_op']:.1f} |")
-    floor = section.extra.get("floor")
-    if floor:
-        lines.append(f"| floor: {floor['label']} | | {floor['ops_per_s']:,.0f} | "
-                     f"| {floor['us_per_op']:.1f} "
-                     f"| {floor['server_cpu_us_per_op']:.1f} |")
+    for placement in section.extra.get("placements", {}):
+        for row in (r for r in section.rows if r.get("placement") == placement):
+            ours, c = row["vfuserver"], row["c"]
+            lines.append(
+                f"| {placement} | {row['label']} | {ours['ops_per_s']:,.0f} "
+                f"| {c['ops_per_s']:,.0f} | {row['ratio']:.2f} | {ours['us_per_op']:.1f} "
+                f"| {ours['server_cpu_us_per_op']:.1f} / {c['server_cpu_us_per_op']:.1f} |")
+        floor = section.extra.get("floor", {}).get(placement)
+        if floor:
+            lines.append(f"| {placement} | floor: {floor['label']} | | "
+                         f"{floor['ops_per_s']:,.0f} | | {floor['us_per_op']:.1f} "
+                         f"| {floor['server_cpu_us_per_op']:.1f} |")
     return lines

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from benchmarks import disk, guest, inprocess, region, scale, stress
+from benchmarks import disk, guest, hostile, inprocess, region, scale, stress
 from benchmarks.common import JsonDict, Section
 
 MARKDOWN: Mapping[str, Callable[[Section], list[str]]] = {
@@ -14,6 +14,7 @@ MARKDOWN: Mapping[str, Callable[[Section], list[str]]] = {
     "disk": disk.markdown,
     "scale": scale.markdown,
     "stress": stress.markdown,
+    "hostile": hostile.markdown,
 }
 TITLES = {
     "region": "Region accesses (legacy translation path)",
@@ -22,13 +23,16 @@ TITLES = {
     "disk": "Disk (virtio-blk)",
     "scale": "Scale",
     "stress": "Stress: loaded boots, queue failures",
+    "hostile": "Misbehaving clients: what another device sees",
 }
 
 LEGACY_ACCESS_MIN = 0.9
 NOTIFY_MIN = 0.9
 PING_MAX = 1.3
-TRANSFER_MIN = 0.7
+TRANSFER_MIN = 0.9
 RSS_PER_DEVICE_MAX_MIB = 2.0
+IDLE_CPU_MAX_PERCENT = 1.0
+"""Issue 13: the idle CPU of 512 devices stays below 1 % of a core."""
 
 
 def _target(key: str, name: str, threshold: str, measured: float | None, met: bool | None,
@@ -83,27 +87,32 @@ def targets(sections: Mapping[str, Section]) -> list[JsonDict]:
     in this run."""
     out: list[JsonDict] = []
     rows = sections["region"].rows if "region" in sections else []
-    legacy = [r for r in rows if r["profile"] == "transitional" and r["group"] == "register"]
-    name = "legacy register access rate, ours / C server (worst kind)"
-    threshold = f">= {LEGACY_ACCESS_MIN}"
-    if legacy:
-        worst = min(legacy, key=lambda r: r["ratio"])
-        out.append(_target("legacy-access", name, threshold, worst["ratio"],
-                           worst["ratio"] >= LEGACY_ACCESS_MIN,
-                           f"worst: {worst['label']}; "
-                           f"best: {max(r['ratio'] for r in legacy):.2f}"))
-    else:
-        out.append(_unmeasured("legacy-access", name, threshold,
-                               _why_no_rows(sections, "region")))
-    notify = next((r for r in rows if r["key"] == "legacy-notify"), None)
-    name = "legacy queue notify rate, ours / C server"
-    threshold = f">= {NOTIFY_MIN}"
-    if notify:
-        out.append(_target("legacy-notify", name, threshold, notify["ratio"],
-                           notify["ratio"] >= NOTIFY_MIN, notify["label"]))
-    else:
-        out.append(_unmeasured("legacy-notify", name, threshold,
-                               _why_no_rows(sections, "region")))
+    placements = sections["region"].extra.get("placements", {}) if "region" in sections else {}
+    for placement in placements or ("cross", "same"):
+        placed = [r for r in rows if r.get("placement") == placement]
+        where = "cross-CPU" if placement == "cross" else f"{placement} CPU"
+        legacy = [r for r in placed if r["profile"] == "transitional"
+                  and r["group"] == "register"]
+        name = f"legacy register access rate, ours / C server, {where} (worst kind)"
+        threshold = f">= {LEGACY_ACCESS_MIN}"
+        if legacy:
+            worst = min(legacy, key=lambda r: r["ratio"])
+            out.append(_target(f"legacy-access-{placement}", name, threshold, worst["ratio"],
+                               worst["ratio"] >= LEGACY_ACCESS_MIN,
+                               f"worst: {worst['label']}; "
+                               f"best: {max(r['ratio'] for r in legacy):.2f}"))
+        else:
+            out.append(_unmeasured(f"legacy-access-{placement}", name, threshold,
+                                   _why_no_rows(sections, "region")))
+        notify = next((r for r in placed if r["key"] == "legacy-notify"), None)
+        name = f"legacy queue notify rate, ours / C server, {where}"
+        threshold = f">= {NOTIFY_MIN}"
+        if notify:
+            out.append(_target(f"legacy-notify-{placement}", name, threshold, notify["ratio"],
+                               notify["ratio"] >= NOTIFY_MIN, notify["label"]))
+        else:
+            out.append(_unmeasured(f"legacy-notify-{placement}", name, threshold,
+                                   _why_no_rows(sections, "region")))
 
     guest_rows = [r for r in sections["guest"].rows if "reference" in r] \
         if "guest" in sections else []
@@ -129,6 +138,19 @@ def targets(sections: Mapping[str, Section]) -> list[JsonDict]:
     else:
         out.append(_unmeasured("rss-per-device", name, threshold,
                                _why_no_rows(sections, "scale")))
+    idle_rows = [r for r in sections["scale"].rows if "idle_cpu_percent" in r] \
+        if "scale" in sections else []
+    name = "idle CPU of the most devices, % of a core (worst of no client / all attached)"
+    threshold = f"< {IDLE_CPU_MAX_PERCENT}"
+    if idle_rows:
+        most = max(idle_rows, key=lambda r: r["devices"])
+        worst = max(most["idle_cpu_percent"], most["idle_attached_cpu_percent"])
+        out.append(_target("idle-cpu", name, threshold, worst, worst < IDLE_CPU_MAX_PERCENT,
+                           f"{most['devices']} {most['profile']} devices: "
+                           f"{most['idle_cpu_percent']:.2f} % without clients, "
+                           f"{most['idle_attached_cpu_percent']:.2f} % attached"))
+    else:
+        out.append(_unmeasured("idle-cpu", name, threshold, _why_no_rows(sections, "scale")))
     return out
 
 

@@ -3,21 +3,35 @@
 For each N, benchmarks/scale_server.py brings N modern devices up in one process and reports
 its RSS after each device and each bring-up time; then the C client times region accesses
 (device_status reads) on the first device while the N - 1 others sit idle, under the same
-CPU placement as the region section.
+CPU placement as the region section. Last, the server's CPU time while all N sit idle, with
+no client, then with a negotiated client on every device (a serving thread each).
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from benchmarks.accesses import LEGACY_KINDS, MODERN_KINDS, AccessKind
 from benchmarks.cbuild import Programs
-from benchmarks.common import BenchmarkError, HelperProcess, JsonDict, Section, Settings, pinned
+from benchmarks.common import (
+    BenchmarkError,
+    HelperProcess,
+    JsonDict,
+    Section,
+    Settings,
+    cpu_seconds,
+    pinned,
+)
 from benchmarks.region import measure
+from vfuserver.client import Client
 
 KINDS: dict[str, AccessKind] = {"modern": MODERN_KINDS[0], "transitional": LEGACY_KINDS[1]}
 """The access timed on the first device: a status read (modern BAR4, or legacy BAR0)."""
@@ -50,6 +64,9 @@ def run_one(settings: Settings, programs: Programs, work: Path, count: int,
         first = Path(report["sockets"][0])
         loops = [measure(programs, server, first, kind, settings.seconds, client_cpu)
                  for _ in range(settings.repeats)]
+        idle = idle_cpu_percent(server.pid, settings.idle_seconds)
+        with attached_clients(report["sockets"]):
+            idle_attached = idle_cpu_percent(server.pid, settings.idle_seconds)
         status = server.stop()
     if status not in (0, None):
         raise BenchmarkError(f"scale server for {count} devices exited with {status}: "
@@ -75,7 +92,30 @@ def run_one(settings: Settings, programs: Programs, work: Path, count: int,
         "us_per_op": statistics.median(loop["us_per_op"] for loop in loops),
         "server_cpu_us_per_op": statistics.median(loop["server_cpu_us_per_op"]
                                                   for loop in loops),
+        "idle_cpu_percent": idle,
+        "idle_attached_cpu_percent": idle_attached,
     }
+
+
+def idle_cpu_percent(pid: int, seconds: float) -> float:
+    """The process's CPU time over ``seconds`` of wall time, in % of one core."""
+    time.sleep(0.5)  # let the last client's wake-ups settle
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - before) / seconds * 100
+
+
+@contextmanager
+def attached_clients(sockets: list[str]) -> Iterator[None]:
+    """A negotiated client on every device, saying nothing (a VM whose devices sit idle):
+    each has its serving thread."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < len(sockets) + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, len(sockets) + 256), hard))
+    with ExitStack() as stack:
+        for path in sockets:
+            stack.enter_context(Client(path, timeout=60))
+        yield
 
 
 def run(settings: Settings, programs: Programs, work: Path) -> Section:
@@ -101,8 +141,9 @@ def markdown(section: Section) -> list[str]:
         f"({section.extra.get('placement', '')}).",
         "",
         "| devices | profile | RSS total MiB | RSS per extra device KiB | bring-up ms/device "
-        "(median / max) | fds per device | status reads/s on device 0 | µs/op |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "(median / max) | fds per device | status reads/s on device 0 | µs/op "
+        "| idle CPU % of a core (no client / every device attached) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in section.rows:
         per_device = row["rss_per_extra_device_kib"]
@@ -110,5 +151,6 @@ def markdown(section: Section) -> list[str]:
         lines.append(
             f"| {row['devices']} | {row['profile']} | {row['rss_total_mib']:.1f} | {per} "
             f"| {row['bring_up_ms_median']:.1f} / {row['bring_up_ms_max']:.1f} "
-            f"| {row['fds_per_device']:.1f} | {row['ops_per_s']:,.0f} | {row['us_per_op']:.1f} |")
+            f"| {row['fds_per_device']:.1f} | {row['ops_per_s']:,.0f} | {row['us_per_op']:.1f} "
+            f"| {row['idle_cpu_percent']:.2f} / {row['idle_attached_cpu_percent']:.2f} |")
     return lines

@@ -78,7 +78,7 @@ def test_every_guest_row_is_printed_once() -> None:
         f"| {row['label']}" for row in GUEST_ROWS]
     # the targets table has one line per target, not one per guest row and target
     target_lines = by_table["Targets"]
-    assert len(target_lines) == len(results_for(sections)["targets"]) == 5
+    assert len(target_lines) == len(results_for(sections)["targets"]) == 8
     for row in GUEST_ROWS:
         assert sum(f" {row['label']} vs " in line for line in target_lines) <= 1, row["label"]
 
@@ -131,19 +131,25 @@ def test_met_is_a_bool_exactly_when_measured() -> None:
     """The contract the smoke test checks on a real run."""
     region = Section("region", rows=[
         {"profile": "transitional", "group": "register", "key": "legacy-status",
-         "label": "legacy STATUS read", "ratio": 0.57},
+         "label": "legacy STATUS read", "ratio": 0.57, "placement": placement}
+        for placement in ("cross", "same")] + [
         {"profile": "transitional", "group": "notify", "key": "legacy-notify",
-         "label": "legacy QUEUE_NOTIFY write", "ratio": 0.6},
-    ])
+         "label": "legacy QUEUE_NOTIFY write", "ratio": 0.6, "placement": placement}
+        for placement in ("cross", "same")],
+        extra={"placements": {"cross": "client on CPU 0, server on 1",
+                              "same": "both on CPU 0"}})
     scale = Section("scale", rows=[
-        {"devices": 1, "profile": "modern", "rss_per_extra_device_kib": None},
-        {"devices": 512, "profile": "transitional", "rss_per_extra_device_kib": 38.0},
+        {"devices": 1, "profile": "modern", "rss_per_extra_device_kib": None,
+         "idle_cpu_percent": 0.0, "idle_attached_cpu_percent": 0.0},
+        {"devices": 512, "profile": "transitional", "rss_per_extra_device_kib": 38.0,
+         "idle_cpu_percent": 0.1, "idle_attached_cpu_percent": 0.3},
     ])
     all_targets: list[dict[str, Any]] = report.targets(
         {"region": region, "scale": scale, "guest": Section("guest", rows=GUEST_ROWS)})
     assert [t["key"] for t in all_targets] == [
-        "legacy-access", "legacy-notify", "guest-ping", "guest-transfer", "rss-per-device"]
+        "legacy-access-cross", "legacy-notify-cross", "legacy-access-same", "legacy-notify-same",
+        "guest-ping", "guest-transfer", "rss-per-device", "idle-cpu"]
     for target in all_targets:
         assert isinstance(target["measured"], float)
         assert isinstance(target["met"], bool)
-    assert [t["met"] for t in all_targets] == [False, False, False, False, True]
+    assert [t["met"] for t in all_targets] == [False] * 6 + [True, True]

@@ -8,21 +8,25 @@ descriptor or a thread. The figures (latencies, RSS) are the ``hostile`` benchma
 
 from __future__ import annotations
 
-import sys
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from benchmarks.common import vfuserver_cli
 from benchmarks.hostile import (
     SCENARIOS,
     ServerUnderTest,
     connect_cycles,
     run_scenario,
+    served_again,
     two_device_server,
+    wait_closed,
 )
+from vfuserver.context import ATTACH_TIMEOUT
 
-ARGV = [sys.executable, "-m", "vfuserver.cli", "--log-level", "info"]
+ARGV = vfuserver_cli(log_level="info")
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +53,11 @@ def test_dropped_clients_are_logged_with_the_reason(server: ServerUnderTest) -> 
 
 def test_a_silent_client_is_disconnected_after_the_attach_timeout(
         tmp_path: Path) -> None:
-    import socket
 
-    from benchmarks.hostile import _wait_closed, served_again
-    from vfuserver.context import ATTACH_TIMEOUT
 
     with two_device_server(tmp_path, ARGV) as running:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(str(running.a))
-            assert _wait_closed(sock, ATTACH_TIMEOUT + 5)
+            assert wait_closed(sock, ATTACH_TIMEOUT + 5)
         served_again(running)
         assert "sent no VERSION within" in running.process.log
