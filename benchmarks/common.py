@@ -146,11 +146,13 @@ class HelperProcess(LoggedProcess):
     """A server process of a benchmark, its output in a log file; stopped on exit."""
 
     def __init__(self, name: str, argv: Sequence[str], log_path: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path = REPO) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         self.env = env
+        self.cwd = cwd
+        """Where it runs: ``python -m`` imports from there first."""
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -164,7 +166,7 @@ class HelperProcess(LoggedProcess):
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, env=self.env,
-                                            cwd=REPO)
+                                            cwd=self.cwd)
         deadline = time.monotonic() + timeout
         while not ready():
             if self.process.poll() is not None:

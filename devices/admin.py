@@ -132,9 +132,11 @@ class AdminStats:
         status table): ``opcode:LEGACY_COMMON_CFG_READ``,
         ``status:LEGACY_COMMON_CFG_READ:OK``; a value the spec does not name shows as
         its number."""
-        out = {f"opcode:{name_or_number(Opcode, op)}": n for op, n in self.commands.items()}
+        # list(): one step under the GIL, while serving threads may add keys
+        out = {f"opcode:{name_or_number(Opcode, op)}": n
+               for op, n in list(self.commands.items())}
         out.update({f"status:{name_or_number(Opcode, op)}:{name_or_number(Status, st)}": n
-                    for (op, st), n in self.statuses.items()})
+                    for (op, st), n in list(self.statuses.items())})
         out["malformed"] = self.malformed
         out["bugs"] = self.bugs
         return out

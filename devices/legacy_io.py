@@ -105,9 +105,10 @@ class LegacyStats:
     (:attr:`vfuserver.devices.legacy.LegacyInterface.ignored`)."""
 
     def as_dict(self) -> dict[str, int]:
-        out = {f"access:{k}": v for k, v in self.accesses.items()}
-        out.update({f"refused:{k}": v for k, v in self.refused.items()})
-        out.update({f"ignored:{k}": v for k, v in self.ignored.items()})
+        # list(): one step under the GIL, while the serving thread may add keys
+        out = {f"access:{k}": v for k, v in list(self.accesses.items())}
+        out.update({f"refused:{k}": v for k, v in list(self.refused.items())})
+        out.update({f"ignored:{k}": v for k, v in list(self.ignored.items())})
         out["fast_notifies"] = self.fast_notifies
         return out
 

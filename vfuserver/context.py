@@ -80,6 +80,9 @@ class DropReason(enum.IntEnum):
     STALLED = lib.VFUSERVER_DROP_STALLED
     TOO_LARGE = lib.VFUSERVER_DROP_TOO_LARGE
     RUN_ERROR = lib.VFUSERVER_DROP_RUN_ERROR
+    MALFORMED = lib.VFUSERVER_DROP_MALFORMED
+    REPLY_TIMEOUT = lib.VFUSERVER_DROP_REPLY_TIMEOUT
+    SPURIOUS = lib.VFUSERVER_DROP_SPURIOUS
 
 
 _RESET_KINDS = {
@@ -352,8 +355,11 @@ class VfuContext:
             if result == lib.VFUSERVER_SERVE_REPORT:
                 continue
             if result == lib.VFUSERVER_SERVE_QUIESCING:
-                self._wait_quiesced()
-                continue
+                if self._wait_quiesced():
+                    continue
+                result = (lib.VFUSERVER_SERVE_STOPPED if self._dev.stop
+                          else lib.VFUSERVER_SERVE_DETACHED)
+                self._dev.serving = 0  # the native loop left it set while it waited
             self._log_drop()
             return ServeResult(result)
 
@@ -386,18 +392,28 @@ class VfuContext:
                                   f"more than the vfio-user maximum of "
                                   f"{lib.VFUSERVER_MAX_MESSAGE}",
             DropReason.RUN_ERROR: f"vfu_run_ctx failed: {os.strerror(dev.drop_errno)}",
+            DropReason.MALFORMED: "it sent a header libvfio-user refuses without reading "
+                                  "the message (not a command, or a size that cannot be)",
+            DropReason.REPLY_TIMEOUT: f"a reply waited {REPLY_TIMEOUT:g} s for it to read "
+                                      "its socket",
+            DropReason.SPURIOUS: "its socket kept polling readable with nothing to read",
         }[reason]
         self.log.warning("client of %s dropped: %s; the device is reset for the next client",
                          self.socket_path, why)
 
-    def _wait_quiesced(self) -> None:
-        """libvfio-user holds a request until the function is quiet (quiesce_complete)."""
+    def _wait_quiesced(self) -> bool:
+        """libvfio-user holds a request until the function is quiet (quiesce_complete);
+        then it runs it. False if that ended the connection (or serving was stopped).
+        The held request's callbacks take :attr:`lock` themselves."""
         self._quiesced.wait()
         self._quiesced.clear()
         if self._dev.stop or self.closed:
-            return
-        with self.lock:
-            check(lib.vfu_device_quiesced(self._ctx, 0), "vfu_device_quiesced")
+            return False
+        result = lib.vfuserver_quiesced(self._ctx, self._dev)
+        if result == lib.VFUSERVER_SERVE_DETACHED:
+            return False
+        check(result, "vfu_device_quiesced")
+        return True
 
     def process_kicks(self) -> int:
         """Run the queue notifications the fast path recorded (the model, under
@@ -446,6 +462,10 @@ class VfuContext:
         goes through the unregister callback (which forgets it in :attr:`memory`), then
         the function is reset (LOST_CONNECTION). A bug in those callbacks is logged here.
         """
+        if self._ctx != ffi.NULL and self._dev.serving:
+            # vfu_destroy_ctx under a running vfu_run_ctx would crash the process
+            raise RuntimeError(f"{self.socket_path}: close() while a client is being served; "
+                               "stop_serving() and wait for serve_client() first")
         ctx, self._ctx = self._ctx, ffi.NULL
         if ctx == ffi.NULL:
             return
@@ -625,6 +645,13 @@ class _VfuInterrupts:
         self._context = context
 
     def trigger(self, vector: int) -> None:
-        if not self._context.closed:
-            self._context.trigger(vector)
+        context = self._context
+        if context.closed:
+            return
+        # the model raises it under its lock: what the interrupt announces (a status,
+        # NEEDS_RESET) is published before the guest can look
+        context.native.publish()
+        if not context.trigger(vector):
+            context.log.debug("interrupt %d not raised: the client gave no eventfd for it",
+                              vector)
 

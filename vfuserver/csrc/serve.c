@@ -43,6 +43,9 @@ enum vfuserver_drop {
     VFUSERVER_DROP_STALLED = 2,             /* part of a message, nothing more for too long */
     VFUSERVER_DROP_TOO_LARGE = 3,           /* a header announcing more than the maximum */
     VFUSERVER_DROP_RUN_ERROR = 4,           /* vfu_run_ctx failed (drop_errno) */
+    VFUSERVER_DROP_MALFORMED = 5,           /* a header libvfio-user cannot skip */
+    VFUSERVER_DROP_REPLY_TIMEOUT = 6,       /* a reply waited reply_timeout_ms */
+    VFUSERVER_DROP_SPURIOUS = 7,            /* readable without data, again and again */
 };
 
 enum vfuserver_ready {
@@ -52,6 +55,7 @@ enum vfuserver_ready {
     READY_WHOLE = 2,
     READY_EOF = 3,
     READY_TOO_LARGE = 4,
+    READY_MALFORMED = 5,        /* a header libvfio-user cannot take: drop the client */
 };
 
 static int vfuserver_interrupt_signal(void) { return SIGRTMIN + 4; }
@@ -177,22 +181,28 @@ static int vfuserver_trigger(vfu_ctx_t *ctx, struct vfuserver_dev *d, uint32_t v
         pthread_mutex_unlock(&d->irq_lock);
         return ret;
     }
-    if (vector >= 64) {
+    if (vector >= 64 * VFUSERVER_IRQ_WORDS) {
         errno = EINVAL;
         return -1;
     }
-    __atomic_fetch_or(&d->pending_irqs, 1ULL << vector, __ATOMIC_SEQ_CST);
+    __atomic_fetch_or(&d->pending_irqs[vector / 64], 1ULL << (vector % 64), __ATOMIC_SEQ_CST);
+    __atomic_store_n(&d->any_pending_irq, 1, __ATOMIC_SEQ_CST);
     vfuserver_signal_eventfd(d->wake_fd);
     return 0;
 }
 
 static void vfuserver_raise_pending(vfu_ctx_t *ctx, struct vfuserver_dev *d)
 {
-    uint64_t vectors = __atomic_exchange_n(&d->pending_irqs, 0, __ATOMIC_SEQ_CST);
-    while (vectors) {
-        int vector = __builtin_ctzll(vectors);
-        vectors &= vectors - 1;
-        vfu_irq_trigger(ctx, (uint32_t)vector);
+    if (!__atomic_exchange_n(&d->any_pending_irq, 0, __ATOMIC_SEQ_CST)) {
+        return;
+    }
+    for (int word = 0; word < VFUSERVER_IRQ_WORDS; word++) {
+        uint64_t vectors = __atomic_exchange_n(&d->pending_irqs[word], 0, __ATOMIC_SEQ_CST);
+        while (vectors) {
+            int bit = __builtin_ctzll(vectors);
+            vectors &= vectors - 1;
+            vfu_irq_trigger(ctx, (uint32_t)(word * 64 + bit));
+        }
     }
 }
 
@@ -211,12 +221,24 @@ static int vfuserver_message_ready(int fd, uint32_t *size)
         return READY_EOF;
     }
     if ((size_t)n < sizeof(hdr)) {
-        return READY_PARTIAL;
+        /* a peek stops at a buffer of file descriptors: count what is queued */
+        if (ioctl(fd, FIONREAD, &queued) < 0) {
+            return READY_ERROR;
+        }
+        /* a header cut by file descriptors: libvfio-user reads it in one recvmsg and would
+           take the short read for a reset connection */
+        return (size_t)queued < sizeof(hdr) ? READY_PARTIAL : READY_MALFORMED;
     }
     memcpy(&hdr, buf, sizeof(hdr));
     *size = hdr.msg_size;
     if (hdr.msg_size > VFUSERVER_MAX_MESSAGE) {
         return READY_TOO_LARGE;
+    }
+    /* libvfio-user's is_valid_header refuses these without reading the body, which would
+       leave the body to be read as the next header: the stream can only be dropped. */
+    if (hdr.flags.type != VFIO_USER_F_TYPE_COMMAND || hdr.msg_size < sizeof(hdr) ||
+        (hdr.msg_size == sizeof(hdr) && hdr.cmd != VFIO_USER_DEVICE_RESET)) {
+        return READY_MALFORMED;
     }
     if (hdr.msg_size <= (size_t)n) {
         return READY_WHOLE;     /* a size below the header's is libvfio-user's to refuse */
@@ -261,7 +283,7 @@ static void vfuserver_set_reply_timeout(int fd, int64_t ms)
 /* Wait for the socket or wake_fd; adaptive polling first. Returns READY_* of the socket
    as last seen, or READY_EMPTY when woken for something else. */
 static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t deadline,
-                          uint32_t *size)
+                          int backoff_ms, uint32_t *size, int *fd_readable)
 {
     struct pollfd fds[2] = {
         { .fd = fd, .events = partial ? POLLRDHUP : (POLLIN | POLLRDHUP) },
@@ -279,7 +301,7 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
                 return state;
             }
             if (__atomic_load_n(&d->stop, __ATOMIC_ACQUIRE) ||
-                __atomic_load_n(&d->pending_irqs, __ATOMIC_ACQUIRE)) {
+                __atomic_load_n(&d->any_pending_irq, __ATOMIC_ACQUIRE)) {
                 return READY_EMPTY;
             }
             sched_yield();  /* a client on this CPU gets to send meanwhile */
@@ -287,9 +309,11 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
     }
     if (partial) {
         /* poll() cannot wait for "more bytes" on AF_UNIX (no SO_RCVLOWAT there): look
-           again every millisecond until the deadline; EOF still wakes it at once */
-        timeout = deadline - start <= 0 ? 0 : 1;
+           again after backoff_ms until the deadline; EOF still wakes it at once */
+        int64_t left_ms = (deadline - start) / 1000000;
+        timeout = left_ms <= 0 ? 0 : (int)(left_ms < backoff_ms ? left_ms : backoff_ms);
     }
+    *fd_readable = 0;
     int n = poll(fds, 2, timeout);
     d->wakeups++;
     if (n < 0) {
@@ -309,6 +333,7 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
     if (fds[1].revents & POLLIN) {
         vfuserver_take_eventfd(d->wake_fd);
     }
+    *fd_readable = (fds[0].revents & POLLIN) != 0;
     if (partial && (fds[0].revents & (POLLRDHUP | POLLHUP | POLLERR))) {
         return READY_EOF;
     }
@@ -324,9 +349,29 @@ static int vfuserver_finish(struct vfuserver_dev *d, int result)
 static int vfuserver_drop(vfu_ctx_t *ctx, struct vfuserver_dev *d, int fd, int reason)
 {
     d->drop_reason = reason;
-    vfuserver_cut_off(fd);
-    vfuserver_run_one(ctx, d);      /* EOF: libvfio-user resets the device, detaches */
+    if (vfu_get_poll_fd(ctx) == fd) {   /* still the connection (not closed and reused) */
+        vfuserver_cut_off(fd);
+        vfuserver_run_one(ctx, d);      /* EOF: libvfio-user resets the device, detaches */
+    }
     return vfuserver_finish(d, VFUSERVER_SERVE_DETACHED);
+}
+
+/* vfu_device_quiesced under irq_lock (it may run a held reset, which closes the interrupt
+   eventfds); DETACHED if the connection went with it, else 0. */
+static int vfuserver_quiesced(vfu_ctx_t *ctx, struct vfuserver_dev *d)
+{
+    int fd = vfu_get_poll_fd(ctx);
+    vfuserver_enter_blocking(d);
+    pthread_mutex_lock(&d->irq_lock);
+    int ret = vfu_device_quiesced(ctx, 0);
+    int saved = errno;
+    pthread_mutex_unlock(&d->irq_lock);
+    vfuserver_leave_blocking(d);
+    if (vfu_get_poll_fd(ctx) != fd) {
+        return vfuserver_finish(d, VFUSERVER_SERVE_DETACHED);
+    }
+    errno = saved;
+    return ret < 0 ? -1 : 0;
 }
 
 /* Serve the attached client until it leaves (or is dropped), vfuserver_stop() is called,
@@ -343,6 +388,12 @@ static int vfuserver_serve(vfu_ctx_t *ctx, struct vfuserver_dev *d)
     pthread_mutex_unlock(&d->thread_lock);
     __atomic_store_n(&d->serving, 1, __ATOMIC_RELEASE);
     vfuserver_set_reply_timeout(fd, d->reply_timeout_ms);
+    /* out-of-band data (AF_UNIX has it since Linux 5.15) would keep poll() readable with
+       nothing to peek: keep it in the stream, where it is just a malformed message */
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &one, sizeof(one));
+    int spurious = 0;
+    int backoff_ms = 1;
 
     for (;;) {
         if (__atomic_load_n(&d->stop, __ATOMIC_ACQUIRE)) {
@@ -353,17 +404,29 @@ static int vfuserver_serve(vfu_ctx_t *ctx, struct vfuserver_dev *d)
         for (;;) {
             if (state == READY_WHOLE || state == READY_EOF) {
                 partial_deadline = 0;
+                spurious = 0;
+                backoff_ms = 1;
                 int ret = vfuserver_run_one(ctx, d);
+                int err = errno;
                 d->messages++;
+                if (vfu_get_poll_fd(ctx) != fd) {
+                    /* libvfio-user closed the connection (a reply to a client that had
+                       gone, EOF): the fd number is no longer ours to touch */
+                    return vfuserver_finish(d, VFUSERVER_SERVE_DETACHED);
+                }
                 if (ret < 0) {
-                    if (errno == ENOTCONN) {
+                    if (err == ENOTCONN) {
                         return vfuserver_finish(d, VFUSERVER_SERVE_DETACHED);
                     }
-                    if (errno == EBUSY) {
+                    if (err == EBUSY) {
                         return VFUSERVER_SERVE_QUIESCING;
                     }
-                    if (errno != EINTR && errno != EAGAIN) {
-                        d->drop_errno = errno;
+                    if (err == EAGAIN || err == EWOULDBLOCK) {
+                        /* only the reply can time out: the message was queued whole */
+                        return vfuserver_drop(ctx, d, fd, VFUSERVER_DROP_REPLY_TIMEOUT);
+                    }
+                    if (err != EINTR) {
+                        d->drop_errno = err;
                         return vfuserver_drop(ctx, d, fd, VFUSERVER_DROP_RUN_ERROR);
                     }
                 }
@@ -371,6 +434,9 @@ static int vfuserver_serve(vfu_ctx_t *ctx, struct vfuserver_dev *d)
                     return VFUSERVER_SERVE_REPORT;
                 }
                 break;  /* back to the top: stop, pending interrupts, the next message */
+            }
+            if (state == READY_MALFORMED) {
+                return vfuserver_drop(ctx, d, fd, VFUSERVER_DROP_MALFORMED);
             }
             if (state == READY_TOO_LARGE) {
                 d->drop_size = size;
@@ -389,7 +455,17 @@ static int vfuserver_serve(vfu_ctx_t *ctx, struct vfuserver_dev *d)
                     return vfuserver_drop(ctx, d, fd, VFUSERVER_DROP_STALLED);
                 }
             }
-            int seen = vfuserver_wait(fd, d, partial, partial_deadline, &size);
+            int readable = 0;
+            int seen = vfuserver_wait(fd, d, partial, partial_deadline, backoff_ms, &size,
+                                      &readable);
+            if (partial && backoff_ms < 64) {
+                backoff_ms *= 2;    /* 1, 2, 4 ... 64 ms: a stalled client costs ~20 wake-ups/s */
+            }
+            if (!partial && seen == READY_EMPTY && readable &&
+                vfuserver_message_ready(fd, &size) == READY_EMPTY && ++spurious > 1000) {
+                /* poll() says readable and there is nothing to read, over and over */
+                return vfuserver_drop(ctx, d, fd, VFUSERVER_DROP_SPURIOUS);
+            }
             if (partial && seen == READY_EOF) {
                 /* the client closed with part of a message queued */
                 if (vfuserver_message_ready(fd, &size) != READY_WHOLE) {

@@ -16,6 +16,7 @@
 
 #define FAST_MISS (-2)          /* not a fast-path access: the Python model answers it */
 #define VFUSERVER_FAST_REGS 8
+#define VFUSERVER_IRQ_WORDS 32      /* 2048 vectors: the MSI-X maximum */
 
 enum vfuserver_fast_kind {
     VFUSERVER_FAST_NOTIFY = 1,      /* write: the 16-bit value names the queue to kick */
@@ -48,7 +49,9 @@ struct vfuserver_dev {
     /* shared cells (atomic) */
     uint8_t isr;
     uint64_t pending_notify;        /* bit n: queue n kicked */
-    uint64_t pending_irqs;          /* vectors another thread asked the serving thread to raise */
+    uint64_t pending_irqs[VFUSERVER_IRQ_WORDS]; /* vectors another thread asked the serving
+                                                   thread to raise, one bit each */
+    uint64_t any_pending_irq;       /* nonzero: look at pending_irqs */
     int stop;
     int report;                     /* a callback stored an error: return to Python */
 

@@ -107,6 +107,9 @@ vfu_region_access_cb_p vfuserver_region_trampoline(int region_idx);
 #define VFUSERVER_DROP_STALLED ...
 #define VFUSERVER_DROP_TOO_LARGE ...
 #define VFUSERVER_DROP_RUN_ERROR ...
+#define VFUSERVER_DROP_MALFORMED ...
+#define VFUSERVER_DROP_REPLY_TIMEOUT ...
+#define VFUSERVER_DROP_SPURIOUS ...
 #define VFUSERVER_MAX_MESSAGE ...
 
 struct vfuserver_fast_reg {
@@ -132,6 +135,7 @@ struct vfuserver_dev {
     uint64_t pending_notify;
     int stop;
     int report;
+    int serving;
     int notify_fd;
     int wake_fd;
     int64_t poll_max_ns;
@@ -157,6 +161,9 @@ ssize_t fast_access(void *private, int region, char *buf, size_t n, loff_t off, 
 int vfuserver_attach(vfu_ctx_t *ctx, struct vfuserver_dev *d);
 /* Serve the attached client (GIL released): a VFUSERVER_SERVE_* value. */
 int vfuserver_serve(vfu_ctx_t *ctx, struct vfuserver_dev *d);
+/* vfu_device_quiesced under the interrupt lock: 0, -1 + errno, or VFUSERVER_SERVE_DETACHED
+   when the request it let through ended the connection. */
+int vfuserver_quiesced(vfu_ctx_t *ctx, struct vfuserver_dev *d);
 /* Ask the serving thread to return STOPPED; interrupts its blocking call, if any. */
 void vfuserver_stop(struct vfuserver_dev *d);
 int vfuserver_interrupt(struct vfuserver_dev *d);

@@ -1,0 +1,66 @@
+"""Review finding: an interrupt for vector >= 64 raised from another thread while the
+serving thread is inside vfu_run_ctx is lost (vfuserver_trigger returns EINVAL)."""
+from __future__ import annotations
+
+import os
+import select
+import threading
+from pathlib import Path
+
+from tests.server.conftest import ScratchFunction, ScratchRegion
+from vfuserver.client import Client
+from vfuserver.context import VfuContext
+from vfuserver.devices.pci import Bar, BarKind
+from vfuserver.protocol import vfio_user as vu
+
+
+class BlockingRegion(ScratchRegion):
+    def __init__(self) -> None:
+        super().__init__(4096)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.entered.set()
+        self.release.wait(10)
+
+
+class ManyVectors(ScratchFunction):
+    msix_vectors = 65   # a 64-queue virtio-blk: queues + config
+
+    def __init__(self) -> None:
+        super().__init__("many")
+        self.bar0: BlockingRegion = BlockingRegion()
+        self.config.bars.clear()
+        self.config.add_bar(Bar(0, 4096, BarKind.MEM32, self.bar0))
+
+
+def fired(fd: int, timeout: float) -> bool:
+    r, _, _ = select.select([fd], [], [], timeout)
+    return bool(r)
+
+
+def test_vector_64_is_not_lost_when_the_serving_thread_is_busy(tmp_path: Path) -> None:
+    fn = ManyVectors()
+    with VfuContext(str(tmp_path / "m.sock"), fn) as context, \
+            Client(context.socket_path, negotiate=False) as client:
+            caps = {"max_msg_fds": 16, "max_data_xfer_size": vu.MAX_DATA_XFER_SIZE}
+            version = client.send(vu.Command.VERSION, vu.build_version(0, 0, caps))
+            context.attach()
+            client.receive(version, vu.Command.VERSION)
+            results = []
+            thread = threading.Thread(target=lambda: results.append(context.serve_client()))
+            thread.start()
+            efd63, efd64 = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+            client.set_irqs(vu.PciIrq.MSIX, 63, [efd63, efd64])
+            client.post_write(vu.PciRegion.BAR0, 0, b"\0\0\0\0")   # the callback blocks
+            assert fn.bar0.entered.wait(5)
+            ok63 = context.trigger(63)    # from "the event loop" (another thread)
+            ok64 = context.trigger(64)
+            fn.bar0.release.set()
+            got63, got64 = fired(efd63, 2), fired(efd64, 2)
+            client.close()
+            thread.join(10)
+            print("trigger(63)", ok63, "fired", got63, "| trigger(64)", ok64, "fired", got64)
+            assert got63
+            assert ok64 and got64, "vector 64 lost"
