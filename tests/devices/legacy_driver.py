@@ -21,8 +21,8 @@ MAC = bytes.fromhex("525400abcdef")
 
 
 class Rig:
-    def __init__(self, owner: AdminOwner | None = None) -> None:
-        self.ram = GuestRam()
+    def __init__(self, owner: AdminOwner | None = None, ram: GuestRam | None = None) -> None:
+        self.ram = ram or GuestRam()
         self.peer = RecordingPeer()
         self.net = VirtioNet(self.ram.memory, None, self.peer, mac=MAC)  # type: ignore[arg-type]
         self.modern = VirtioPciFunction(self.net, name="t", class_code=ClassCode.NETWORK_ETHERNET)
