@@ -54,6 +54,25 @@ void vfuserver_smp_rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 
 /* Messages up to this size are only handed to libvfio-user once complete. */
 #define VFUSERVER_STREAMED_MESSAGE (64 * 1024)
+/* libvfio-user's SERVER_MAX_MSG_SIZE (lib/private.h): a REGION_WRITE of the largest
+   transfer. */
+#define VFUSERVER_MAX_MESSAGE (VFIO_USER_DEFAULT_MAX_DATA_XFER_SIZE + \
+                               sizeof(struct vfio_user_header) + \
+                               sizeof(struct vfio_user_region_access))
+
+static void vfuserver_discard(int fd, int queued)
+{
+    char buf[4096];
+
+    while (queued > 0) {
+        ssize_t n = recv(fd, buf, (size_t)queued < sizeof(buf) ? (size_t)queued : sizeof(buf),
+                         MSG_DONTWAIT);
+        if (n <= 0) {
+            break;
+        }
+        queued -= (int)n;
+    }
+}
 
 static int vfuserver_message_ready(int fd)
 {
@@ -77,9 +96,20 @@ static int vfuserver_message_ready(int fd)
     if ((size_t)n < sizeof(hdr)) {
         return 0;
     }
-    if (hdr.msg_size < sizeof(hdr) || hdr.msg_size > VFUSERVER_STREAMED_MESSAGE) {
-        /* Malformed (vfu_run_ctx rejects it), or larger than a socket buffer can hold:
-           the rest can only arrive while the library reads, so let it read. */
+    if (hdr.flags.type != VFIO_USER_F_TYPE_COMMAND || hdr.msg_size < sizeof(hdr) ||
+        hdr.msg_size > VFUSERVER_MAX_MESSAGE) {
+        /* libvfio-user refuses such a header without reading the body behind it
+           (get_request_header, is_valid_header): it would parse the rest of the stream
+           from inside that body. The stream cannot be trusted any more: drop the client.
+           What is queued goes first, or the loop would find the same header again after
+           shutting the connection down instead of the EOF that ends the session. */
+        vfuserver_discard(fd, queued);
+        errno = EPROTO;
+        return -1;
+    }
+    if (hdr.msg_size > VFUSERVER_STREAMED_MESSAGE) {
+        /* Larger than a socket buffer can hold: the rest can only arrive while the
+           library reads, so let it read. */
         return 1;
     }
     return (size_t)queued >= hdr.msg_size ? 1 : 0;
