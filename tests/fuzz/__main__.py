@@ -15,6 +15,7 @@ import logging
 import sys
 
 import atheris
+from atheris.import_hook import instrument_imports
 
 from tests.fuzz import targets
 
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> None:
     # Findings are exceptions and broken invariants, never log lines; a guest's mistakes
     # are logged (rate-limited) by design and would only slow the run down.
     logging.disable(logging.CRITICAL)
-    with atheris.instrument_imports(include=targets.INSTRUMENTED):
+    with instrument_imports(include=targets.INSTRUMENTED):
         target = targets.target_function(name)
     atheris.Setup(argv, target)
     atheris.Fuzz()

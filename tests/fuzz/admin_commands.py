@@ -11,12 +11,11 @@ OK), and no command counted as an unexpected failure (AdminStats.bugs).
 
 from __future__ import annotations
 
+from tests.fuzz.harness import ByteReader, Finding
+from tests.fuzz.rig import FuzzRig
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.protocol import virtio_admin as admin
 from vfuserver.protocol.virtio_admin import CMD_HEADER, CMD_HEADER_SIZE, CMD_STATUS_SIZE
-
-from tests.fuzz.harness import ByteReader, Finding
-from tests.fuzz.rig import FuzzRig
 
 OPCODES = tuple(int(op) for op in admin.Opcode)
 GROUPS = tuple(int(group) for group in admin.GroupType)

@@ -3,6 +3,19 @@ and the one exception type that marks a broken invariant."""
 
 from __future__ import annotations
 
+from typing import Protocol
+
+
+class FuzzTarget(Protocol):
+    """A fuzz target: built once per process, then called with one input at a time."""
+
+    def __call__(self, data: bytes) -> None: ...
+
+    @classmethod
+    def seeds(cls) -> dict[str, bytes]:
+        """Named starting inputs (tests/fuzz/corpus/<target>/seed-<name>)."""
+        ...
+
 
 class Finding(AssertionError):
     """An input broke an invariant of the code under test (not a defined error)."""

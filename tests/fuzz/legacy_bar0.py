@@ -10,15 +10,14 @@ as is an admin command that fails unexpectedly or an interrupt on a vector that 
 
 from __future__ import annotations
 
+from tests.devices.driver import RAM_BASE
+from tests.fuzz.harness import ByteReader
+from tests.fuzz.rig import FuzzRig, encode_access, region_access
 from vfuserver.devices.legacy_io import BAR0_SIZE
 from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol import virtio_ring as ring
 from vfuserver.protocol.virtio import DeviceStatus
 from vfuserver.protocol.virtio_legacy import Register
-
-from tests.devices.driver import RAM_BASE
-from tests.fuzz.harness import ByteReader
-from tests.fuzz.rig import FuzzRig, encode_access, region_access
 
 
 class LegacyBar0Target:

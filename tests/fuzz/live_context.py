@@ -33,6 +33,8 @@ import socket
 import tempfile
 import weakref
 
+from tests.devices.driver import RecordingInterrupts, RecordingPeer
+from tests.fuzz.harness import ByteReader, Finding
 from vfuserver.context import VfuContext
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.legacy_io import TransitionalFunction
@@ -41,10 +43,7 @@ from vfuserver.devices.virtio_net import VirtioNet
 from vfuserver.devices.virtio_pci import VirtioPciFunction
 from vfuserver.protocol import vfio_user as vu
 from vfuserver.protocol.pci import ClassCode
-from vfuserver.protocol.virtio_pci import TransitionalDeviceId, VENDOR_ID
-
-from tests.devices.driver import RecordingInterrupts, RecordingPeer
-from tests.fuzz.harness import ByteReader, Finding
+from vfuserver.protocol.virtio_pci import VENDOR_ID, TransitionalDeviceId
 
 MEMFD_SIZE = 1 << 20
 """Backing of the DMA maps the client offers (guest RAM of a tiny VM)."""
@@ -161,10 +160,12 @@ class LiveContextTarget:
                     + count.to_bytes(2, "little") + data)
 
         cmd = vu.Command
-        info = (msg(cmd.DEVICE_GET_INFO, (16).to_bytes(4, "little") + bytes(12)) + msg(cmd.DEVICE_GET_REGION_INFO,
-                                                          (32).to_bytes(4, "little") + bytes(28))
-                + msg(cmd.DEVICE_GET_IRQ_INFO, (16).to_bytes(4, "little") + bytes(8)
-                      + (2).to_bytes(4, "little")))
+        def argsz(size: int, tail: bytes = b"") -> bytes:
+            return size.to_bytes(4, "little") + tail.rjust(size - 4, b"\0")
+
+        info = (msg(cmd.DEVICE_GET_INFO, argsz(16))
+                + msg(cmd.DEVICE_GET_REGION_INFO, argsz(32))
+                + msg(cmd.DEVICE_GET_IRQ_INFO, argsz(16, (2).to_bytes(4, "little"))))
         dma = vu.DmaMap.build({"argsz": 32, "flags": 3, "offset": 0, "address": 0x4000_0000,
                                "size": MEMFD_SIZE})
         config = (access(cmd.REGION_READ, CONFIG_INDEX, 0, 64)

@@ -11,14 +11,13 @@ as is an interrupt on a vector the function does not have.
 
 from __future__ import annotations
 
+from tests.devices.driver import RAM_BASE
+from tests.fuzz.harness import ByteReader
+from tests.fuzz.rig import FuzzRig, encode_access, region_access
 from vfuserver.devices.virtio_pci import MSIX_BAR_SIZE, Layout
 from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol.virtio import DeviceStatus
 from vfuserver.protocol.virtio_pci import CommonCfgRegister as Common
-
-from tests.devices.driver import RAM_BASE
-from tests.fuzz.harness import ByteReader
-from tests.fuzz.rig import FuzzRig, encode_access, region_access
 
 
 class ModernBarTarget:

@@ -8,15 +8,14 @@ microseconds; the reset is the one a client's disconnect causes in the server
 
 from __future__ import annotations
 
+from tests.devices.driver import GuestRam
+from tests.devices.legacy_driver import Rig
+from tests.fuzz.harness import ByteReader, Finding
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.errors import GuestError
 from vfuserver.devices.legacy_io import LEGACY_OPCODES, run_admin
 from vfuserver.devices.pci import Region, ResetKind
 from vfuserver.protocol import virtio_admin as admin
-
-from tests.devices.driver import GuestRam
-from tests.devices.legacy_driver import Rig
-from tests.fuzz.harness import ByteReader, Finding
 
 RAM_SIZE = 64 << 10
 """Small guest RAM: rings and buffers fit, and zeroing it per input costs nothing."""
@@ -112,7 +111,10 @@ def encode_access(offset: int, width: int, value: int | None = None) -> bytes:
     """The input bytes of one :func:`region_access` (a read when ``value`` is None)."""
     selector = {1: 0, 2: 1, 4: 2, 8: 3}.get(width)
     head = offset.to_bytes(2, "little")
-    head += bytes([selector]) if selector is not None else b"\xf0" + (width - 1).to_bytes(2, "little")
+    if selector is None:  # any count: the escape selector, then the count - 1
+        head += b"\xf0" + (width - 1).to_bytes(2, "little")
+    else:
+        head += bytes([selector])
     if value is None:
         return head + b"\0"
     return head + b"\1" + value.to_bytes(8, "little")

@@ -13,11 +13,6 @@ names a head outside the table.
 
 from __future__ import annotations
 
-from vfuserver.devices.virtio_net import VirtioNet
-from vfuserver.protocol import virtio_ring as ring
-from vfuserver.protocol.virtio import Feature
-from vfuserver.protocol.virtio_net import NetFeature
-
 from tests.devices.driver import (
     DESC,
     RAM_BASE,
@@ -30,6 +25,10 @@ from tests.devices.driver import (
     negotiate_modern,
 )
 from tests.fuzz.harness import ByteReader, Finding
+from vfuserver.devices.virtio_net import VirtioNet
+from vfuserver.protocol import virtio_ring as ring
+from vfuserver.protocol.virtio import Feature
+from vfuserver.protocol.virtio_net import NetFeature
 
 RAM_SIZE = 64 << 10
 MAX_QUEUE_SIZE = 64

@@ -4,8 +4,9 @@ runner, which must import them inside atheris's instrumentation hook."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from pathlib import Path
+
+from tests.fuzz.harness import FuzzTarget
 
 TARGETS = {
     "vfio-user": "tests.fuzz.live_context:LiveContextTarget",
@@ -23,14 +24,13 @@ INSTRUMENTED = ["vfuserver", "tests.fuzz", "tests.devices"]
 formats are vfuserver.devices and vfuserver.protocol)."""
 
 
-def load(name: str) -> type:
+def load(name: str) -> type[FuzzTarget]:
     """The target class ``name`` (KeyError for an unknown name)."""
     module_name, _, class_name = TARGETS[name].partition(":")
-    target: type = getattr(importlib.import_module(module_name), class_name)
+    target: type[FuzzTarget] = getattr(importlib.import_module(module_name), class_name)
     return target
 
 
-def target_function(name: str) -> Callable[[bytes], None]:
+def target_function(name: str) -> FuzzTarget:
     """A new instance of target ``name``: call it with one input."""
-    function: Callable[[bytes], None] = load(name)()
-    return function
+    return load(name)()
