@@ -119,3 +119,25 @@ async def test_an_unmap_of_a_map_the_device_lost_is_a_warning(
 
     await trio.to_thread.run_sync(session)
     assert warnings_in(caplog) == [f"DMA unmap of unknown map at {RAM_IOVA:#x}"]
+
+
+async def test_the_same_map_twice_is_one_map_until_its_unmap(
+        serve: Any, caplog: pytest.LogCaptureFixture, ram_fd: int) -> None:
+    """libvfio-user takes an exact repeat of a map (same range, file, offset, protection) as
+    the map it has (dma_controller_add_region returns its index), answers success and
+    registers it again; it unregisters it once. Found by the vfio-user fuzz target: the
+    repeat was refused as an overlap and remembered as unused, so the one unmap left the
+    map in guest memory over memory libvfio-user had unmapped (a crash at the next ring
+    access)."""
+    context = await serve(ScratchFunction())
+
+    def session() -> tuple[int, int]:
+        with Client(context.socket_path) as client:
+            client.dma_map(RAM_IOVA, RAM_SIZE, ram_fd)
+            client.dma_map(RAM_IOVA, RAM_SIZE, ram_fd)
+            mapped = len(context.memory)
+            client.dma_unmap(RAM_IOVA, RAM_SIZE)
+            return mapped, len(context.memory)
+
+    assert await trio.to_thread.run_sync(session) == (1, 0)
+    assert warnings_in(caplog) == []
