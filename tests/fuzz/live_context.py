@@ -79,7 +79,10 @@ class LiveContextTarget:
         self.context.bound_handshake()
         self.memfd = os.memfd_create("fuzz-guest-ram")
         os.ftruncate(self.memfd, MEMFD_SIZE)
-        self.fds_before = 0
+        self.fds_before: set[int] = set()
+        self.fd_maps = 0
+        """DMA_MAP messages with the memfd in the current session."""
+        self.repeat_map_fd_leaks = 0
         # libFuzzer ends the process from C: the socket directory goes at exit at least
         weakref.finalize(self, _cleanup, self.context, self.memfd, self.directory)
 
@@ -90,6 +93,7 @@ class LiveContextTarget:
 
     def __call__(self, data: bytes) -> None:
         self.fds_before = _open_fds()
+        self.fd_maps = 0
         session = self.connect()
         try:
             reader = ByteReader(data)
@@ -112,9 +116,31 @@ class LiveContextTarget:
                 check.close()
         if self.owner.stats.bugs:
             raise Finding(f"{self.owner.stats.bugs} unexpected exception(s) in admin commands")
-        fds = _open_fds()
-        if fds != self.fds_before:
-            raise Finding(f"{fds - self.fds_before} file descriptor(s) left open by a session")
+        self.check_fds(repeated_maps=self.fd_maps > 1)
+
+    def check_fds(self, *, repeated_maps: bool) -> None:
+        """Every fd the session passed is closed once it ended.
+
+        One exception, a known libvfio-user bug (this vintage's handle_dma_map): for an
+        exact repeat of a map, dma_controller_add_region returns the existing region and
+        the fd that came with the repeat is never closed. Such copies of the guest RAM
+        memfd are closed here and counted in :attr:`repeat_map_fd_leaks`.
+        """
+        leaked = _open_fds() - self.fds_before
+        ram = os.fstat(self.memfd)
+        unexplained = []
+        for fd in leaked:
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue  # closed meanwhile: listdir's own fd
+            if repeated_maps and (st.st_dev, st.st_ino) == (ram.st_dev, ram.st_ino):
+                os.close(fd)
+                self.repeat_map_fd_leaks += 1
+            else:
+                unexplained.append(fd)
+        if unexplained:
+            raise Finding(f"file descriptor(s) {unexplained} left open by a session")
 
     def connect(self) -> Session:
         return Session(self)
@@ -138,6 +164,8 @@ class LiveContextTarget:
         else:
             body = reader.take(reader.u16() % MAX_BODY)
         attach_fd = bool(flags & ATTACH_FD)
+        if attach_fd and command == vu.Command.DMA_MAP:
+            self.fd_maps += 1
         if self.fit_maps and command == vu.Command.DMA_MAP and len(body) >= vu.DmaMap.sizeof():
             body = _fit_map(body)
         header = vu.HEADER.pack(msg_id, command, vu.HEADER.size + len(body), header_flags, 0)
@@ -332,5 +360,5 @@ def _fit_map(body: bytes) -> bytes:
     return bytes(fixed) + body[vu.DmaMap.sizeof():]
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}

@@ -127,8 +127,8 @@ async def test_the_same_map_twice_is_one_map_until_its_unmap(
     the map it has (dma_controller_add_region returns its index), answers success and
     registers it again; it unregisters it once. Found by the vfio-user fuzz target: the
     repeat was refused as an overlap and remembered as unused, so the one unmap left the
-    map in guest memory over memory libvfio-user had unmapped (a crash at the next ring
-    access)."""
+    map in guest memory as a view of memory libvfio-user had unmapped (a fault at the
+    next access of the device)."""
     context = await serve(ScratchFunction())
 
     def session() -> tuple[int, int]:
