@@ -53,13 +53,17 @@ TIMEOUT = 2.0
 -timeout."""
 
 MAX_BODY = 4096
-MESSAGES_PER_DRAIN = 64
+MESSAGES_PER_DRAIN = 8
+"""Fewer than the server's 64: the client reads replies between drains, and 8 replies of
+the largest region read (16 KiB) fit a socket buffer, so the server never blocks on a
+client that did not read yet (a client that never reads is a test of its own)."""
 CONFIG_INDEX = vu.PciRegion.CONFIG
 EXPECTED_ID = VENDOR_ID | TransitionalDeviceId.NET << 16
 """The first config dword of a transitional virtio-net: vendor 0x1af4, device 0x1000."""
 
-ATTACH_FD, STEER_COMMAND, STEER_ACCESS, RAW_FLAGS, NO_REPLY = 1, 2, 4, 8, 16
-"""Flag bits of a message's first byte."""
+ATTACH_FD, STEER_COMMAND, STEER_ACCESS, RAW_FLAGS, NO_REPLY, QUEUED = 1, 2, 4, 8, 16, 32
+"""Flag bits of a message's first byte. QUEUED: sent without being served at once, so the
+next drain finds several messages queued (QEMU posts BAR writes without waiting)."""
 
 
 class LiveContextTarget:
@@ -99,7 +103,7 @@ class LiveContextTarget:
             reader = ByteReader(data)
             msg_id = 1
             while reader.remaining and session.alive:
-                session.exchange(self.message(reader, msg_id))
+                session.exchange(*self.message(reader, msg_id))
                 msg_id += 1
             if session.alive:
                 session.check_config_read()
@@ -145,8 +149,9 @@ class LiveContextTarget:
     def connect(self) -> Session:
         return Session(self)
 
-    def message(self, reader: ByteReader, msg_id: int) -> tuple[bytes, bool]:
-        """One message and whether it carries the memfd. Input: flags u8, command u16,
+    def message(self, reader: ByteReader, msg_id: int) -> tuple[bytes, bool, bool]:
+        """One message, whether it carries the memfd and whether it is served at once.
+        Input: flags u8, command u16,
         [raw header flags u32], then a region access (offset u16, region u8, count u16,
         written bytes) or a raw body (length u16, bytes)."""
         flags = reader.u8()
@@ -169,7 +174,7 @@ class LiveContextTarget:
         if self.fit_maps and command == vu.Command.DMA_MAP and len(body) >= vu.DmaMap.sizeof():
             body = _fit_map(body)
         header = vu.HEADER.pack(msg_id, command, vu.HEADER.size + len(body), header_flags, 0)
-        return header + body, attach_fd
+        return header + body, attach_fd, not flags & QUEUED or not reader.remaining
 
     # -- seeds ------------------------------------------------------------------------
 
@@ -182,8 +187,8 @@ class LiveContextTarget:
                     + len(body).to_bytes(2, "little") + body)
 
         def access(command: int, region: int, offset: int, count: int,
-                   data: bytes = b"") -> bytes:
-            return (bytes([STEER_ACCESS]) + command.to_bytes(2, "little")
+                   data: bytes = b"", flags: int = 0) -> bytes:
+            return (bytes([STEER_ACCESS | flags]) + command.to_bytes(2, "little")
                     + offset.to_bytes(2, "little") + bytes([region])
                     + count.to_bytes(2, "little") + data)
 
@@ -218,6 +223,9 @@ class LiveContextTarget:
             "reset": modern + msg(cmd.DEVICE_RESET),
             "set-irqs": msg(cmd.DEVICE_SET_IRQS, vu.IrqSet.build(
                 {"argsz": 20, "flags": 0x24, "index": 2, "start": 0, "count": 1}), ATTACH_FD),
+            "queued": access(cmd.REGION_WRITE, 4, 0x3000, 2, b"\0\0", QUEUED | NO_REPLY) * 9
+            + access(cmd.REGION_READ, CONFIG_INDEX, 0, 64, flags=QUEUED) * 9
+            + access(cmd.REGION_READ, 4, 0, 4),
             "bad": msg(0x7777, b"x" * 9) + msg(cmd.VERSION, bytes(4)) + msg(cmd.REGION_READ),
         }
 
@@ -231,6 +239,7 @@ class Session:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.alive = False
         self.answered = False
+        self.replies = b""
         self.sock.connect(target.socket_path)
         # Non-blocking: replies are complete once drain returns (the server writes them
         # before), so the client never needs to wait, and waits can only be bounded ones.
@@ -246,16 +255,19 @@ class Session:
         if not self.pending.startswith(vu.HEADER.pack(0, vu.Command.VERSION, 0, 0, 0)[:4]):
             raise Finding(f"VERSION not answered: {self.pending[:16].hex()}")
 
-    def exchange(self, message: tuple[bytes, bool]) -> bytes:
-        """Send one message, let the context serve it, return what came back."""
-        data, attach_fd = message
+    def exchange(self, data: bytes, attach_fd: bool = False, serve: bool = True) -> bytes:
+        """Send one message, let the context serve what is queued (unless ``serve`` is
+        False), return what came back."""
         if attach_fd:
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.target.memfd]))]
             self.sock.sendmsg([data], rights)
         else:
             self.sock.sendall(data)
+        if not serve:
+            return b""
+        self.replies = b""
         self.serve()
-        return self._receive_some() if self.alive else b""
+        return self.replies + self._receive_some() if self.alive else b""
 
     def serve(self) -> None:
         """What the serving loop does when the fd polls readable: drain, then deal with
@@ -263,13 +275,19 @@ class Session:
         readable, _, _ = select.select([self.fd], [], [], TIMEOUT)
         if not readable:
             raise Finding("the server's connection never became readable")
-        try:
-            self.context.drain(self.fd, MESSAGES_PER_DRAIN, True)
-        except OSError as exc:
+        polled = True
+        while True:
+            try:
+                handled = self.context.drain(self.fd, MESSAGES_PER_DRAIN, polled)
+            except OSError as exc:
+                self._raise_callback_error()
+                self._dropped(exc.errno or errno.EIO)
+                return
             self._raise_callback_error()
-            self._dropped(exc.errno or errno.EIO)
-            return
-        self._raise_callback_error()
+            if handled < MESSAGES_PER_DRAIN:
+                return
+            polled = False
+            self.replies += self._receive_some()  # room for the next replies
 
     def _raise_callback_error(self) -> None:
         exc, self.context.pending_error = self.context.pending_error, None
@@ -316,8 +334,8 @@ class Session:
         """The first config dword, read as QEMU reads it, must come back right."""
         body = vu.REGION_ACCESS.pack(0, CONFIG_INDEX, 4)
         msg_id = 0xFFFF
-        reply = self.exchange((vu.HEADER.pack(msg_id, vu.Command.REGION_READ,
-                                              vu.HEADER.size + len(body), 0, 0) + body, False))
+        reply = self.exchange(vu.HEADER.pack(msg_id, vu.Command.REGION_READ,
+                                             vu.HEADER.size + len(body), 0, 0) + body)
         expected = vu.HEADER.pack(msg_id, vu.Command.REGION_READ,
                                   vu.HEADER.size + len(body) + 4, vu.HeaderFlags.REPLY, 0)
         want = expected + body + EXPECTED_ID.to_bytes(4, "little")
