@@ -10,6 +10,8 @@ as is an admin command that fails unexpectedly or an interrupt on a vector that 
 
 from __future__ import annotations
 
+from functools import partial
+
 from tests.devices.driver import RAM_BASE
 from tests.fuzz.harness import ByteReader
 from tests.fuzz.rig import FuzzRig, encode_access, region_access
@@ -54,11 +56,7 @@ class LegacyBar0Target:
     @classmethod
     def seeds(cls) -> dict[str, bytes]:
         """What a Linux legacy virtio-pci driver does, and a few edges."""
-        def bar0(offset: int, width: int, value: int | None = None) -> bytes:
-            return bytes([cls.BAR0]) + encode_access(offset, width, value)
-
-        def config(offset: int, width: int, value: int | None = None) -> bytes:
-            return bytes([cls.CONFIG]) + encode_access(offset, width, value)
+        bar0, config = partial(encode_access, cls.BAR0), partial(encode_access, cls.CONFIG)
 
         io_on = config(pcifmt.Offset.COMMAND, 2, pcifmt.Command.IO | pcifmt.Command.MASTER)
         ack = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER

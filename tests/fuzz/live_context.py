@@ -304,16 +304,21 @@ class Session:
         if err != errno.ENOTCONN:
             with socket.socket(fileno=os.dup(self.fd)) as conn:
                 conn.shutdown(socket.SHUT_RDWR)
-            for _ in range(4):
-                try:
-                    self.context.drain(self.fd, 1, True)
-                except OSError as exc:
-                    self._raise_callback_error()
-                    if exc.errno == errno.ENOTCONN:
-                        break
-            else:
+            if not self._serve_until_gone():
                 raise Finding(f"after errno {err} the server never saw the connection end")
         self.alive = False
+
+    def _serve_until_gone(self) -> bool:
+        """Serve the connection's EOF: whether the session ended (ENOTCONN) in a few
+        drains."""
+        for _ in range(4):
+            try:
+                self.context.drain(self.fd, 1, True)
+            except OSError as exc:
+                self._raise_callback_error()
+                if exc.errno == errno.ENOTCONN:
+                    return True
+        return False
 
     def _receive_some(self) -> bytes:
         """Whatever the server sent so far (replies are written before drain returns);
@@ -352,15 +357,9 @@ class Session:
         if not self.alive:
             return
         self.sock.close()
-        for _ in range(4):
-            try:
-                self.context.drain(self.fd, 1, True)
-            except OSError as exc:
-                self._raise_callback_error()
-                if exc.errno == errno.ENOTCONN:
-                    self.alive = False
-                    return
-        raise Finding("the server did not notice the client's disconnect")
+        if not self._serve_until_gone():
+            raise Finding("the server did not notice the client's disconnect")
+        self.alive = False
 
     def close(self) -> None:
         self.sock.close()

@@ -11,6 +11,8 @@ as is an interrupt on a vector the function does not have.
 
 from __future__ import annotations
 
+from functools import partial
+
 from tests.devices.driver import RAM_BASE
 from tests.fuzz.harness import ByteReader
 from tests.fuzz.rig import FuzzRig, encode_access, region_access
@@ -54,11 +56,7 @@ class ModernBarTarget:
     @classmethod
     def seeds(cls) -> dict[str, bytes]:
         """What Linux virtio_pci_modern does, and a few edges."""
-        def bar4(offset: int, width: int, value: int | None = None) -> bytes:
-            return bytes([cls.BAR4]) + encode_access(offset, width, value)
-
-        def config(offset: int, width: int, value: int | None = None) -> bytes:
-            return bytes([cls.CONFIG]) + encode_access(offset, width, value)
+        bar4, config = partial(encode_access, cls.BAR4), partial(encode_access, cls.CONFIG)
 
         ack = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER
         features_ok = ack | DeviceStatus.FEATURES_OK
@@ -90,6 +88,6 @@ class ModernBarTarget:
             + bar4(Layout.DEVICE, 1, 0xFF),
             "isr": bar4(Layout.ISR, 1) + bar4(Layout.ISR, 4) + bar4(Layout.ISR, 1, 1),
             "config-space": config(0, 4) + config(0x34, 1) + config(0x40, 8) + config(0, 4, 0),
-            "msix-table": bytes([cls.MSIX_BAR]) + encode_access(0, 8, 0xFEE00000)
-            + bytes([cls.MSIX_BAR]) + encode_access(0x800, 8),
+            "msix-table": encode_access(cls.MSIX_BAR, 0, 8, 0xFEE00000)
+            + encode_access(cls.MSIX_BAR, 0x800, 8),
         }

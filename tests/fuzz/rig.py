@@ -107,10 +107,11 @@ def region_access(reader: ByteReader, region: Region, size: int) -> None:
         pass
 
 
-def encode_access(offset: int, width: int, value: int | None = None) -> bytes:
-    """The input bytes of one :func:`region_access` (a read when ``value`` is None)."""
+def encode_access(op: int, offset: int, width: int, value: int | None = None) -> bytes:
+    """The input bytes of operation ``op`` doing one :func:`region_access` (a read when
+    ``value`` is None)."""
     selector = {1: 0, 2: 1, 4: 2, 8: 3}.get(width)
-    head = offset.to_bytes(2, "little")
+    head = bytes([op]) + offset.to_bytes(2, "little")
     if selector is None:  # any count: the escape selector, then the count - 1
         head += b"\xf0" + (width - 1).to_bytes(2, "little")
     else:
