@@ -14,7 +14,7 @@ from functools import partial
 
 from tests.devices.driver import RAM_BASE
 from tests.fuzz.harness import ByteReader
-from tests.fuzz.rig import FuzzRig, encode_access, region_access
+from tests.fuzz.rig import FuzzRig, RigOperations, encode_access, region_access
 from vfuserver.devices.legacy_io import BAR0_SIZE
 from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol import virtio_ring as ring
@@ -22,22 +22,11 @@ from vfuserver.protocol.virtio import DeviceStatus
 from vfuserver.protocol.virtio_legacy import Register
 
 
-class LegacyBar0Target:
+class LegacyBar0Target(RigOperations):
     """Operation codes (first byte of each operation, modulo 8); RAM, RECEIVE, TRANSMIT
     and RESET are :meth:`FuzzRig.guest_step`'s."""
 
     RAM, RECEIVE, TRANSMIT, RESET, BAR0, CONFIG, IO_ON, BAR0_AGAIN = range(8)
-
-    def __init__(self) -> None:
-        self.rig = FuzzRig()
-
-    def __call__(self, data: bytes) -> None:
-        rig = self.rig
-        rig.restore()
-        reader = ByteReader(data)
-        while reader.remaining:
-            self.step(reader)
-        rig.check_owner()
 
     def step(self, reader: ByteReader) -> None:
         rig = self.rig.rig
@@ -92,4 +81,5 @@ class LegacyBar0Target:
 
 def rig_msix_control() -> int:
     """Config-space offset of the MSI-X message control register of the rig's function."""
-    return FuzzRig().rig.modern.msix_cap + 2
+    control: int = FuzzRig().rig.modern.msix_cap + 2
+    return control

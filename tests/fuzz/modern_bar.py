@@ -15,29 +15,22 @@ from functools import partial
 
 from tests.devices.driver import RAM_BASE
 from tests.fuzz.harness import ByteReader
-from tests.fuzz.rig import FuzzRig, encode_access, region_access
+from tests.fuzz.rig import RigOperations, encode_access, region_access
 from vfuserver.devices.virtio_pci import MSIX_BAR_SIZE, Layout
 from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol.virtio import DeviceStatus
 from vfuserver.protocol.virtio_pci import CommonCfgRegister as Common
 
 
-class ModernBarTarget:
+class ModernBarTarget(RigOperations):
     """Operation codes (first byte of each operation, modulo 8); RAM, RECEIVE, TRANSMIT
     and RESET are :meth:`FuzzRig.guest_step`'s."""
 
     RAM, RECEIVE, TRANSMIT, RESET, BAR4, MSIX_BAR, CONFIG, BAR4_AGAIN = range(8)
 
     def __init__(self) -> None:
-        self.rig = FuzzRig()
+        super().__init__()
         self.config = self.rig.rig.modern.config_region()
-
-    def __call__(self, data: bytes) -> None:
-        rig = self.rig
-        rig.restore()
-        reader = ByteReader(data)
-        while reader.remaining:
-            self.step(reader)
 
     def step(self, reader: ByteReader) -> None:
         modern = self.rig.rig.modern

@@ -84,6 +84,24 @@ class FuzzRig:
             raise Finding(f"{self.owner.stats.bugs} unexpected exception(s) in admin commands")
 
 
+class RigOperations:
+    """A target that runs the input as a sequence of operations on one :class:`FuzzRig`,
+    restored before every input; subclasses decode one operation in :meth:`step`."""
+
+    def __init__(self) -> None:
+        self.rig = FuzzRig()
+
+    def __call__(self, data: bytes) -> None:
+        self.rig.restore()
+        reader = ByteReader(data)
+        while reader.remaining:
+            self.step(reader)
+        self.rig.check_owner()
+
+    def step(self, reader: ByteReader) -> None:
+        raise NotImplementedError
+
+
 def region_access(reader: ByteReader, region: Region, size: int) -> None:
     """One access as libvfio-user lets it through (is_valid_region_access): an offset
     inside the region, 1..size-offset bytes. A read must answer exactly that many bytes;
