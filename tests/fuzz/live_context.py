@@ -16,8 +16,9 @@ map larger than its file kills the process with SIGBUS once touched (issue 12 fi
 :attr:`LiveContextTarget.fit_maps` to fuzz that class once the fix is in).
 
 Defined errors: an error reply, or the server dropping the client (vfu_run_ctx's errno).
-Findings: an exception stored by a callback (a device bug answered with EIO), a config read
-that is not answered right, a disconnect not noticed, a file descriptor that stays open in
+Findings: an exception stored by a callback (a device bug answered with EIO), a reply that
+is not a whole reply header (or reports an error without an errno), a config read that is
+not answered right, a disconnect not noticed, a file descriptor that stays open in
 the server after the session, an admin command that failed unexpectedly.
 """
 
@@ -269,7 +270,10 @@ class Session:
             return b""
         self.replies = b""
         self.serve()
-        return self.replies if self.alive else b""
+        if not self.alive:
+            return b""
+        _check_replies(self.replies)
+        return self.replies
 
     def serve(self) -> None:
         """What the serving loop does when the fd polls readable: drain, then deal with
@@ -363,6 +367,23 @@ class Session:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _check_replies(stream: bytes) -> None:
+    """Every message the server sent is a whole reply: a header of the reply type, and an
+    errno (a real one) exactly when it reports an error."""
+    pos = 0
+    while pos < len(stream):
+        if len(stream) - pos < vu.HEADER.size:
+            raise Finding(f"{len(stream) - pos} bytes of a reply header: {stream.hex()}")
+        _, _, size, flags, error_no = vu.HEADER.unpack_from(stream, pos)
+        if size < vu.HEADER.size or pos + size > len(stream):
+            raise Finding(f"reply of msg_size {size} in {len(stream) - pos} bytes")
+        if flags & vu.TYPE_MASK != vu.HeaderFlags.REPLY:
+            raise Finding(f"server sent flags {flags:#x}, not a reply")
+        if bool(flags & vu.HeaderFlags.ERROR) != (0 < error_no < 4096):
+            raise Finding(f"reply flags {flags:#x} with error_no {error_no}")
+        pos += size
 
 
 def _cleanup(context: VfuContext, memfd: int, directory: str) -> None:
