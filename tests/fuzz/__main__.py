@@ -46,6 +46,9 @@ def main(argv: list[str]) -> None:
     logging.disable(logging.CRITICAL)
     with instrument_imports(include=targets.INSTRUMENTED):
         target = targets.target_function(name)
+    # libFuzzer runs argv[0] and the options again (through the shell) to merge or fork:
+    # that must be this same target
+    argv[0] = f"{sys.executable} -m tests.fuzz {name}"
     atheris.Setup(argv, target)
     atheris.Fuzz()
 
