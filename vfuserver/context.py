@@ -562,6 +562,12 @@ class VfuContext:
                 self.log.debug("read-only DMA map [%#x, +%#x) without fd (firmware) ignored",
                                iova, size)
             return
+        if any(known.iova == iova and known.size == size for known in self.memory):
+            # libvfio-user takes an exact repeat of a map (same file, offset, protection)
+            # as the map it has (dma_controller_add_region) and registers it again; it
+            # unregisters it once, so the device keeps the one map it knows.
+            self.log.debug("DMA map [%#x, +%#x) repeated", iova, size)
+            return
         vaddr = int(ffi.cast("uintptr_t", info.vaddr))
         mapping = int(ffi.cast("uintptr_t", info.mapping.iov_base))
         mapping_len = int(info.mapping.iov_len)

@@ -67,8 +67,8 @@ class LegacyRig:
 class Rig(LegacyRig):
     """A transitional virtio-net."""
 
-    def __init__(self, owner: AdminOwner | None = None) -> None:
-        ram = GuestRam()
+    def __init__(self, owner: AdminOwner | None = None, ram: GuestRam | None = None) -> None:
+        ram = ram or GuestRam()
         self.peer = RecordingPeer()
         self.net = VirtioNet(ram.memory, None, self.peer, mac=MAC)  # type: ignore[arg-type]
         super().__init__(ram, self.net, owner, class_code=ClassCode.NETWORK_ETHERNET)

@@ -299,3 +299,45 @@ async def test_buffers_and_rings_across_maps_of_one_memfd(serve_net: Any) -> Non
             assert used.data[net.header_len :] == frame
             assert not needs_reset(net)
     os.close(fd)
+
+
+async def test_the_same_map_twice_is_one_map_until_its_unmap(
+        serve: Any, caplog: pytest.LogCaptureFixture, ram_fd: int) -> None:
+    """libvfio-user takes an exact repeat of a map (same range, file, offset, protection) as
+    the map it has (dma_controller_add_region returns its index), answers success and
+    registers it again; it unregisters it once. Found by the vfio-user fuzz target: the
+    repeat was refused as an overlap and remembered as unused, so the one unmap left the
+    map in guest memory as a view of memory libvfio-user had unmapped (a fault at the
+    next access of the device)."""
+    context = await serve(ScratchFunction())
+
+    def session() -> tuple[int, int]:
+        with Client(context.socket_path) as client:
+            client.dma_map(RAM_IOVA, RAM_SIZE, ram_fd)
+            client.dma_map(RAM_IOVA, RAM_SIZE, ram_fd)
+            mapped = len(context.memory)
+            client.dma_unmap(RAM_IOVA, RAM_SIZE)
+            return mapped, len(context.memory)
+
+    assert await trio.to_thread.run_sync(session) == (1, 0)
+    assert warnings_in(caplog) == []
+
+
+@pytest.mark.xfail(strict=True, reason="libvfio-user (QEMU's subproject revision) never "
+                   "closes the fd of an exact repeat of a map: handle_dma_map consumes it, "
+                   "dma_controller_add_region returns the existing region without it")
+async def test_a_repeated_map_leaves_no_fd_open(serve: Any, ram_fd: int) -> None:
+    """Found by the vfio-user fuzz target; every repeat costs the server process one fd
+    for good, so a client repeating maps can exhaust the fds all devices share."""
+    function = ScratchFunction()
+    context = await serve(function)
+    before = len(os.listdir("/proc/self/fd"))
+
+    def session() -> None:
+        with Client(context.socket_path) as client:
+            for _ in range(3):
+                client.dma_map(RAM_IOVA, RAM_SIZE, ram_fd)
+
+    await trio.to_thread.run_sync(session)
+    await wait_detached(context, function)
+    assert len(os.listdir("/proc/self/fd")) == before

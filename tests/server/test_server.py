@@ -420,3 +420,34 @@ async def test_deferred_quiesce_holds_the_request_not_the_loop(serve: Any,
     assert finished["other"] < finished["reset"]
     assert slow.resets == [ResetKind.DEVICE]
     nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("flags, size", [
+    pytest.param(vu.HeaderFlags.REPLY, 32, id="reply-type"),
+    pytest.param(0xC | vu.HeaderFlags.NO_REPLY, 32, id="reserved-type"),
+    pytest.param(0, 8, id="size-below-header"),
+    pytest.param(0, vu.MAX_DATA_XFER_SIZE + 64, id="size-beyond-any-request"),
+])
+async def test_header_libvfio_user_rejects_drops_the_client_not_the_stream(
+        serve: Any, flags: int, size: int) -> None:
+    """libvfio-user refuses such a header without reading the body behind it
+    (get_request_header, is_valid_header): the body would be parsed as the next messages.
+    Found by the vfio-user fuzz target (tests/fuzz/live_context.py)."""
+    context = await serve(ScratchFunction("first"), "first")
+    # the body is itself a well-formed message: a command register write
+    inner = vu.HEADER.pack(9, vu.Command.REGION_WRITE, 34, 0, 0) + vu.REGION_ACCESS.pack(
+        4, vu.PciRegion.CONFIG, 2) + b"\x07\x00"
+
+    def bad_session() -> bytes:
+        with Client(context.socket_path) as client:
+            client.sock.sendall(vu.HEADER.pack(5, vu.Command.REGION_READ, size, flags, 0)
+                                + inner)
+            return client.sock.recv(64)
+
+    assert await in_thread(bad_session) == b""  # dropped: no reply, no message from the body
+
+    def next_session() -> bytes:
+        with Client(context.socket_path) as client:
+            return client.read(vu.PciRegion.CONFIG, 4, 2)
+
+    assert await in_thread(next_session) == b"\x00\x00"  # the command write never happened
