@@ -7,6 +7,7 @@ so tests run it in a worker thread with ``trio.to_thread.run_sync``.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import pytest
 import trio
 
 from tests.server.served_net import ServedNet, served_net
+from vfuserver.client import Client
 from vfuserver.context import VfuContext
 from vfuserver.devices.pci import Bar, BarKind, ConfigSpace, Interrupts, ResetKind
+from vfuserver.protocol import vfio_user as vu
 from vfuserver.server import serve_device
 
 
@@ -117,3 +120,18 @@ def ram_fd() -> Iterator[int]:
     os.ftruncate(fd, GUEST_RAM_BYTES)
     yield fd
     os.close(fd)
+
+
+def attached_session(context: VfuContext) -> tuple[Client, threading.Thread, list[object]]:
+    """A client whose VERSION handshake ``context`` took, served by a thread running
+    ``context.serve_client()`` (its result lands in the list): the server's own serving
+    loop, without the event loop around it."""
+    client = Client(context.socket_path, negotiate=False)
+    caps = {"max_msg_fds": 16, "max_data_xfer_size": vu.MAX_DATA_XFER_SIZE}
+    version = client.send(vu.Command.VERSION, vu.build_version(0, 0, caps))
+    context.attach()
+    client.receive(version, vu.Command.VERSION)
+    results: list[object] = []
+    thread = threading.Thread(target=lambda: results.append(context.serve_client()))
+    thread.start()
+    return client, thread, results

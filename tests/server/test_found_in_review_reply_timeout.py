@@ -7,8 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.server.conftest import ScratchFunction
-from vfuserver.client import Client
+from tests.server.conftest import ScratchFunction, attached_session
 from vfuserver.context import VfuContext
 from vfuserver.protocol import vfio_user as vu
 
@@ -16,14 +15,7 @@ from vfuserver.protocol import vfio_user as vu
 def test_client_that_never_reads_is_dropped(tmp_path: Path) -> None:
     with VfuContext(str(tmp_path / "r.sock"), ScratchFunction()) as context:
         context.native.dev.reply_timeout_ms = 100
-        client = Client(context.socket_path, negotiate=False)
-        caps = {"max_msg_fds": 16, "max_data_xfer_size": vu.MAX_DATA_XFER_SIZE}
-        version = client.send(vu.Command.VERSION, vu.build_version(0, 0, caps))
-        context.attach()
-        client.receive(version, vu.Command.VERSION)
-        results: list[object] = []
-        thread = threading.Thread(target=lambda: results.append(context.serve_client()))
-        thread.start()
+        client, thread, _ = attached_session(context)
         client.sock.settimeout(None)
         payload = vu.REGION_ACCESS.pack(0, vu.PciRegion.CONFIG, 4)
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from tests.server.conftest import ScratchFunction, ScratchRegion
-from vfuserver.client import Client
+from tests.server.conftest import ScratchFunction, ScratchRegion, attached_session
 from vfuserver.context import DropReason, VfuContext
 from vfuserver.devices.pci import Bar, BarKind
 from vfuserver.protocol import vfio_user as vu
@@ -35,22 +34,10 @@ class SlowFunction(ScratchFunction):
         self.config.add_bar(Bar(0, 4096, BarKind.MEM32, self.bar0))
 
 
-def _session(context: VfuContext) -> tuple[Client, threading.Thread, list[object]]:
-    client = Client(context.socket_path, negotiate=False)
-    caps = {"max_msg_fds": 16, "max_data_xfer_size": vu.MAX_DATA_XFER_SIZE}
-    version = client.send(vu.Command.VERSION, vu.build_version(0, 0, caps))
-    context.attach()
-    client.receive(version, vu.Command.VERSION)
-    results: list[object] = []
-    thread = threading.Thread(target=lambda: results.append(context.serve_client()))
-    thread.start()
-    return client, thread, results
-
-
 def test_client_gone_during_reply_leaves_no_stale_fd(tmp_path: Path) -> None:
     fn = SlowFunction()
     with VfuContext(str(tmp_path / "s.sock"), fn) as context:
-        client, thread, results = _session(context)
+        client, thread, results = attached_session(context)
         client.send(vu.Command.REGION_READ, vu.REGION_ACCESS.pack(0, vu.PciRegion.BAR0, 4))
         assert fn.bar0.entered.wait(5)
         client.close()              # gone before the reply

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 from vfuserver.devices.admin import AdminStats
 
@@ -18,14 +19,15 @@ def test_as_dict_while_another_thread_counts() -> None:
     def count() -> None:
         n = 0
         while not stop.is_set():
-            stats.statuses[(n % 997, n % 31)] += 1  # new (opcode, status) pairs
+            stats.statuses[(n % 4099, n // 4099 % 8)] += 1  # new (opcode, status) pairs
             n += 1
 
     thread = threading.Thread(target=count)
     thread.start()
     errors = []
     try:
-        for _ in range(2000):
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
             try:
                 stats.as_dict()
             except RuntimeError as exc:
