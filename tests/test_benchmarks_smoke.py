@@ -19,7 +19,7 @@ import pytest
 from tests.e2e.rig import unusable_machine_reason
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("region", "inprocess", "guest", "disk", "scale")
+SECTIONS = ("region", "inprocess", "guest", "disk", "scale", "hostile")
 
 pytestmark = [
     pytest.mark.e2e,  # the guest section boots a real guest under QEMU

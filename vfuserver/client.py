@@ -28,13 +28,17 @@ class Client:
     def __init__(self, path: str, *, capabilities: dict[str, Any] | None = None,
                  timeout: float | None = 10.0, negotiate: bool = True) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
         self._msg_id = 0
         self.server_version: tuple[int, int] = (0, 0)
         self.server_capabilities: dict[str, Any] = {}
-        if negotiate:
-            self.negotiate(capabilities)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+            if negotiate:
+                self.negotiate(capabilities)
+        except BaseException:
+            self.sock.close()  # a server that refused or dropped us leaves no open socket
+            raise
 
     # -- plumbing --------------------------------------------------------------------
 

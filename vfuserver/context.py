@@ -349,6 +349,12 @@ class VfuContext:
         here. Why a dropped client was dropped is logged.
         """
         self._dev.drop_reason = lib.VFUSERVER_DROP_NONE
+        try:
+            return self._serve_client()
+        finally:
+            self._dev.serving = 0  # however it ended, the native loop is not running
+
+    def _serve_client(self) -> ServeResult:
         while True:
             result = lib.vfuserver_serve(self._ctx, self._dev)
             self.report_callback_error()
@@ -359,7 +365,6 @@ class VfuContext:
                     continue
                 result = (lib.VFUSERVER_SERVE_STOPPED if self._dev.stop
                           else lib.VFUSERVER_SERVE_DETACHED)
-                self._dev.serving = 0  # the native loop left it set while it waited
             self._log_drop()
             return ServeResult(result)
 
@@ -410,7 +415,7 @@ class VfuContext:
         if self._dev.stop or self.closed:
             return False
         result = lib.vfuserver_quiesced(self._ctx, self._dev)
-        if result == lib.VFUSERVER_SERVE_DETACHED:
+        if result == 1:  # the held request ended the connection
             return False
         check(result, "vfu_device_quiesced")
         return True

@@ -20,7 +20,6 @@ INTERRUPT_RETRY = 0.05
 before the call starts)."""
 
 _NO_CLIENT = (errno.EAGAIN, errno.EWOULDBLOCK)
-_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 _T = TypeVar("_T")
 
@@ -87,8 +86,7 @@ async def _attach(context: VfuContext) -> None:
                                     context.socket_path, ATTACH_TIMEOUT)
                 continue
             context.log.warning("client failed to attach: %s", os.strerror(exc.errno or errno.EIO))
-            if exc.errno in _OUT_OF_RESOURCES:
-                await trio.sleep(0.1)  # the listening socket stays readable: do not spin
+            await trio.sleep(0.1)  # the listening socket may stay readable: do not spin
         else:
             return
 

@@ -357,7 +357,7 @@ static int vfuserver_drop(vfu_ctx_t *ctx, struct vfuserver_dev *d, int fd, int r
 }
 
 /* vfu_device_quiesced under irq_lock (it may run a held reset, which closes the interrupt
-   eventfds); DETACHED if the connection went with it, else 0. */
+   eventfds): 0, -1 with errno, or 1 if the connection went with it. */
 static int vfuserver_quiesced(vfu_ctx_t *ctx, struct vfuserver_dev *d)
 {
     int fd = vfu_get_poll_fd(ctx);
@@ -368,7 +368,8 @@ static int vfuserver_quiesced(vfu_ctx_t *ctx, struct vfuserver_dev *d)
     pthread_mutex_unlock(&d->irq_lock);
     vfuserver_leave_blocking(d);
     if (vfu_get_poll_fd(ctx) != fd) {
-        return vfuserver_finish(d, VFUSERVER_SERVE_DETACHED);
+        vfuserver_finish(d, VFUSERVER_SERVE_DETACHED);
+        return 1;
     }
     errno = saved;
     return ret < 0 ? -1 : 0;

@@ -161,8 +161,8 @@ ssize_t fast_access(void *private, int region, char *buf, size_t n, loff_t off, 
 int vfuserver_attach(vfu_ctx_t *ctx, struct vfuserver_dev *d);
 /* Serve the attached client (GIL released): a VFUSERVER_SERVE_* value. */
 int vfuserver_serve(vfu_ctx_t *ctx, struct vfuserver_dev *d);
-/* vfu_device_quiesced under the interrupt lock: 0, -1 + errno, or VFUSERVER_SERVE_DETACHED
-   when the request it let through ended the connection. */
+/* vfu_device_quiesced under the interrupt lock: 0, -1 + errno, or 1 when the request it
+   let through ended the connection. */
 int vfuserver_quiesced(vfu_ctx_t *ctx, struct vfuserver_dev *d);
 /* Ask the serving thread to return STOPPED; interrupts its blocking call, if any. */
 void vfuserver_stop(struct vfuserver_dev *d);
