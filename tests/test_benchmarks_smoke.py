@@ -68,7 +68,7 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
     region = results["sections"]["region"]
     for row in region["rows"]:
         assert row["vfuserver"]["ops_per_s"] > 0 and row["c"]["ops_per_s"] > 0
-    assert region["floor"]["ops_per_s"] > 0
+    assert region["floor"] and all(f["ops_per_s"] > 0 for f in region["floor"].values())
     assert {row["profile"] for row in region["rows"]} == {"modern", "transitional"}
     assert results["sections"]["inprocess"]["profile"]["by_cumulative"]
     # a target is met or missed whenever it was measured, and says why when it was not
