@@ -7,8 +7,7 @@ import select
 import threading
 from pathlib import Path
 
-from tests.server.conftest import ScratchFunction, ScratchRegion
-from vfuserver.client import Client
+from tests.server.conftest import ScratchFunction, ScratchRegion, attached_session
 from vfuserver.context import VfuContext
 from vfuserver.devices.pci import Bar, BarKind
 from vfuserver.protocol import vfio_user as vu
@@ -42,25 +41,18 @@ def fired(fd: int, timeout: float) -> bool:
 
 def test_vector_64_is_not_lost_when_the_serving_thread_is_busy(tmp_path: Path) -> None:
     fn = ManyVectors()
-    with VfuContext(str(tmp_path / "m.sock"), fn) as context, \
-            Client(context.socket_path, negotiate=False) as client:
-            caps = {"max_msg_fds": 16, "max_data_xfer_size": vu.MAX_DATA_XFER_SIZE}
-            version = client.send(vu.Command.VERSION, vu.build_version(0, 0, caps))
-            context.attach()
-            client.receive(version, vu.Command.VERSION)
-            results = []
-            thread = threading.Thread(target=lambda: results.append(context.serve_client()))
-            thread.start()
-            efd63, efd64 = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
-            client.set_irqs(vu.PciIrq.MSIX, 63, [efd63, efd64])
-            client.post_write(vu.PciRegion.BAR0, 0, b"\0\0\0\0")   # the callback blocks
-            assert fn.bar0.entered.wait(5)
-            ok63 = context.trigger(63)    # from "the event loop" (another thread)
-            ok64 = context.trigger(64)
-            fn.bar0.release.set()
-            got63, got64 = fired(efd63, 2), fired(efd64, 2)
-            client.close()
-            thread.join(10)
-            print("trigger(63)", ok63, "fired", got63, "| trigger(64)", ok64, "fired", got64)
-            assert got63
-            assert ok64 and got64, "vector 64 lost"
+    with VfuContext(str(tmp_path / "m.sock"), fn) as context:
+        client, thread, _ = attached_session(context)
+        efd63, efd64 = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+        client.set_irqs(vu.PciIrq.MSIX, 63, [efd63, efd64])
+        client.post_write(vu.PciRegion.BAR0, 0, b"\0\0\0\0")   # the callback blocks
+        assert fn.bar0.entered.wait(5)
+        ok63 = context.trigger(63)    # from "the event loop" (another thread)
+        ok64 = context.trigger(64)
+        fn.bar0.release.set()
+        got63, got64 = fired(efd63, 2), fired(efd64, 2)
+        client.close()
+        thread.join(10)
+        print("trigger(63)", ok63, "fired", got63, "| trigger(64)", ok64, "fired", got64)
+        assert got63
+        assert ok64 and got64, "vector 64 lost"
