@@ -20,7 +20,7 @@ import re
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from vfuserver import dma_backing
 from vfuserver.binding import check, ffi, lib
@@ -169,6 +169,31 @@ def _last_resort(exc_type: type[BaseException], exc: BaseException,
                                          exc_info=(exc_type, exc, tb))
 
 
+DATA_ARMED = 1
+"""From :meth:`DataPath.run_data_path`: keep polling the data path's fd."""
+DATA_AGAIN = 2
+"""From :meth:`DataPath.run_data_path`: more to do; call again after the next message."""
+
+
+class DataPath(Protocol):
+    """A device's work that the serving thread runs while a client is attached, without
+    the event loop: the kicks the fast path took (the model's, run first by the context),
+    then this (transmit, and receive from a backend fd), as QEMU runs a virtio-net's
+    transmit bottom half and its tap's input in the thread that serves the device."""
+
+    def attach_data_path(self) -> int | None:
+        """Event loop, before a serving thread starts: take over; the fd the serving
+        thread polls for input (None: none)."""
+
+    def run_data_path(self) -> int:
+        """Serving thread, after the kicks, under the device lock: what is due.
+        :data:`DATA_ARMED` and :data:`DATA_AGAIN` bits."""
+
+    def detach_data_path(self) -> None:
+        """Event loop, after the serving thread returned: the event loop's tasks take
+        over again."""
+
+
 class DeviceLock:
     """The lock of one device model: the serving thread's callbacks and the event loop's
     work on the device (frames, kicks) take it, so the model runs one thing at a time.
@@ -231,6 +256,11 @@ class VfuContext:
         self.pending_error: BaseException | None = None
         self.client_attached = False
         """Set by the serving loop while a client is attached."""
+        self._data_thread: int | None = None
+        self._deferred: list[int] = []  # interrupts raised during the data path's run
+        self.data_path: DataPath | None = None
+        """Run by the serving thread while a client is attached (None: kicks go to the
+        event loop, :meth:`process_kicks`)."""
         self._quiesced = threading.Event()
         self._quiesce_pending = False
         self._regions: dict[int, Region] = {}
@@ -419,6 +449,54 @@ class VfuContext:
             return False
         check(result, "vfu_device_quiesced")
         return True
+
+    def start_data_path(self) -> None:
+        """Before serve_client: the serving thread runs the kicks and :attr:`data_path`."""
+        if self.data_path is not None and self.native.live:
+            self.native.start_data_path(self.data_path.attach_data_path())
+
+    def stop_data_path(self) -> None:
+        """After serve_client: the event loop runs the kicks again, and what the serving
+        thread had not run yet."""
+        if self.data_path is not None and self.native.live:
+            self.native.stop_data_path()
+            self.data_path.detach_data_path()
+        self.process_kicks()
+
+    def request_data_run(self) -> None:
+        """Have the serving thread run the data path soon (from any thread)."""
+        self.native.request_data_run()
+
+    @c_callback("vfuserver_data_cb", error=-1)
+    def _on_data(self) -> int:
+        """The serving thread's data path: the kicks, then :attr:`data_path`, under
+        :attr:`lock` (the fast state is published once, after both)."""
+        self._data_thread = threading.get_ident()
+        try:
+            self.process_kicks()
+            return self.data_path.run_data_path() if self.data_path is not None else 0
+        finally:
+            self._data_thread = None
+            self._raise_deferred()
+
+    def defer_interrupt(self, vector: int) -> None:
+        """Raise ``vector`` once the data path's run ends: the client (QEMU's main loop)
+        wakes once for a transmit completion and the frame that answered it, as it
+        would for its own virtio-net, instead of waking, and taking the CPU, mid-run."""
+        if vector not in self._deferred:
+            self._deferred.append(vector)
+
+    def _raise_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for vector in deferred:
+            if not self.trigger(vector):
+                self.log.debug("interrupt %d not raised: the client gave no eventfd for it",
+                               vector)
+
+    def in_data_path(self) -> bool:
+        """Whether the caller runs inside the data path (which looks at what is due
+        after the kicks: no need to ask for another call)."""
+        return self._data_thread == threading.get_ident()
 
     def process_kicks(self) -> int:
         """Run the queue notifications the fast path recorded (the model, under
@@ -662,6 +740,9 @@ class _VfuInterrupts:
         # the model raises it under its lock: what the interrupt announces (a status,
         # NEEDS_RESET) is published before the guest can look
         context.native.publish()
+        if context.in_data_path():
+            context.defer_interrupt(vector)
+            return
         if not context.trigger(vector):
             context.log.debug("interrupt %d not raised: the client gave no eventfd for it",
                               vector)

@@ -24,7 +24,7 @@ import trio
 
 from vfuserver.blkdev.backend import ImageBackend
 from vfuserver.blkdev.raw import IoRequest, RawImage
-from vfuserver.context import DeviceLock, VfuContext
+from vfuserver.context import DATA_AGAIN, DATA_ARMED, DeviceLock, VfuContext
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.legacy_io import TransitionalFunction
 from vfuserver.devices.memory import GuestMemory
@@ -228,12 +228,70 @@ class ServedNetDevice(ServedDevice):
                                           name=spec.name)
         super().__init__(spec, owner)
         self._tx_pending = trio.Event()
-        self.net.on_rx_buffers = self._in_loop(backend.wake_receiver)
+        self._wake_receiver = self._in_loop(backend.wake_receiver)
+        self._schedule_tx = self._in_loop(self._request_tx)
+        self._inline = False  # the serving thread runs the data path (attach..detach)
+        self._tx_due = False
+        self._rx_owned = False
+        self.net.on_rx_buffers = self._on_rx_buffers
         self.net.on_guest_offloads = self._apply_guest_offloads
-        self.net.on_tx_pending = self._in_loop(self._request_tx)
+        self.net.on_tx_pending = self._on_tx_pending
+
+    def _build(self, profile: str) -> None:
+        super()._build(profile)
+        self.context.data_path = self
 
     def _request_tx(self) -> None:
         self._tx_pending.set()
+
+    def _on_tx_pending(self) -> None:
+        """The model's transmit bottom half is due (QEMU's tx bh): run by the serving
+        thread right after the kicks while a client is attached, else by the event loop."""
+        if self._inline:
+            self._tx_due = True
+            if not self.context.in_data_path():  # which looks at _tx_due next
+                self.context.request_data_run()
+        else:
+            self._schedule_tx()
+
+    def _on_rx_buffers(self) -> None:
+        """The guest posted receive buffers: whoever receives retries its held frame."""
+        if self._inline and self._rx_owned:
+            if not self.context.in_data_path():  # which receives next
+                self.context.request_data_run()
+        else:
+            self._wake_receiver()
+
+    # -- the data path on the serving thread (vfuserver.context.DataPath) ----------------
+
+    def attach_data_path(self) -> int | None:
+        fd: int | None = self.backend.take_receiver()
+        self._rx_owned = fd is not None
+        self._inline = True
+        return fd
+
+    def run_data_path(self) -> int:
+        flags = 0
+        if self._tx_due:
+            self._tx_due = False
+            self.net.run_tx()  # a burst cut at tx_burst sets _tx_due again
+        if self._rx_owned:
+            try:
+                if self.backend.receive_now(self._deliver):
+                    flags |= DATA_ARMED
+            except OSError as exc:  # the event loop's receive task reports it later
+                self.log.error("receiving from the backend failed: %s; nothing is "
+                               "received until the client detaches", exc)
+        return flags | (DATA_AGAIN if self._tx_due else 0)
+
+    def detach_data_path(self) -> None:
+        self._inline = False
+        if self._rx_owned:
+            self._rx_owned = False
+            self.backend.return_receiver()
+        if self._tx_due:
+            self._tx_due = False
+            self._request_tx()
 
     def _apply_guest_offloads(self, offloads: int) -> None:
         """The offloads the driver negotiated or set go to the backend, as QEMU's

@@ -115,8 +115,9 @@ class NativeDevice:
 
     def take_kicks(self) -> list[int]:
         """The queues kicked on the fast path since the last call, in index order."""
-        with contextlib.suppress(BlockingIOError):  # reset the eventfd before taking
-            os.eventfd_read(self.dev.notify_fd)
+        if not self.dev.inline_kicks:
+            with contextlib.suppress(BlockingIOError):  # reset the eventfd before taking
+                os.eventfd_read(self.dev.notify_fd)
         queues = int(lib.vfuserver_take_notifies(self.dev))
         kicked = []
         while queues:
@@ -124,11 +125,34 @@ class NativeDevice:
             queues &= queues - 1
         return kicked
 
+    def start_data_path(self, fd: int | None) -> None:
+        """Before a serving thread starts: it runs the kicks (vfuserver_data_cb) and polls
+        ``fd`` for the data path's input (None: no input of its own)."""
+        dev = self.dev
+        dev.data_fd = -1 if fd is None else fd
+        dev.data_armed = 1
+        dev.data_again = 0
+        dev.inline_kicks = 1
+
+    def stop_data_path(self) -> None:
+        """After the serving thread returned: kicks go to the event loop again."""
+        dev = self.dev
+        dev.inline_kicks = 0
+        dev.data_fd = -1
+        dev.data_armed = 0
+        dev.data_again = 0
+
+    def request_data_run(self) -> None:
+        """Have the serving thread call the data path soon (from any thread)."""
+        if self.live:
+            lib.vfuserver_request_data(self.dev)
+
     def counters(self) -> dict[str, int]:
         """The serving thread's counters, and the fast path's by register name."""
         dev = self.dev
         out = {"messages": int(dev.messages), "wakeups": int(dev.wakeups),
-               "polled": int(dev.polled), "kick_signals": int(dev.kicks)}
+               "polled": int(dev.polled), "kick_signals": int(dev.kicks),
+               "data_path_runs": int(dev.data_runs)}
         for slot, reg in zip(dev.regs, self.registers, strict=False):
             out[f"fast:{reg.name}"] = int(slot.count)
         return out

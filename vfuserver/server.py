@@ -42,7 +42,11 @@ async def serve_device(context: VfuContext, *,
             context.log.info("client attached on %s", context.socket_path)
             try:
                 context.rearm()
-                await _on_thread(context.serve_client, context.stop_serving)
+                context.start_data_path()
+                try:
+                    await _on_thread(context.serve_client, context.stop_serving)
+                finally:
+                    context.stop_data_path()
             finally:
                 context.client_attached = False
             context.log.info("client detached from %s", context.socket_path)

@@ -15,6 +15,16 @@
  * the thread may poll the socket for up to poll_ns before it sleeps in poll(), with
  * poll_ns adapted as QEMU adapts an IOThread's (util/aio-posix.c adjust_polling_time).
  *
+ * With inline_kicks, the thread also runs the device's data path (vfuserver_data_cb, in
+ * Python): the queues the fast path saw kicked, and input on data_fd (a tap) while
+ * data_armed. A kick is then handled without waking the event loop, and a frame the host
+ * answers at once (an ICMP echo from the tap's own stack) is read right after the write
+ * that caused it, as QEMU's main loop does for its own virtio-net. vfuserver_data_cb says
+ * whether data_fd stays armed (not while the guest has no receive buffers: its next kick
+ * brings them) and whether it has more to do (a transmit burst cut at its budget: called
+ * again after the next message, so a guest that transmits without pause cannot starve its
+ * own register accesses).
+ *
  * Other threads reach the serving thread through wake_fd: stop, and interrupts to raise
  * (vfu_irq_trigger must not race with the SET_IRQS handling inside vfu_run_ctx, which
  * replaces the eventfds; irq_lock guards that, and a thread that finds it taken leaves the
@@ -94,6 +104,7 @@ static int vfuserver_dev_init(struct vfuserver_dev *d)
     }
     pthread_mutex_init(&d->irq_lock, NULL);
     pthread_mutex_init(&d->thread_lock, NULL);
+    d->data_fd = -1;
     return 0;
 }
 
@@ -283,16 +294,20 @@ static void vfuserver_set_reply_timeout(int fd, int64_t ms)
 /* Wait for the socket or wake_fd; adaptive polling first. Returns READY_* of the socket
    as last seen, or READY_EMPTY when woken for something else. */
 static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t deadline,
-                          int backoff_ms, uint32_t *size, int *fd_readable)
+                          int backoff_ms, uint32_t *size, int *fd_readable,
+                          int *data_readable)
 {
-    struct pollfd fds[2] = {
+    int data = d->inline_kicks && d->data_fd >= 0 && d->data_armed;
+    struct pollfd fds[3] = {
         { .fd = fd, .events = partial ? POLLRDHUP : (POLLIN | POLLRDHUP) },
         { .fd = d->wake_fd, .events = POLLIN },
+        { .fd = data ? d->data_fd : -1, .events = POLLIN },
     };
     int64_t start = vfuserver_now_ns();
     int timeout = -1;
 
-    if (!partial && d->poll_ns > 0) {
+    *data_readable = 0;
+    if (!partial && d->poll_ns > 0 && !d->data_again) {
         int64_t until = start + d->poll_ns;
         do {
             int state = vfuserver_message_ready(fd, size);
@@ -304,6 +319,10 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
                 __atomic_load_n(&d->any_pending_irq, __ATOMIC_ACQUIRE)) {
                 return READY_EMPTY;
             }
+            if (data && poll(&fds[2], 1, 0) == 1) {
+                *data_readable = 1;
+                return READY_EMPTY;
+            }
             sched_yield();  /* a client on this CPU gets to send meanwhile */
         } while (vfuserver_now_ns() < until);
     }
@@ -313,8 +332,11 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
         int64_t left_ms = (deadline - start) / 1000000;
         timeout = left_ms <= 0 ? 0 : (int)(left_ms < backoff_ms ? left_ms : backoff_ms);
     }
+    if (d->data_again) {
+        timeout = 0;    /* the data path has more to do: only look whether a message came */
+    }
     *fd_readable = 0;
-    int n = poll(fds, 2, timeout);
+    int n = poll(fds, 3, timeout);
     d->wakeups++;
     if (n < 0) {
         return errno == EINTR ? READY_EMPTY : READY_ERROR;
@@ -334,6 +356,7 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
         vfuserver_take_eventfd(d->wake_fd);
     }
     *fd_readable = (fds[0].revents & POLLIN) != 0;
+    *data_readable = (fds[2].revents & (POLLIN | POLLERR | POLLHUP)) != 0;
     if (partial && (fds[0].revents & (POLLRDHUP | POLLHUP | POLLERR))) {
         return READY_EOF;
     }
@@ -375,6 +398,39 @@ static int vfuserver_quiesced(vfu_ctx_t *ctx, struct vfuserver_dev *d)
     return ret < 0 ? -1 : 0;
 }
 
+/* Whether the data path has work: kicks taken by the fast path, or a call asked for. */
+static int vfuserver_data_due(struct vfuserver_dev *d)
+{
+    return d->inline_kicks && (__atomic_load_n(&d->pending_notify, __ATOMIC_ACQUIRE) ||
+                               d->data_again ||
+                               __atomic_load_n(&d->data_requested, __ATOMIC_ACQUIRE));
+}
+
+/* Ask the serving thread for a call of the data path (from any thread). */
+static void vfuserver_request_data(struct vfuserver_dev *d)
+{
+    __atomic_store_n(&d->data_requested, 1, __ATOMIC_RELEASE);
+    vfuserver_signal_eventfd(d->wake_fd);
+}
+
+/* One call of the device's data path (with the GIL: Python). Returns nonzero if a
+   callback stored an error for Python to report. */
+static int vfuserver_run_data(vfu_ctx_t *ctx, struct vfuserver_dev *d)
+{
+    __atomic_store_n(&d->data_requested, 0, __ATOMIC_RELEASE);
+    int flags = vfuserver_data_cb(ctx);
+    d->data_runs++;
+    if (flags < 0) {
+        /* a bug, logged by the callback: stop reading input rather than spin on it */
+        d->data_armed = 0;
+        d->data_again = 0;
+    } else {
+        d->data_armed = (flags & 1) != 0;
+        d->data_again = (flags & 2) != 0;
+    }
+    return __atomic_exchange_n(&d->report, 0, __ATOMIC_ACQ_REL);
+}
+
 /* Serve the attached client until it leaves (or is dropped), vfuserver_stop() is called,
    a deferred quiesce holds a request, or a callback stored an error (enum
    vfuserver_serve_result). Called again after QUIESCING and REPORT. */
@@ -401,6 +457,9 @@ static int vfuserver_serve(vfu_ctx_t *ctx, struct vfuserver_dev *d)
             return vfuserver_finish(d, VFUSERVER_SERVE_STOPPED);
         }
         vfuserver_raise_pending(ctx, d);
+        if (vfuserver_data_due(d) && vfuserver_run_data(ctx, d)) {
+            return VFUSERVER_SERVE_REPORT;
+        }
         int state = vfuserver_message_ready(fd, &size);
         for (;;) {
             if (state == READY_WHOLE || state == READY_EOF) {
@@ -457,8 +516,15 @@ static int vfuserver_serve(vfu_ctx_t *ctx, struct vfuserver_dev *d)
                 }
             }
             int readable = 0;
+            int data_readable = 0;
             int seen = vfuserver_wait(fd, d, partial, partial_deadline, backoff_ms, &size,
-                                      &readable);
+                                      &readable, &data_readable);
+            if (data_readable || vfuserver_data_due(d)) {
+                /* between messages (a partial one waits in the kernel, untouched) */
+                if (vfuserver_run_data(ctx, d)) {
+                    return VFUSERVER_SERVE_REPORT;
+                }
+            }
             if (partial && backoff_ms < 64) {
                 backoff_ms *= 2;    /* 1, 2, 4 ... 64 ms: a stalled client costs ~20 wake-ups/s */
             }

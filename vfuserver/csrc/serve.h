@@ -79,6 +79,14 @@ struct vfuserver_dev {
     uint64_t wakeups;               /* poll() returns */
     uint64_t polled;                /* messages found by adaptive polling (no wake-up) */
     uint64_t kicks;                 /* notify_fd writes */
+
+    /* the data path on the serving thread (vfuserver_data_cb), set while no thread serves */
+    int inline_kicks;               /* kicks go to vfuserver_data_cb, not notify_fd */
+    int data_fd;                    /* -1, or a backend fd whose input vfuserver_data_cb reads */
+    int data_armed;                 /* poll data_fd (0 while the guest has no buffers) */
+    int data_again;                 /* vfuserver_data_cb has more to do: call it again */
+    int data_requested;             /* another thread asked for a call (atomic) */
+    uint64_t data_runs;             /* vfuserver_data_cb calls */
 };
 
 static ssize_t fast_access(void *private, int region, char *buf, size_t n, loff_t off,
@@ -112,7 +120,8 @@ static ssize_t fast_access(void *private, int region, char *buf, size_t n, loff_
             }
             uint64_t old = __atomic_fetch_or(&d->pending_notify, bit,
                                              __ATOMIC_SEQ_CST);
-            if (old == 0) {         /* otherwise the model has not taken the last ones yet */
+            if (old == 0 && !d->inline_kicks) {  /* else not taken yet, or the serving
+                                                    thread runs them (vfuserver_data_cb) */
                 uint64_t one = 1;
                 if (write(d->notify_fd, &one, sizeof(one)) == sizeof(one)) {
                     __atomic_fetch_add(&d->kicks, 1, __ATOMIC_RELAXED);

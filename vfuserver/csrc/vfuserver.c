@@ -33,6 +33,7 @@ typedef vfu_dma_register_cb_t *vfu_dma_cb_p;
 typedef vfu_dev_irq_state_cb_t *vfu_irq_state_cb_p;
 
 static ssize_t vfuserver_region_cb(vfu_ctx_t *, int, char *, size_t, loff_t, bool);
+static int vfuserver_data_cb(vfu_ctx_t *);
 
 #include "serve.h"
 

@@ -149,6 +149,11 @@ struct vfuserver_dev {
     uint64_t wakeups;
     uint64_t polled;
     uint64_t kicks;
+    int inline_kicks;
+    int data_fd;
+    int data_armed;
+    int data_again;
+    uint64_t data_runs;
     ...;
 };
 
@@ -176,6 +181,8 @@ uint8_t vfuserver_isr_peek(struct vfuserver_dev *d);
 void vfuserver_isr_store(struct vfuserver_dev *d, uint8_t value);
 /* Kicked queues not yet processed (bit n: queue n), taken atomically. */
 uint64_t vfuserver_take_notifies(struct vfuserver_dev *d);
+/* Have the serving thread call the data path (vfuserver_data_cb) soon, from any thread. */
+void vfuserver_request_data(struct vfuserver_dev *d);
 /* Publish one byte of fast-path state with release order. */
 void vfuserver_publish(struct vfuserver_dev *d, uint8_t status, uint8_t io_enabled,
                        uint8_t settled, uint64_t active_queues, uint8_t fast_enabled);
@@ -204,6 +211,9 @@ int vfuserver_guard_add(void *start, size_t length, size_t page_size, uint64_t i
 void vfuserver_guard_remove(int index);
 
 extern "Python" ssize_t vfuserver_region_cb(vfu_ctx_t *, int, char *, size_t, loff_t, bool);
+/* The device's data path on the serving thread (serve.c): bit 0 keep polling data_fd,
+   bit 1 call again soon; -1 on a bug (logged). */
+extern "Python" int vfuserver_data_cb(vfu_ctx_t *);
 extern "Python" void vfuserver_log_cb(vfu_ctx_t *, int, const char *);
 extern "Python" int vfuserver_reset_cb(vfu_ctx_t *, vfu_reset_type_t);
 extern "Python" int vfuserver_quiesce_cb(vfu_ctx_t *);

@@ -1,10 +1,12 @@
 """What every network backend is: the :class:`NetBackend` interface, its counters, the
 ``none`` backend and :class:`QueuedBackend`, the part the fd-based backends share.
 
-The device model calls :meth:`~NetBackend.send` synchronously from a libvfio-user
-callback, so sending never blocks (a bounded queue, then drop and count), and one trio
-task runs :meth:`~NetBackend.run` to pump received frames into the guest. All methods
-must be called from the trio thread that runs :meth:`~NetBackend.run`.
+The device model calls :meth:`~NetBackend.send` synchronously, so sending never blocks (a
+bounded queue, then drop and count), and one trio task runs :meth:`~NetBackend.run` to
+pump received frames into the guest. :meth:`~NetBackend.send` may be called from any
+thread; so may :meth:`~NetBackend.receive_now`, by the one owner of the receive side
+(:meth:`~NetBackend.take_receiver`: the device's serving thread while a client is
+attached). Every other method is for the trio thread that runs :meth:`~NetBackend.run`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
@@ -95,6 +98,19 @@ class NetBackend(Protocol):
     def wake_receiver(self) -> None:
         """The guest posted receive buffers: retry the frame deliver() refused."""
 
+    def take_receiver(self) -> int | None:
+        """Hand the receive side to the caller until :meth:`return_receiver`: the fd to
+        poll for input, which :meth:`receive_now` then reads (the run() task reads nothing
+        meanwhile); None if this backend cannot be received from that way."""
+
+    def receive_now(self, deliver: Deliver) -> bool:
+        """Deliver the frame held back (if any), then the frames queued, up to
+        ``RX_BATCH``, without blocking. False: a frame waits for receive buffers (call
+        again once the guest has posted some). OSError if the host side failed."""
+
+    def return_receiver(self) -> None:
+        """The run() task receives again (what the caller held back is kept)."""
+
     def set_offload(self, offloads: NetOffloads) -> None:
         """The guest now takes ``offloads`` (QEMU's qemu_set_offload()); a backend that
         never hands over offloaded frames ignores it. Never raises: a host that refuses
@@ -135,6 +151,15 @@ class NoneBackend:
     def wake_receiver(self) -> None:
         pass
 
+    def take_receiver(self) -> int | None:
+        return None
+
+    def receive_now(self, deliver: Deliver) -> bool:
+        return True
+
+    def return_receiver(self) -> None:
+        pass
+
     def set_offload(self, offloads: NetOffloads) -> None:
         pass
 
@@ -152,9 +177,17 @@ class QueuedBackend:
         self._tx_queue: deque[tuple[bytes, int]] = deque()  # (bytes for the host, frame length)
         self._tx_sent = 0  # bytes of the head already written (stream sockets write partially)
         self._tx_limit = tx_queue_limit
+        self._tx_lock = threading.Lock()  # send() and the flush task may be on two threads
         self._tx_lot = trio.lowlevel.ParkingLot()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._loop_thread: int | None = None
         self._rx_lot = trio.lowlevel.ParkingLot()
         self._rx_woken = False
+        self._rx_fd: int | None = None  # set while _receive_datagrams runs
+        self._rx_read: Callable[[bytearray], int] | None = None
+        self._rx_buffer = bytearray(NET_BUFSIZE)
+        self._rx_external = False  # take_receiver(): another thread receives
+        self._held: bytes | None = None  # a frame the guest had no buffers for
         self._closed = False
 
     # What a backend defines.
@@ -176,11 +209,68 @@ class QueuedBackend:
         if length <= 0 or not self._connected() or len(self._tx_queue) >= self._tx_limit:
             self.stats.tx_dropped += 1
             return
-        self._tx_queue.append((self._encode(frame), length))
-        if len(self._tx_queue) == 1:
-            self._flush()
-        if self._tx_queue:
+        data = self._encode(frame)
+        with self._tx_lock:
+            self._tx_queue.append((data, length))
+            if len(self._tx_queue) == 1:
+                self._flush()
+            waiting = bool(self._tx_queue)
+        if waiting:
+            self._wake_flusher()
+
+    def _wake_flusher(self) -> None:
+        if self._token is None or threading.get_ident() == self._loop_thread:
             self._tx_lot.unpark_all()
+        else:  # trio objects belong to the loop's thread
+            self._token.run_sync_soon(self._tx_lot.unpark_all)
+
+    def take_receiver(self) -> int | None:
+        if self._rx_fd is None or self._closed:
+            return None
+        self._rx_external = True
+        return self._rx_fd
+
+    def return_receiver(self) -> None:
+        if self._rx_external:
+            self._rx_external = False
+            self._rx_lot.unpark_all()
+
+    def receive_now(self, deliver: Deliver) -> bool:
+        frame, self._held = self._held, None
+        for _ in range(RX_BATCH):
+            if frame is None:
+                frame = self._read_frame()
+                if frame is None:
+                    return True
+            if not frame:
+                frame = None  # dropped (counted); still part of the batch
+                continue
+            if not deliver(frame):
+                self._held = frame
+                return False
+            self.stats.rx_frames += 1
+            self.stats.rx_bytes += len(frame) - (VNET_HDR_LEN if self.vnet_hdr else 0)
+            frame = None
+        return True
+
+    def _read_frame(self) -> bytes | None:
+        """One frame read without blocking: None if nothing is queued, b"" if the one
+        read was dropped (counted)."""
+        assert self._rx_read is not None
+        try:
+            size = self._rx_read(self._rx_buffer)
+        except BlockingIOError:
+            return None
+        minimum = VNET_HDR_LEN if self.vnet_hdr else 0
+        if not minimum < size <= NET_BUFSIZE:
+            self.stats.rx_dropped += 1
+            return b""
+        frame = bytearray(self._rx_buffer[:size])
+        if self.vnet_hdr:
+            # tun_put_user() skips, without writing, the vnet header bytes past the
+            # 10-byte virtio_net_hdr: num_buffers is 1 for a frame in one buffer.
+            frame[10:12] = b"\x01\x00"
+        return bytes(frame)
 
     def wake_receiver(self) -> None:
         self._rx_woken = True
@@ -191,7 +281,8 @@ class QueuedBackend:
         dgram netdevs have no set_offload either)."""
 
     def _flush(self) -> bool:
-        """Write queued frames until the host would block; True if anything was written."""
+        """Write queued frames until the host would block; True if anything was written.
+        The caller holds ``_tx_lock``."""
         progress = False
         while self._tx_queue:
             data, length = self._tx_queue[0]
@@ -215,17 +306,22 @@ class QueuedBackend:
         return progress
 
     def _drop_tx_queue(self) -> None:
-        self.stats.tx_dropped += len(self._tx_queue)
-        self._tx_queue.clear()
-        self._tx_sent = 0
+        with self._tx_lock:
+            self.stats.tx_dropped += len(self._tx_queue)
+            self._tx_queue.clear()
+            self._tx_sent = 0
 
     async def _flush_loop(self, target: socket.socket | int) -> NoReturn:
+        self._token = trio.lowlevel.current_trio_token()
+        self._loop_thread = threading.get_ident()
         while True:
             if not self._tx_queue:
                 await self._tx_lot.park()
                 continue
             await trio.lowlevel.wait_writable(target)
-            if not self._flush():
+            with self._tx_lock:
+                progress = self._flush()
+            if not progress:
                 # unix_dgram_poll() calls an unconnected datagram socket writable by its own
                 # send buffer while sendto() fails with EAGAIN on the receiver's full queue.
                 await trio.sleep(TX_RETRY_DELAY)
@@ -243,22 +339,21 @@ class QueuedBackend:
 
     async def _receive_datagrams(self, fd: socket.socket | int, deliver: Deliver,
                                  read: Callable[[bytearray], int]) -> NoReturn:
-        """Receive loop for backends where every read returns exactly one frame."""
-        buffer = bytearray(NET_BUFSIZE)
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            for _ in range(RX_BATCH):
-                try:
-                    size = read(buffer)
-                except BlockingIOError:
-                    break
-                minimum = VNET_HDR_LEN if self.vnet_hdr else 0
-                if not minimum < size <= NET_BUFSIZE:
-                    self.stats.rx_dropped += 1
+        """Receive loop for backends where every read returns exactly one frame; it
+        stands aside while another thread owns the receive side (take_receiver)."""
+        self._rx_read = read
+        self._rx_fd = fd if isinstance(fd, int) else fd.fileno()
+        try:
+            while True:
+                if self._rx_external:
+                    await self._rx_lot.park()  # return_receiver()
                     continue
-                frame = bytearray(buffer[:size])
-                if self.vnet_hdr:
-                    # tun_put_user() skips, without writing, the vnet header bytes past the
-                    # 10-byte virtio_net_hdr: num_buffers is 1 for a frame in one buffer.
-                    frame[10:12] = b"\x01\x00"
-                await self._deliver(deliver, bytes(frame))
+                if self._held is None:
+                    await trio.lowlevel.wait_readable(fd)
+                    if self._rx_external:
+                        continue
+                self._rx_woken = False
+                if not self.receive_now(deliver) and not self._rx_woken:
+                    await self._rx_lot.park()  # wake_receiver(), unless it ran in deliver()
+        finally:
+            self._rx_fd = None
