@@ -63,7 +63,7 @@ class Session:
         return self.device.stats()["fast_path"]
 
     async def host_receives(self, count: int) -> list[bytes]:
-        got = []
+        got: list[bytes] = []
         with trio.fail_after(TIMEOUT):
             while len(got) < count:
                 await trio.lowlevel.wait_readable(self.peer)
