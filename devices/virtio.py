@@ -40,6 +40,10 @@ VirtioDeviceClass.legacy_features)."""
 _log = logging.getLogger(__name__)
 
 
+_DRIVER_OK = int(DeviceStatus.DRIVER_OK)
+"""A plain int: ``driver_ok`` is asked for every frame, and an IntFlag operand sends the
+``&`` through enum's Python-level operators."""
+
 class VirtioInterrupts(Protocol):
     """How the device interrupts the driver; implemented by the transport."""
 
@@ -212,7 +216,7 @@ class VirtioDevice:
 
     @property
     def driver_ok(self) -> bool:
-        return bool(self.status & DeviceStatus.DRIVER_OK)
+        return bool(self.status & _DRIVER_OK)
 
     def set_status(self, value: int) -> None:
         """The driver wrote the device status; 0 resets the device."""

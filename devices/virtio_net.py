@@ -76,6 +76,14 @@ OFFLOAD_FEATURES = (
 )
 """Offered when the peer carries a virtio-net header (it can take and give offloads)."""
 
+# Plain ints for the per-frame paths: an IntFlag operand sends each `&` through enum's
+# Python-level operators, and FeatureBit.mask is a property.
+_NEEDS_CSUM = int(net.HdrFlag.NEEDS_CSUM)
+_CSUM_FLAGS = int(net.HdrFlag.NEEDS_CSUM | net.HdrFlag.DATA_VALID)
+_GSO_NONE = int(net.GsoType.NONE)
+_GUEST_ECN = NetFeature.GUEST_ECN.mask
+_GUEST_CSUM = NetFeature.GUEST_CSUM.mask
+
 _GSO_NEEDS: dict[int, int] = {
     net.GsoType.TCPV4: NetFeature.GUEST_TSO4.mask,
     net.GsoType.TCPV6: NetFeature.GUEST_TSO6.mask,
@@ -392,7 +400,7 @@ class VirtioNet(VirtioDevice):
         if self.peer.vnet_hdr:
             # The peer takes virtio_net_hdr_v1; a legacy 10-byte header gets num_buffers 0.
             out = data if hdr_len == net.HDR_LEN else data[:hdr_len] + b"\0\0" + frame
-        elif data[0] & net.HdrFlag.NEEDS_CSUM:
+        elif data[0] & _NEEDS_CSUM:
             # Only a driver that broke the rules asks a headerless peer for a checksum
             # (CSUM is not offered then); finishing it costs little and keeps the frame.
             _, _, _, _, csum_start, csum_offset = net.HDR_LEGACY_STRUCT.unpack_from(data)
@@ -460,12 +468,12 @@ class VirtioNet(VirtioDevice):
             )
         offloads = self.guest_offloads
         gso = gso_type & ~net.GSO_ECN
-        if gso != net.GsoType.NONE:
+        if gso != _GSO_NONE:
             needs = _GSO_NEEDS.get(gso)
             if (
                 needs is None
                 or not offloads & needs
-                or (gso_type & net.GSO_ECN and not offloads & NetFeature.GUEST_ECN.mask)
+                or (gso_type & net.GSO_ECN and not offloads & _GUEST_ECN)
             ):
                 self.ratelimited.log(
                     logging.DEBUG,
@@ -479,12 +487,12 @@ class VirtioNet(VirtioDevice):
         ):
             # §5.1.4.2: no non-GSO packet bigger than mtu + link header once MTU is in use.
             return None
-        if not offloads & NetFeature.GUEST_CSUM.mask:
-            if flags & net.HdrFlag.NEEDS_CSUM:
+        if not offloads & _GUEST_CSUM:
+            if flags & _NEEDS_CSUM:
                 buf = bytearray(frame)
                 net.complete_checksum(buf, csum_start, csum_offset)
                 frame = memoryview(buf)
-            flags &= ~(net.HdrFlag.NEEDS_CSUM | net.HdrFlag.DATA_VALID)
+            flags &= ~_CSUM_FLAGS
         header = bytearray(
             net.HDR_STRUCT.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, 1)
         )

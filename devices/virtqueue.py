@@ -47,9 +47,11 @@ _U16_UNPACK = ring.U16_STRUCT.unpack_from
 _USED_IDX = ring.USED_IDX_OFFSET // 2
 _USED_FLAGS = ring.USED_FLAGS_OFFSET // 2
 _USED_ELEM_LEN_OFFSET = 4  # struct virtq_used_elem {le32 id; le32 len}
-_NEXT = ring.DescFlag.NEXT
-_WRITE = ring.DescFlag.WRITE
-_INDIRECT = ring.DescFlag.INDIRECT
+# Plain ints: with an IntFlag operand every `flags & _NEXT` of the descriptor walk goes
+# through enum's Python-level operators (enum.Flag.__rand__), microseconds per chain.
+_NEXT = int(ring.DescFlag.NEXT)
+_WRITE = int(ring.DescFlag.WRITE)
+_INDIRECT = int(ring.DescFlag.INDIRECT)
 
 
 class VirtQueueError(GuestError):
