@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.devices.driver import DriverQueue
 from tests.devices.legacy_driver import MAC, LegacyRig, Rig
+from tests.devices.test_virtio_blk import Rig as BlkRig
+from tests.devices.test_virtio_blk import make_image
 from vfuserver.devices.errors import GuestError
 from vfuserver.devices.virtio_pci import MODERN_BAR, Layout
 from vfuserver.native import NativeDevice
@@ -290,3 +293,134 @@ def test_a_fresh_device_status_read_goes_to_the_model() -> None:
     assert not rig.net.legacy
     assert rig.access(0, Register.STATUS, 1, False) == b"\x00"
     assert rig.net.legacy and rig.served == []
+
+
+def agree(steps: list[tuple[int, int, bytes | int, bool]], fast: FastPathOf,
+          model: LegacyRig) -> list[tuple[Any, ...]]:
+    """Make ``steps`` in order on both sides; the steps whose answer or state differ."""
+    mismatches = []
+    for bar, offset, data, is_write in steps:
+        got = answer(fast.access, bar, offset, data, is_write)
+        want = answer(model_access, model, bar, offset, data, is_write)
+        if (got, device_state(fast.rig)) != (want, device_state(model)):
+            mismatches.append((bar, offset, data, is_write, got, want))
+    return mismatches
+
+
+@pytest.mark.parametrize("msix", [False, True], ids=["msix-off", "msix-on"])
+def test_queue_sel_writes_then_reads_agree(msix: bool) -> None:
+    """A QUEUE_SEL written on the fast path selects what the next reads (fast or not)
+    and writes (by the model) see: present queues, absent ones, VIRTIO_QUEUE_MAX."""
+    fast, model = FastRig(), Rig()
+    for rig in (fast, model):
+        legacy_running(rig)
+        rig.set_msix(msix)
+    fast.native.publish()
+    reads = [(0, Register.QUEUE_PFN, 4, False), (0, Register.QUEUE_NUM, 2, False),
+             (0, Register.QUEUE_SEL, 2, False), (0, Register.QUEUE_SEL, 1, False)]
+    if msix:
+        reads += [(0, Register.MSI_QUEUE_VECTOR, 2, False)]
+    steps: list[tuple[int, int, bytes | int, bool]] = []
+    for select, width in [(0, 2), (2, 2), (1, 1), (5, 2), (1023, 2), (1024, 2), (3, 1)]:
+        steps += [(0, Register.QUEUE_SEL, select.to_bytes(width, "little"), True), *reads]
+        if msix:  # the model writes the selected queue's vector: the image follows
+            steps += [(0, Register.MSI_QUEUE_VECTOR, (select % 3).to_bytes(2, "little"),
+                       True), *reads]
+    steps += [(0, Register.QUEUE_SEL, b"\x00\x00", True), *reads]
+    commands = sum(fast.owner.stats.commands.values())
+    assert not agree(steps, fast.fast, model)
+    fast_writes = sum(1 for _, o, _, w in fast.served if w and o == Register.QUEUE_SEL)
+    assert fast_writes == 7  # all 8 but 1024, which the model ignores and counts
+    assert model.fn.stats.ignored["queue-sel-beyond-max"] == 1
+    assert fast.fn.stats.ignored["queue-sel-beyond-max"] == 1
+    # the model answered only the vector writes, the ignored select and the absent
+    # queue's vector read after a vector was stored for it
+    assert sum(fast.owner.stats.commands.values()) - commands < len(steps) // 3
+
+
+def test_a_status_write_of_another_value_goes_to_the_model() -> None:
+    fast, model = FastRig(), Rig()
+    for rig in (fast, model):
+        legacy_running(rig)
+    fast.native.publish()
+    before = fast.fn.stats.accesses["write:STATUS"]
+    steps: list[tuple[int, int, bytes | int, bool]] = [
+        (0, Register.STATUS, b"\x07", True), (0, Register.STATUS, b"\x0f", True),
+             (0, Register.STATUS, 1, False), (0, Register.STATUS, b"\x0f", True)]
+    assert not agree(steps, fast.fast, model)
+    assert fast.net.status == 0xF
+    assert [o for _, o, _, w in fast.served if w] == [Register.STATUS, Register.STATUS]
+    assert fast.fn.stats.accesses["write:STATUS"] - before == 1  # the 0x0f, by the model
+    counters = fast.native.counters()
+    assert counters["fast:legacy-write:STATUS"] == 2
+    assert counters["fast:legacy-status-read"] == 1  # the exact register comes first
+
+
+def test_what_the_benchmark_measures_never_reaches_the_model() -> None:
+    """The legacy kinds of benchmarks/accesses.py on a running legacy driver: no admin
+    command, each counted on the fast path under its register."""
+    rig = FastRig()
+    legacy_running(rig)
+    rig.native.publish()
+    commands = dict(rig.owner.stats.commands)
+    assert rig.access(0, 20, 1, False) == MAC[:1]
+    assert rig.access(0, 20, 4, False) == MAC[:4]
+    rig.access(0, Register.QUEUE_SEL, b"\x00\x00", True)
+    rig.access(0, Register.STATUS, b"\x07", True)
+    assert rig.access(0, Register.QUEUE_PFN, 4, False) == bytes(4)  # queue 0: not placed
+    assert rig.access(MODERN_BAR, Layout.DEVICE, 4, False) == MAC[:4]
+    assert dict(rig.owner.stats.commands) == commands
+    counters = rig.native.counters()
+    assert {k: v for k, v in counters.items() if k.startswith("fast:legacy-") and ":" in
+            k[5:]} == {"fast:legacy-read:device-config": 2, "fast:legacy-write:QUEUE_SEL": 1,
+                       "fast:legacy-write:STATUS": 1, "fast:legacy-read:QUEUE_PFN": 1}
+    assert counters["fast:legacy-read"] == 3 and counters["fast:legacy-write"] == 2
+    assert counters["fast:config-read"] == 1
+
+
+def test_config_changes_reach_the_fast_path() -> None:
+    """Whatever changes the device config (a legacy MAC write, the link, the control
+    queue's MAC) is what the next fast config read returns."""
+    rig = FastRig()
+    legacy_running(rig)
+    rig.native.publish()
+    rig.access(0, 20, b"\x02", True)  # the model: a legacy driver writes the MAC
+    assert rig.access(0, 20, 1, False) == b"\x02"
+    with_link = rig.access(0, 26, 2, False)
+    rig.net.set_link(not rig.net.link_up)
+    rig.native.publish()
+    assert rig.access(0, 26, 2, False) != with_link
+    assert rig.access(MODERN_BAR, Layout.DEVICE + 6, 2, False) == rig.net.read_config(6, 2)
+    rig.net.mac = bytes(6)  # as VIRTIO_NET_CTRL_MAC_ADDR_SET does, then tells the device
+    rig.net.config_updated()
+    rig.native.publish()
+    assert rig.access(0, 20, 4, False) == bytes(4)
+    assert len(rig.served) == 5
+
+
+@pytest.mark.parametrize("msix", [False, True], ids=["msix-off", "msix-on"])
+def test_disk_legacy_registers_agree(tmp_path: Path, msix: bool) -> None:
+    """virtio-blk's 60 config bytes and two queues through its 128-byte BAR0, every
+    offset and width, fast path and model alike."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    disks = [BlkRig(make_image(tmp_path / name), num_queues=2) for name in ("a", "b")]
+    try:
+        rigs = [LegacyRig(disk.ram, disk.dev) for disk in disks]
+        for rig in rigs:
+            rig.legacy_driver_start()
+            rig.set_msix(msix)
+        fast = FastPathOf(rigs[0])
+        steps: list[tuple[int, int, bytes | int, bool]] = []
+        for select in (1, 0, 2):
+            steps.append((0, Register.QUEUE_SEL, select.to_bytes(2, "little"), True))
+            steps += [(0, offset, width, False) for offset in range(0, 128)
+                      for width in (1, 2, 4) if offset != Register.ISR]
+        assert not agree(steps, fast, rigs[1])
+        served_reads = {o for _, o, _, w in fast.served if not w}
+        config = 24 if msix else 20
+        assert set(range(config, config + 60)) <= served_reads
+        fast.native.close()
+    finally:
+        for disk in disks:
+            disk.close()
