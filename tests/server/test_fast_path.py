@@ -346,7 +346,7 @@ def test_a_status_write_of_another_value_goes_to_the_model() -> None:
     before = fast.fn.stats.accesses["write:STATUS"]
     steps: list[tuple[int, int, bytes | int, bool]] = [
         (0, Register.STATUS, b"\x07", True), (0, Register.STATUS, b"\x0f", True),
-             (0, Register.STATUS, 1, False), (0, Register.STATUS, b"\x0f", True)]
+        (0, Register.STATUS, 1, False), (0, Register.STATUS, b"\x0f", True)]
     assert not agree(steps, fast.fast, model)
     assert fast.net.status == 0xF
     assert [o for _, o, _, w in fast.served if w] == [Register.STATUS, Register.STATUS]
