@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vfuserver.devices.errors import GuestError
+from vfuserver.devices.pci import LegacyImage, LocalCell, RegisterCell
 from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol import virtio_legacy as legacy
 from vfuserver.protocol.virtio import DeviceStatus
@@ -53,7 +54,8 @@ class LegacyInterface:
                  notify_offset: int, ignored: defaultdict[str, int] | None = None) -> None:
         self.transport = transport
         self.device = transport.device
-        self.queue_select = 0
+        self.queue_select_cell: RegisterCell = LocalCell()
+        """Where QUEUE_SEL is kept: a fast path may write it (QEMU's vdev->queue_sel)."""
         self.notify_bar = notify_bar
         self.notify_offset = notify_offset
         self.ignored: defaultdict[str, int] = defaultdict(int) if ignored is None else ignored
@@ -81,6 +83,14 @@ class LegacyInterface:
             Register.MSI_QUEUE_VECTOR: self._set_queue_vector,
         }
 
+    @property
+    def queue_select(self) -> int:
+        return self.queue_select_cell.load()
+
+    @queue_select.setter
+    def queue_select(self, value: int) -> None:
+        self.queue_select_cell.store(value)
+
     # -- LegacyMember -------------------------------------------------------------------
 
     def legacy_common_read(self, offset: int, size: int) -> bytes:
@@ -104,6 +114,7 @@ class LegacyInterface:
             return
         if reg is not Register.STATUS:
             self._enter_legacy_mode()
+        self.transport.register_generation += 1
         # QEMU passes the access's value zero-extended, whatever its width
         writer(int.from_bytes(data, "little"))
 
@@ -120,6 +131,22 @@ class LegacyInterface:
         # modern notify area, where a 16-bit write of the queue index kicks that queue.
         return [NotifyInfoEntry(NotifyInfoFlags.MEMBER_DEVICE, self.notify_bar,
                                 self.notify_offset)]
+
+    def register_image(self) -> LegacyImage:
+        """The registers whose reads have no side effect once the mode is settled, as
+        :meth:`legacy_common_read` answers them, for every queue QUEUE_SEL can select."""
+        transport = self.transport
+        return LegacyImage(
+            config_offset=legacy.config_offset(transport.msix_enabled()),
+            host_features=self._host_features(),
+            guest_features=self._guest_features(),
+            config_vector=self._config_vector(),
+            queue_count=len(self.device.queues),
+            queues=tuple((_pfn(queue), queue.size, queue.msix_vector)
+                         for queue in self.device.queues),
+            absent_vectors=bool(transport.absent_queue_vectors),
+            bus_master=bool(transport.config.data[pcifmt.Offset.COMMAND] & _MASTER),
+        )
 
     # -- registers ----------------------------------------------------------------------
 
@@ -144,7 +171,8 @@ class LegacyInterface:
 
     def _selected_queue(self) -> VirtQueue | None:
         queues = self.device.queues
-        return queues[self.queue_select] if self.queue_select < len(queues) else None
+        select = self.queue_select
+        return queues[select] if select < len(queues) else None
 
     def _ignore(self, what: str, reason: str) -> None:
         """A write QEMU ignores: counted, logged at debug (QEMU's LOG_GUEST_ERROR is off
@@ -174,7 +202,7 @@ class LegacyInterface:
 
     def _queue_pfn(self) -> int:
         queue = self._selected_queue()
-        return (queue.desc_addr >> legacy.QUEUE_ADDR_SHIFT) if queue else 0
+        return _pfn(queue) if queue else 0
 
     def _queue_num(self) -> int:
         queue = self._selected_queue()
@@ -266,6 +294,11 @@ class LegacyInterface:
             # QEMU keeps a vector for each of its VIRTIO_QUEUE_MAX queues, sized or not
             self.transport.absent_queue_vectors[self.queue_select] = vector
 
+
+
+def _pfn(queue: VirtQueue) -> int:
+    """QUEUE_PFN of ``queue``: its descriptor address >> 12, the register's 32 bits."""
+    return (queue.desc_addr >> legacy.QUEUE_ADDR_SHIFT) & 0xFFFF_FFFF
 
 
 _LOW_BYTES = {size: (1 << (8 * size)) - 1 for size in (1, 2, 3, 4)}

@@ -39,12 +39,14 @@ from vfuserver.devices.pci import (
     Bar,
     BarKind,
     ConfigSpace,
+    FastImage,
     FastKind,
     FastRegister,
     FastState,
     Interrupts,
     IsrCell,
     Region,
+    RegisterCell,
     ResetKind,
     intersect,
     overlay_ranges,
@@ -61,6 +63,7 @@ NOTIFY_OFFSET = legacy.Register.QUEUE_NOTIFY
 LEGACY_OPCODES = frozenset(admin.LEGACY_OPCODES)
 
 _IO = int(pcifmt.Command.IO)  # plain ints on the hot path: IntFlag ops cost µs
+_MASTER = int(pcifmt.Command.MASTER)
 _COMMAND = pcifmt.Offset.COMMAND
 _BAR0 = pcifmt.Offset.BASE_ADDRESS_0
 _PACK_HEADER = admin.CMD_HEADER.pack
@@ -391,19 +394,39 @@ class TransitionalFunction:
                          FastKind.ISR_READ, legacy=True),
             FastRegister("legacy-status-read", 0, legacy.Register.STATUS, 1, False,
                          FastKind.STATUS_READ, legacy=True),
+            # the rest of BAR0, after the exact registers above: reads without side
+            # effect, QUEUE_SEL and a STATUS write that changes nothing
+            FastRegister("legacy-read", 0, 0, self.bar0_size, False, FastKind.LEGACY_READ,
+                         legacy=True),
+            FastRegister("legacy-write", 0, 0, self.bar0_size, True, FastKind.LEGACY_WRITE,
+                         legacy=True),
             *self.modern.fast_registers(),
         ]
 
     def fast_state(self) -> FastState:
         """A legacy STATUS read switches a fresh device to legacy mode
-        (:meth:`LegacyInterface.legacy_common_read`); only once it cannot is it fast."""
-        device = self.modern.device
+        (:meth:`LegacyInterface.legacy_common_read`); only once it cannot is it fast.
+        The image follows the registers (both interfaces write them), the device config,
+        the mode (HOST_FEATURES), MSI-X (where the config starts) and bus mastering."""
+        modern = self.modern
+        device = modern.device
         return FastState(device.status, io_enabled=self.shadow.io_enabled,
                          settled=device.legacy or device.status != 0,
-                         active_queues=device.active_queues())
+                         active_queues=device.active_queues(),
+                         image_key=(modern.transport.register_generation,
+                                    device.config_revision, device.legacy,
+                                    modern.transport.msix_enabled(),
+                                    self.config.data[_COMMAND] & _MASTER))
+
+    def fast_image(self) -> FastImage:
+        return self.modern.fast_image()._replace(legacy=self.member.register_image())
 
     def use_isr(self, cell: IsrCell) -> None:
         self.modern.use_isr(cell)
+
+    def use_legacy_queue_select(self, cell: RegisterCell) -> None:
+        cell.store(self.member.queue_select)
+        self.member.queue_select_cell = cell
 
     def kick(self, queue_index: int) -> None:
         self.modern.kick(queue_index)

@@ -267,6 +267,20 @@ class FastKind(enum.Enum):
     """A 1-byte read-to-clear of the ISR (:class:`IsrCell`)."""
     STATUS_READ = "status-read"
     """A 1-byte read of the device status (:attr:`FastState.status`)."""
+    LEGACY_READ = "legacy-read"
+    """Any read starting in the register's range of the legacy BAR0 that has no side
+    effect, answered from :class:`LegacyImage` (common registers, device config)."""
+    LEGACY_WRITE = "legacy-write"
+    """A write starting in the range: QUEUE_SEL (the shared cell, see
+    :meth:`FastPath.use_legacy_queue_select`) and a STATUS write that changes nothing."""
+    CONFIG_READ = "config-read"
+    """A read of the device config, whose first byte is at the register's offset, from
+    :attr:`FastImage.config`."""
+
+
+RANGE_KINDS = frozenset({FastKind.LEGACY_READ, FastKind.LEGACY_WRITE, FastKind.CONFIG_READ})
+"""Kinds whose register is a range: it matches every access starting inside
+[offset, offset + width), which the fast path answers or leaves to the model."""
 
 
 @dataclass(frozen=True)
@@ -296,6 +310,38 @@ class FastState(NamedTuple):
     settled: bool
     active_queues: int = 0
     """Bit n: a kick of queue n has work to do; kicks of the others are dropped."""
+    image_key: object = None
+    """Changes whenever :meth:`FastPath.fast_image` may have changed (generation
+    counters, compared on every release: the image itself is built only then)."""
+
+
+class LegacyImage(NamedTuple):
+    """The legacy common registers whose reads have no side effect, as the model reads
+    them (devices/legacy.py LegacyInterface); ``queues`` per queue index, the first ones."""
+
+    config_offset: int
+    """Where the device config starts in BAR0: 20, or 24 while MSI-X is on."""
+    host_features: int
+    guest_features: int
+    config_vector: int
+    queue_count: int
+    """Queues the device has; a selector at or beyond reads no address and size 0."""
+    queues: tuple[tuple[int, int, int], ...]
+    """(QUEUE_PFN, QUEUE_NUM, MSI queue vector) of queues 0, 1, ..."""
+    absent_vectors: bool
+    """Queue indexes without a queue hold vectors (their vector reads go to the model)."""
+    bus_master: bool
+    """PCI_COMMAND bus mastering is on (a STATUS write of ACK|DRIVER turns it on)."""
+
+
+class FastImage(NamedTuple):
+    """What the fast path answers register reads from (published when
+    :attr:`FastState.image_key` changes)."""
+
+    config: bytes
+    """The device config, as the device's read_config returns it."""
+    legacy: LegacyImage | None = None
+    """The legacy BAR0 registers (a transitional function), or None."""
 
 
 class IsrCell(Protocol):
@@ -309,6 +355,28 @@ class IsrCell(Protocol):
     def peek(self) -> int: ...
 
     def store(self, value: int) -> None: ...
+
+
+class RegisterCell(Protocol):
+    """A register both the model and a fast path can change, kept where both reach it."""
+
+    def load(self) -> int: ...
+
+    def store(self, value: int) -> None: ...
+
+
+class LocalCell:
+    """A :class:`RegisterCell` in a Python value; the server substitutes one in native
+    memory (vfuserver.native.NativeQueueSelect)."""
+
+    def __init__(self, value: int = 0) -> None:
+        self._value = value
+
+    def load(self) -> int:
+        return self._value
+
+    def store(self, value: int) -> None:
+        self._value = value
 
 
 class LocalIsr:
@@ -340,8 +408,15 @@ class FastPath(Protocol):
 
     def fast_state(self) -> FastState: ...
 
+    def fast_image(self) -> FastImage: ...
+
     def use_isr(self, cell: IsrCell) -> None:
         """Keep the ISR in ``cell`` from now on (its current bits move there)."""
+        ...
+
+    def use_legacy_queue_select(self, cell: RegisterCell) -> None:
+        """Keep the legacy QUEUE_SEL in ``cell`` from now on (its value moves there); a
+        function without a legacy interface has none."""
         ...
 
     def kick(self, queue_index: int) -> None:

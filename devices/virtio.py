@@ -145,6 +145,10 @@ class VirtioDevice:
         self.negotiated_features = 0
         """Features in effect: set at FEATURES_OK (modern) or on each write (legacy)."""
         self.config_generation = 0
+        self.config_revision = 0
+        """Bumped whenever the bytes :meth:`read_config` returns may have changed (what a
+        copy of them, e.g. a fast path's, compares); unlike :attr:`config_generation`
+        the driver never sees it."""
         self.broken = False
         """Set by :meth:`needs_reset`; cleared by reset. Nothing is processed meanwhile."""
         self.log = logging.getLogger(f"{_log.name}.{name}")
@@ -206,6 +210,7 @@ class VirtioDevice:
 
     def _apply_features(self, features: int) -> None:
         self.negotiated_features = features
+        self.config_revision += 1  # a device's config may follow its features
         event_idx = bool(features & Feature.RING_EVENT_IDX.mask)
         for queue in self.queues:
             queue.event_idx = event_idx
@@ -251,6 +256,7 @@ class VirtioDevice:
         self.status = 0
         self.driver_features = 0
         self.negotiated_features = 0
+        self.config_revision += 1
         self.broken = False
         for queue in self.queues:
             queue.reset()
@@ -311,11 +317,18 @@ class VirtioDevice:
         a read-only field does is up to the device (usually nothing)."""
         self._check_config_range(offset, len(data), "write")
         self._write_config(offset, bytes(data))
+        self.config_revision += 1
+
+    def config_updated(self) -> None:
+        """The device changed its configuration without telling the driver (no new
+        generation, no interrupt: QEMU's VIRTIO_NET_CTRL_MAC_ADDR_SET)."""
+        self.config_revision += 1
 
     def config_changed(self, *, interrupt: bool = True) -> None:
         """The device changed its configuration: new generation, and a configuration
         interrupt once the driver is ready for interrupts (QEMU virtio_notify_config)."""
         self.config_generation = (self.config_generation + 1) & 0xFF
+        self.config_revision += 1
         if interrupt and self.driver_ok:
             self.interrupts.config_interrupt()
 

@@ -621,6 +621,7 @@ class VirtioNet(VirtioDevice):
             if not self.has_feature(NetFeature.CTRL_MAC_ADDR) or len(data) != net.ETH_ALEN:
                 return CtrlAck.ERR
             self.mac = bytes(data)
+            self.config_updated()
             return CtrlAck.OK
         if command != net.CtrlMac.TABLE_SET or not self.has_feature(NetFeature.CTRL_RX):
             return CtrlAck.ERR

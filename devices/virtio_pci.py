@@ -19,6 +19,7 @@ from vfuserver.devices.pci import (
     Bar,
     BarKind,
     ConfigSpace,
+    FastImage,
     FastKind,
     FastRegister,
     FastState,
@@ -27,6 +28,7 @@ from vfuserver.devices.pci import (
     LocalIsr,
     NoInterrupts,
     Region,
+    RegisterCell,
     ResetKind,
 )
 from vfuserver.devices.virtqueue import VirtQueue, VirtQueueError
@@ -55,7 +57,7 @@ NOTIFY_OFF_MULTIPLIER = 4
 MODERN_BAR = 4
 FAST_NOTIFY_QUEUES = 3
 """Queues whose modern notify address the fast path serves (the native side has room for
-8 fast registers; a transitional function adds its 3 legacy ones)."""
+16 fast registers; a transitional function adds its 5 legacy ones)."""
 MSIX_BAR = 1
 MSIX_BAR_SIZE = 0x1000
 MSIX_PBA_OFFSET = 0x800
@@ -100,6 +102,9 @@ class VirtioPciTransport:
         self.device_feature_select = 0
         self.driver_feature_select = 0
         self.queue_select = 0
+        self.register_generation = 0
+        """Bumped by every register write of either interface and by a reset: what a
+        copy of the registers (a fast path's) compares to know it may be stale."""
         self.absent_queue_vectors: dict[int, int] = {}
         """MSI-X vectors the legacy interface took for queue indexes the device does not
         have (QEMU keeps one for each of its VIRTIO_QUEUE_MAX queues); cleared on reset."""
@@ -204,6 +209,7 @@ class VirtioPciTransport:
         raise AssertionError(reg)  # pragma: no cover - the match covers every register
 
     def write_common(self, offset: int, data: bytes) -> None:
+        self.register_generation += 1
         regs = vpci.common_cfg_access(offset, len(data))
         if not regs:
             raise GuestError(f"common cfg write of {len(data)} bytes at {offset:#x}")
@@ -275,6 +281,7 @@ class VirtioPciTransport:
         return vector if vector < self.msix_vectors else NO_VECTOR
 
     def reset_transport_state(self) -> None:
+        self.register_generation += 1
         self.isr_cell.store(0)
         self.config_msix_vector = NO_VECTOR
         self.device_feature_select = self.driver_feature_select = self.queue_select = 0
@@ -491,12 +498,14 @@ class VirtioPciFunction:
     # -- the fast path (vfuserver.devices.pci.FastPath) -------------------------------
 
     def fast_registers(self) -> list[FastRegister]:
-        """The modern BAR's ISR and device_status reads and the first queues' notify
-        addresses (``queue_notify_off`` is the queue index)."""
+        """The modern BAR's ISR and device_status reads, device config reads and the
+        first queues' notify addresses (``queue_notify_off`` is the queue index)."""
         registers = [
             FastRegister("isr-read", MODERN_BAR, Layout.ISR, 1, False, FastKind.ISR_READ),
             FastRegister("status-read", MODERN_BAR, Reg.DEVICE_STATUS, 1, False,
                          FastKind.STATUS_READ),
+            FastRegister("config-read", MODERN_BAR, Layout.DEVICE,
+                         Layout.NOTIFY - Layout.DEVICE, False, FastKind.CONFIG_READ),
         ]
         for index in range(min(len(self.device.queues), FAST_NOTIFY_QUEUES)):
             registers.append(FastRegister(f"notify-{index}", MODERN_BAR,
@@ -505,12 +514,24 @@ class VirtioPciFunction:
         return registers
 
     def fast_state(self) -> FastState:
-        return FastState(self.device.status, io_enabled=False, settled=True,
-                         active_queues=self.device.active_queues())
+        device = self.device
+        return FastState(device.status, io_enabled=False, settled=True,
+                         active_queues=device.active_queues(),
+                         image_key=device.config_revision)
+
+    def fast_image(self) -> FastImage:
+        """The device config (virtio 1.x config reads have no side effect; a driver
+        reading config_generation through the model sees a new one only after the bytes
+        it guards were published, since both are published under the device lock)."""
+        size = self.device.config_size
+        return FastImage(self.device.read_config(0, size) if size else b"")
 
     def use_isr(self, cell: IsrCell) -> None:
         cell.store(self.transport.isr_cell.peek())
         self.transport.isr_cell = cell
+
+    def use_legacy_queue_select(self, cell: RegisterCell) -> None:
+        pass  # no legacy interface here
 
     def kick(self, queue_index: int) -> None:
         """A notify the fast path took: what :meth:`VirtioPciTransport.notify` does."""

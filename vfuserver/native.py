@@ -14,13 +14,24 @@ import os
 from typing import Any
 
 from vfuserver.binding import check, ffi, lib
-from vfuserver.devices.pci import FastKind, FastPath, FastRegister
+from vfuserver.devices.pci import FastImage, FastKind, FastPath, FastRegister, FastState
+from vfuserver.protocol.virtio_legacy import Register
 
 _FAST_KINDS = {
     FastKind.NOTIFY: lib.VFUSERVER_FAST_NOTIFY,
     FastKind.ISR_READ: lib.VFUSERVER_FAST_ISR_READ,
     FastKind.STATUS_READ: lib.VFUSERVER_FAST_STATUS_READ,
+    FastKind.LEGACY_READ: lib.VFUSERVER_FAST_LEGACY_READ,
+    FastKind.LEGACY_WRITE: lib.VFUSERVER_FAST_LEGACY_WRITE,
+    FastKind.CONFIG_READ: lib.VFUSERVER_FAST_CONFIG_READ,
 }
+_LEGACY_CONFIG_SLOT = lib.VFUSERVER_LEGACY_SLOTS - 1
+_REGISTER_NAMES = {int(reg): reg.name for reg in Register}
+_LEGACY_SLOT_NAMES = (
+    *(_REGISTER_NAMES.get(offset, "common") for offset in range(_LEGACY_CONFIG_SLOT)),
+    "device-config")
+"""What the native per-register counters of legacy BAR0 count, by slot: the register at
+that offset, as LegacyBar0 names its accesses (an offset inside a register: common)."""
 
 FAST_MISS = lib.FAST_MISS
 
@@ -45,6 +56,20 @@ class NativeIsr:
         lib.vfuserver_isr_store(self._dev, value)
 
 
+class NativeQueueSelect:
+    """The legacy QUEUE_SEL kept in the native device state, where the fast path writes
+    it: a :class:`vfuserver.devices.pci.RegisterCell`."""
+
+    def __init__(self, dev: Any) -> None:
+        self._dev = dev
+
+    def load(self) -> int:
+        return int(lib.vfuserver_legacy_queue_sel_load(self._dev))
+
+    def store(self, value: int) -> None:
+        lib.vfuserver_legacy_queue_sel_store(self._dev, value)
+
+
 class NativeDevice:
     """``struct vfuserver_dev`` and what is done with it from Python.
 
@@ -63,7 +88,8 @@ class NativeDevice:
         self.live = True
         self.function: FastPath | None = None
         self.registers: list[FastRegister] = []
-        self._published: object = None
+        self._published: FastState | None = None
+        self._image: Any = ffi.new("struct vfuserver_image *")
 
     def install(self, function: object) -> bool:
         """Take ``function``'s fast registers and ISR, if it offers a fast path; the fast
@@ -83,6 +109,7 @@ class NativeDevice:
             slot.legacy = reg.legacy
         self.dev.nregs = len(registers)
         function.use_isr(NativeIsr(self.dev))
+        function.use_legacy_queue_select(NativeQueueSelect(self.dev))
         self.function = function
         self.registers = registers
         return True
@@ -92,11 +119,39 @@ class NativeDevice:
         device lock), and turn the fast path on."""
         if self.function is None or not self.live:
             return
-        state = self.function.fast_state()
+        function = self.function
+        state = function.fast_state()
         if state != self._published:  # most releases change none of it
+            if self._published is None or state.image_key != self._published.image_key:
+                self._publish_image(function.fast_image())
             self._published = state
             lib.vfuserver_publish(self.dev, state.status, state.io_enabled, state.settled,
                                   state.active_queues, 1)
+
+    def _publish_image(self, image: FastImage) -> None:
+        """Copy ``image`` to the native side (under its seqlock). A config larger than
+        the native copy, or queues beyond it, are left to the model."""
+        out = self._image
+        fits = len(image.config) <= lib.VFUSERVER_IMAGE_CONFIG
+        out.config_len = len(image.config) if fits else 0
+        if fits:
+            ffi.memmove(out.config, image.config, len(image.config))
+        legacy = image.legacy
+        out.legacy = legacy is not None
+        if legacy is not None:
+            out.legacy_config_offset = legacy.config_offset
+            out.legacy_bus_master = legacy.bus_master
+            out.legacy_absent_vectors = legacy.absent_vectors
+            out.legacy_host_features = legacy.host_features
+            out.legacy_guest_features = legacy.guest_features
+            out.legacy_config_vector = legacy.config_vector
+            out.legacy_queues = legacy.queue_count
+            for index, (pfn, num, vector) in enumerate(
+                    legacy.queues[: lib.VFUSERVER_IMAGE_QUEUES]):
+                out.legacy_queue_pfn[index] = pfn
+                out.legacy_queue_num[index] = num
+                out.legacy_queue_vector[index] = vector
+        lib.vfuserver_publish_image(self.dev, out)
 
     def access(self, region: int, offset: int, data: bytes | int, is_write: bool,
                ) -> bytes | None:
@@ -155,6 +210,11 @@ class NativeDevice:
                "data_path_runs": int(dev.data_runs)}
         for slot, reg in zip(dev.regs, self.registers, strict=False):
             out[f"fast:{reg.name}"] = int(slot.count)
+        for verb, counts in (("read", dev.legacy_fast_reads), ("write", dev.legacy_fast_writes)):
+            for name, count in zip(_LEGACY_SLOT_NAMES, counts, strict=True):
+                if count:
+                    key = f"fast:legacy-{verb}:{name}"
+                    out[key] = out.get(key, 0) + int(count)
         return out
 
     def close(self) -> None:

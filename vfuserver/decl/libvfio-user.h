@@ -98,6 +98,12 @@ vfu_region_access_cb_p vfuserver_region_trampoline(int region_idx);
 #define VFUSERVER_FAST_NOTIFY ...
 #define VFUSERVER_FAST_ISR_READ ...
 #define VFUSERVER_FAST_STATUS_READ ...
+#define VFUSERVER_FAST_LEGACY_READ ...
+#define VFUSERVER_FAST_LEGACY_WRITE ...
+#define VFUSERVER_FAST_CONFIG_READ ...
+#define VFUSERVER_IMAGE_QUEUES ...
+#define VFUSERVER_IMAGE_CONFIG ...
+#define VFUSERVER_LEGACY_SLOTS ...
 #define VFUSERVER_SERVE_DETACHED ...
 #define VFUSERVER_SERVE_STOPPED ...
 #define VFUSERVER_SERVE_QUIESCING ...
@@ -123,6 +129,23 @@ struct vfuserver_fast_reg {
     ...;
 };
 
+struct vfuserver_image {
+    uint32_t config_len;
+    uint8_t config[...];
+    uint8_t legacy;
+    uint8_t legacy_config_offset;
+    uint8_t legacy_bus_master;
+    uint8_t legacy_absent_vectors;
+    uint32_t legacy_host_features;
+    uint32_t legacy_guest_features;
+    uint16_t legacy_config_vector;
+    uint16_t legacy_queues;
+    uint32_t legacy_queue_pfn[...];
+    uint16_t legacy_queue_num[...];
+    uint16_t legacy_queue_vector[...];
+    ...;
+};
+
 struct vfuserver_dev {
     void *handle;
     uint8_t fast_enabled;
@@ -131,6 +154,10 @@ struct vfuserver_dev {
     uint8_t settled;
     int nregs;
     struct vfuserver_fast_reg regs[...];
+    uint32_t image_seq;
+    uint16_t legacy_queue_sel;
+    uint64_t legacy_fast_reads[...];
+    uint64_t legacy_fast_writes[...];
     uint8_t isr;
     uint64_t pending_notify;
     int stop;
@@ -186,6 +213,12 @@ void vfuserver_request_data(struct vfuserver_dev *d);
 /* Publish one byte of fast-path state with release order. */
 void vfuserver_publish(struct vfuserver_dev *d, uint8_t status, uint8_t io_enabled,
                        uint8_t settled, uint64_t active_queues, uint8_t fast_enabled);
+
+/* Publish the register image built in `image` (seqlock; the caller holds the device lock). */
+void vfuserver_publish_image(struct vfuserver_dev *d, const struct vfuserver_image *image);
+/* The legacy QUEUE_SEL cell the model keeps in the native state. */
+uint16_t vfuserver_legacy_queue_sel_load(struct vfuserver_dev *d);
+void vfuserver_legacy_queue_sel_store(struct vfuserver_dev *d, uint16_t value);
 
 /* CPU memory barriers for the rings shared with the guest (QEMU's smp_mb/smp_wmb/smp_rmb):
    __atomic_thread_fence with SEQ_CST, RELEASE and ACQUIRE. */
