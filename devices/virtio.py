@@ -40,10 +40,6 @@ VirtioDeviceClass.legacy_features)."""
 _log = logging.getLogger(__name__)
 
 
-_DRIVER_OK = int(DeviceStatus.DRIVER_OK)
-"""A plain int: ``driver_ok`` is asked for every frame, and an IntFlag operand sends the
-``&`` through enum's Python-level operators."""
-
 class VirtioInterrupts(Protocol):
     """How the device interrupts the driver; implemented by the transport."""
 
@@ -225,7 +221,7 @@ class VirtioDevice:
 
     def set_status(self, value: int) -> None:
         """The driver wrote the device status; 0 resets the device."""
-        value &= 0xFF
+        value = int(value) & 0xFF  # stored as a plain int (see _DRIVER_OK)
         if value == 0:
             self.reset()
             return
@@ -283,7 +279,7 @@ class VirtioDevice:
         self.broken = True
         self._reset_log.log(logging.WARNING, "%s: device needs reset: %s", self.name, reason)
         if not self.legacy:
-            self.status |= DeviceStatus.NEEDS_RESET
+            self.status |= int(DeviceStatus.NEEDS_RESET)
             self.config_changed()
 
     # -- device configuration (§2.5) --------------------------------------------------
