@@ -240,7 +240,7 @@ class VirtioDevice:
                     logging.INFO, "%s: FEATURES_OK refused: %s", self.name, problem
                 )
                 new &= ~DeviceStatus.FEATURES_OK
-        self.status = new
+        self.status = int(new)  # a plain int (see _DRIVER_OK)
         if new & ~old & DeviceStatus.DRIVER_OK:
             if not self.legacy and not new & DeviceStatus.FEATURES_OK:
                 self.needs_reset("driver set DRIVER_OK without FEATURES_OK")
