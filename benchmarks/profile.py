@@ -2,7 +2,7 @@
 
     python -m benchmarks.profile access [--kind legacy-mac-read-1] [--seconds 5]
                                         [--placement same|cross] [--repo PATH]
-    python -m benchmarks.profile ping [--profile transitional] [--count 5000]
+    python -m benchmarks.profile ping [--profile transitional] [--count 20000]
                                       [--append virtio_pci.force_legacy=1] [--repo PATH]
 
 ``access`` runs the region benchmark's C client on one access kind (benchmarks/accesses.py)
@@ -163,6 +163,10 @@ def profile_ping(args: argparse.Namespace, work: Path) -> str:
     finally:
         ns.delete()
     ping = result["run"].check_passed().step("ping", 1)
+    if ping.float_field("seconds") < args.seconds + 1:
+        # the recording started half a second into the ping: it must end before the ping
+        raise SystemExit(f"the ping took {ping.float_field('seconds'):.1f} s, not longer "
+                         f"than the {args.seconds:g} s recorded: raise --count")
     per_ping = ping.float_field("seconds") / ping.int_field("count")
     label = args.profile + (f", {args.append}" if args.append else "")
     return table(f"ping -A round trips ({label}; {per_ping * 1e6:.0f} µs each in the guest), "
@@ -181,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ping = sub.add_parser("ping")
     ping.add_argument("--profile", default="transitional")
     ping.add_argument("--append", default="")
-    ping.add_argument("--count", type=int, default=5000)
+    ping.add_argument("--count", type=int, default=20000)
     for p in (access, ping):
         p.add_argument("--seconds", type=float, default=5.0)
         p.add_argument("--repo", type=Path, default=REPO)
