@@ -75,10 +75,15 @@ struct vfuserver_dev {
     int drop_reason;                /* enum vfuserver_drop */
     int drop_errno;
     uint32_t drop_size;
-    uint64_t messages;              /* messages handed to vfu_run_ctx */
+    uint64_t messages;              /* messages handled (vfu_run_ctx or direct) */
     uint64_t wakeups;               /* poll() returns */
     uint64_t polled;                /* messages found by adaptive polling (no wake-up) */
     uint64_t kicks;                 /* notify_fd writes */
+
+    /* answering fast-path region accesses on the serving thread (serve.c vfuserver_direct) */
+    uint8_t direct_enabled;         /* 0: every message goes through vfu_run_ctx */
+    uint8_t held;                   /* vfu_run_ctx holds a request (EBUSY) until quiesced */
+    uint64_t direct;                /* messages answered without libvfio-user */
 };
 
 static ssize_t fast_access(void *private, int region, char *buf, size_t n, loff_t off,

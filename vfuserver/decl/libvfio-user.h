@@ -149,6 +149,8 @@ struct vfuserver_dev {
     uint64_t wakeups;
     uint64_t polled;
     uint64_t kicks;
+    uint8_t direct_enabled;
+    uint64_t direct;
     ...;
 };
 
