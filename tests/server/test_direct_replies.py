@@ -13,7 +13,9 @@ The script has every fast register of the legacy BAR (under a running legacy dri
 the modern BAR (under a running modern driver), and the near misses: another width or
 offset, a msg_size one byte off either way, count 0, No_reply, flags and error_no that are
 not a plain command's, file descriptors attached, two messages in one send, one message in
-two sends, IO decode off. After each step a config-space read fences the replies.
+two sends, IO decode off. After each step a config-space read fences the replies. Then
+the ways a reply can fail (a client that does not read, one that shut its receiving
+side) and a request libvfio-user holds for a deferred quiesce.
 """
 
 from __future__ import annotations
@@ -169,7 +171,8 @@ def replies_until_fence(sock: socket.socket, fence: int) -> list[bytes]:
 
 
 @contextmanager
-def served_rig(tmp_path: Path, prepare: Callable[[Rig], None], direct: bool,
+def served_rig(tmp_path: Path, prepare: Callable[[Rig], None], direct: bool, *,
+               reply_timeout_ms: int | None = None,
                ) -> Iterator[tuple[Rig, VfuContext, Client, threading.Thread, list[object]]]:
     """A transitional virtio-net brought to a state through the model, then served by the
     serving loop (direct answers on or off) to an attached client; the serving thread is
@@ -178,6 +181,8 @@ def served_rig(tmp_path: Path, prepare: Callable[[Rig], None], direct: bool,
     prepare(rig)
     with VfuContext(str(tmp_path / f"d{int(direct)}.sock"), rig.fn) as context:
         context.native.dev.direct_enabled = direct
+        if reply_timeout_ms is not None:  # the serving loop applies it as it starts
+            context.native.dev.reply_timeout_ms = reply_timeout_ms
         client, thread, results = attached_session(context)
         try:
             yield rig, context, client, thread, results
@@ -255,9 +260,8 @@ def test_a_client_that_does_not_read_its_replies_is_dropped(tmp_path: Path,
                                                              direct: bool) -> None:
     """Fast-path reads that are never read back: once a reply waits reply_timeout_ms,
     the client is dropped (REPLY_TIMEOUT), however the replies were sent."""
-    with served_rig(tmp_path, legacy_running, direct) as (_, context, client, thread,
-                                                          results):
-        context.native.dev.reply_timeout_ms = 100
+    with served_rig(tmp_path, legacy_running, direct, reply_timeout_ms=100) as (
+            _, context, client, thread, results):
         flood = b"".join(read(n, LEGACY, Register.STATUS, 1) for n in range(4096))
 
         def send() -> None:
@@ -288,3 +292,48 @@ def test_a_reply_to_a_closed_peer_detaches_it(tmp_path: Path, direct: bool) -> N
         assert context.drop_reason is DropReason.NONE
         assert context.native.counters()["fast:legacy-isr-read"] == 1
         assert context.native.dev.direct == int(direct)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "libvfio-user"])
+def test_nothing_is_answered_before_a_held_request(tmp_path: Path, ram_fd: int,
+                                                    direct: bool) -> None:
+    """A DMA map waits for a deferred quiesce (libvfio-user holds it, vfu_run_ctx answers
+    EBUSY) and serving is stopped meanwhile; served again, a fast-path read behind it is
+    answered after the map, as libvfio-user orders them, not before."""
+    with served_rig(tmp_path, legacy_running, direct) as (rig, context, client, thread,
+                                                          results):
+        quiesces: list[Callable[[], None]] = []
+
+        def defer(done: Callable[[], None]) -> bool:
+            quiesces.append(done)
+            return False  # quiet later: libvfio-user holds the request
+
+        rig.fn.quiesce = defer  # type: ignore[attr-defined]
+        flags = vu.DmaFlags.READ | vu.DmaFlags.WRITE
+        dma_map = client.send(vu.Command.DMA_MAP, vu.DmaMap.build({
+            "argsz": vu.DmaMap.sizeof(), "flags": flags, "offset": 0, "address": 0,
+            "size": 1 << 20}), fds=(ram_fd,))
+        deadline = time.monotonic() + 10
+        while not quiesces and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert quiesces, "the map was not held for a quiesce"
+        context.stop_serving()
+        thread.join(10)
+        assert results == [ServeResult.STOPPED]
+        context.rearm()
+        again = threading.Thread(target=lambda: results.append(context.serve_client()))
+        again.start()
+        try:
+            client.sock.sendall(read(1, LEGACY, Register.STATUS, 1))
+            time.sleep(0.2)  # time enough for an answer out of order
+            quiesces[0]()
+            first = vu.HEADER.unpack(_receive(client.sock, vu.HEADER.size))
+            _receive(client.sock, first[2] - vu.HEADER.size)
+            second = vu.HEADER.unpack(_receive(client.sock, vu.HEADER.size))
+        finally:
+            rig.fn.quiesce = lambda done: True  # type: ignore[attr-defined]
+            for done in quiesces[1:]:
+                done()
+            client.close()
+            again.join(10)
+        assert (first[0], second[0]) == (dma_map, 1)
