@@ -74,13 +74,17 @@ class NativeDevice:
     """``struct vfuserver_dev`` and what is done with it from Python.
 
     ``handle``: the ffi handle the libvfio-user callbacks find their context by (NULL for
-    none). Times are in seconds. Errors: OSError if the eventfds cannot be created.
+    none). ``direct``: the serving thread answers the whole region accesses the fast path
+    takes without libvfio-user (serve.c vfuserver_direct). Times are in seconds. Errors:
+    OSError if the eventfds cannot be created.
     """
 
     def __init__(self, handle: Any = ffi.NULL, *, poll_max_ns: int = 0,
-                 message_timeout: float = 5.0, reply_timeout: float = 5.0) -> None:
+                 message_timeout: float = 5.0, reply_timeout: float = 5.0,
+                 direct: bool = True) -> None:
         self.dev: Any = ffi.new("struct vfuserver_dev *")
         self.dev.handle = handle
+        self.dev.direct_enabled = direct
         self.dev.poll_max_ns = poll_max_ns
         self.dev.message_timeout_ns = int(message_timeout * 1e9)
         self.dev.reply_timeout_ms = int(reply_timeout * 1e3)
@@ -207,7 +211,7 @@ class NativeDevice:
         dev = self.dev
         out = {"messages": int(dev.messages), "wakeups": int(dev.wakeups),
                "polled": int(dev.polled), "kick_signals": int(dev.kicks),
-               "data_path_runs": int(dev.data_runs)}
+               "data_path_runs": int(dev.data_runs), "direct": int(dev.direct)}
         for slot, reg in zip(dev.regs, self.registers, strict=False):
             out[f"fast:{reg.name}"] = int(slot.count)
         for verb, counts in (("read", dev.legacy_fast_reads), ("write", dev.legacy_fast_writes)):

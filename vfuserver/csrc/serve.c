@@ -11,6 +11,12 @@
  * discarded, and the next vfu_run_ctx sees EOF, resets the device (VFU_RESET_LOST_CONN)
  * and lets the next client attach.
  *
+ * A whole REGION_READ or REGION_WRITE that the fast path answers is not handed to
+ * libvfio-user at all: the thread reads it and sends the reply itself (vfuserver_direct),
+ * one recv and one send per access instead of libvfio-user's recvmsg, recv and sendmsg
+ * with its allocations. Anything else, and any access the fast path does not take, goes
+ * through vfu_run_ctx, so libvfio-user's checks and error replies stay the authority.
+ *
  * Messages already queued are handled back to back without a wake-up; between messages
  * the thread may poll the socket for up to poll_ns before it sleeps in poll(), with
  * poll_ns adapted as QEMU adapts an IOThread's (util/aio-posix.c adjust_polling_time).
@@ -217,14 +223,24 @@ static void vfuserver_raise_pending(vfu_ctx_t *ctx, struct vfuserver_dev *d)
     }
 }
 
+/* The latest peek, when it holds a whole message from its first byte (len: that
+   message's size; 0: none): what vfuserver_direct answers from. Per thread, because every
+   peek of the serving loop (vfuserver_wait's adaptive polling too) goes through
+   vfuserver_message_ready on the serving thread, the only reader of its socket. */
+static __thread struct {
+    uint32_t len;
+    char buf[VFUSERVER_PEEK_BYTES];
+} vfuserver_peeked;
+
 /* Whether a whole message is queued on fd, with one peek in the common case. */
 static int vfuserver_message_ready(int fd, uint32_t *size)
 {
-    char buf[VFUSERVER_PEEK_BYTES];
+    char *buf = vfuserver_peeked.buf;
     struct vfio_user_header hdr;
-    ssize_t n = recv(fd, buf, sizeof(buf), MSG_PEEK | MSG_DONTWAIT);
+    ssize_t n = recv(fd, buf, sizeof(vfuserver_peeked.buf), MSG_PEEK | MSG_DONTWAIT);
     int queued;
 
+    vfuserver_peeked.len = 0;
     if (n < 0) {
         return errno == EAGAIN || errno == EWOULDBLOCK ? READY_EMPTY : READY_ERROR;
     }
@@ -252,6 +268,7 @@ static int vfuserver_message_ready(int fd, uint32_t *size)
         return READY_MALFORMED;
     }
     if (hdr.msg_size <= (size_t)n) {
+        vfuserver_peeked.len = hdr.msg_size;
         return READY_WHOLE;     /* a size below the header's is libvfio-user's to refuse */
     }
     /* A peek stops at a buffer of file descriptors and at its own size: count it all. */
@@ -278,10 +295,141 @@ static int vfuserver_run_one(vfu_ctx_t *ctx, struct vfuserver_dev *d)
     pthread_mutex_lock(&d->irq_lock);
     int ret = vfu_run_ctx(ctx);
     int saved = errno;
+    if (ret < 0 && saved == EBUSY) {
+        d->held = 1;    /* nothing is answered before the held request: vfuserver_direct */
+    }
     pthread_mutex_unlock(&d->irq_lock);
     vfuserver_leave_blocking(d);
     errno = saved;
     return ret;
+}
+
+enum vfuserver_direct_result {
+    DIRECT_DECLINED = 0,        /* not taken: the message is vfu_run_ctx's */
+    DIRECT_ANSWERED = 1,        /* read and answered; a reply cut short by vfuserver_stop
+                                   (EINTR) is lost, as it is in vfu_run_ctx */
+    DIRECT_PEER_GONE = 2,       /* the reply found the connection closed */
+    DIRECT_REPLY_TIMEOUT = 3,   /* the reply waited reply_timeout_ms */
+    DIRECT_FAILED = 4,          /* recv or send failed otherwise (drop_errno) */
+};
+
+/* The largest access answered here; the fast registers are 1, 2 or 4 bytes wide. */
+#define VFUSERVER_DIRECT_DATA 8
+#define VFUSERVER_DIRECT_ACCESS (sizeof(struct vfio_user_header) + \
+                                 sizeof(struct vfio_user_region_access))
+
+/* Answer the whole message vfuserver_message_ready just peeked, if it is a region access
+   the fast path takes, as libvfio-user would answer it: get_request (the header and body
+   reads), handle_region_access (the region callback: the trampoline, fast_access first),
+   tran_sock_reply (the header with the request's msg_id and cmd, the request's {offset,
+   region, count}, the data of a read), do_reply (nothing for No_reply). What this does not
+   copy exactly it declines, before fast_access has changed anything. */
+static int vfuserver_direct(vfu_ctx_t *ctx, struct vfuserver_dev *d, int fd)
+{
+    struct vfio_user_header hdr;
+    struct vfio_user_region_access access;
+    char data[VFUSERVER_DIRECT_DATA] = { 0 };   /* a read's buffer is calloc'ed there too */
+    const char *msg = vfuserver_peeked.buf;
+    uint32_t len = vfuserver_peeked.len;
+
+    vfuserver_peeked.len = 0;
+    if (!d->direct_enabled || d->held || len < VFUSERVER_DIRECT_ACCESS) {
+        return DIRECT_DECLINED;
+    }
+    memcpy(&hdr, msg, sizeof(hdr));
+    memcpy(&access, msg + sizeof(hdr), sizeof(access));
+    bool is_write = hdr.cmd == VFIO_USER_REGION_WRITE;
+    if (hdr.cmd != VFIO_USER_REGION_READ && !is_write) {
+        return DIRECT_DECLINED;
+    }
+    /* a plain command, posted (No_reply) or not; libvfio-user ignores the other bits */
+    if (hdr.flags.type != VFIO_USER_F_TYPE_COMMAND || hdr.flags.error || hdr.flags.resvd ||
+        hdr.error_no != 0) {
+        return DIRECT_DECLINED;
+    }
+    /* exactly one access of count bytes: is_valid_region_access also takes a read with
+       more bytes, and answers count 0 without the callback */
+    if (access.count == 0 || access.count > sizeof(data) ||
+        hdr.msg_size != VFUSERVER_DIRECT_ACCESS + (is_write ? access.count : 0)) {
+        return DIRECT_DECLINED;
+    }
+    /* A BAR, whose callback is the trampoline: config space and the migration region are
+       handled inside libvfio-user (region_access), and only accesses to those can need a
+       quiesce (command_needs_quiesce). No migration region is set up, so no device state
+       refuses a BAR access (is_valid_region_access, should_exec_command). The fast
+       registers name their function's BARs, so the access is within the region. */
+    if (access.region > VFU_PCI_DEV_BAR5_REGION_IDX) {
+        return DIRECT_DECLINED;
+    }
+    if (is_write) {
+        memcpy(data, msg + VFUSERVER_DIRECT_ACCESS, access.count);
+    }
+    pthread_mutex_lock(&d->irq_lock);   /* as around vfu_run_ctx, where the trampoline runs */
+    ssize_t done = fast_access(vfu_get_private(ctx), (int)access.region, data, access.count,
+                               (loff_t)access.offset, is_write);
+    int access_errno = errno;
+    pthread_mutex_unlock(&d->irq_lock);
+    if (done == FAST_MISS) {
+        return DIRECT_DECLINED;
+    }
+
+    /* Take the message off the socket: one recv, as it is queued whole. Without a control
+       buffer the kernel closes the file descriptors a message carries (scm_recv), which
+       libvfio-user would close after its reply (free_msg). */
+    char scratch[VFUSERVER_DIRECT_ACCESS + VFUSERVER_DIRECT_DATA];
+    size_t got = 0;
+    while (got < hdr.msg_size) {
+        ssize_t n = recv(fd, scratch + got, hdr.msg_size - got, MSG_DONTWAIT);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            d->drop_errno = n < 0 ? errno : ECONNRESET;
+            return DIRECT_FAILED;
+        }
+        got += (size_t)n;
+    }
+    d->messages++;
+    d->direct++;
+    if (hdr.flags.no_reply) {
+        return DIRECT_ANSWERED;
+    }
+
+    /* handle_region_access: a short count is EINVAL, a failure its errno; either way the
+       body goes out as it is, under an error header (tran_sock_send_iovec) */
+    int reply_errno = done == (ssize_t)access.count ? 0 : done >= 0 ? EINVAL : access_errno;
+    struct vfio_user_header reply_hdr = { .msg_id = hdr.msg_id, .cmd = hdr.cmd };
+    struct vfio_user_region_access reply_access = {
+        .offset = access.offset, .region = access.region, .count = access.count,
+    };
+    char reply[VFUSERVER_DIRECT_ACCESS + VFUSERVER_DIRECT_DATA];
+    size_t size = VFUSERVER_DIRECT_ACCESS + (is_write ? 0 : access.count);
+    reply_hdr.msg_size = (uint32_t)size;
+    reply_hdr.flags.type = VFIO_USER_F_TYPE_REPLY;
+    if (reply_errno != 0) {
+        reply_hdr.flags.error = 1;
+        reply_hdr.error_no = (uint32_t)reply_errno;
+    }
+    memcpy(reply, &reply_hdr, sizeof(reply_hdr));
+    memcpy(reply + sizeof(reply_hdr), &reply_access, sizeof(reply_access));
+    memcpy(reply + VFUSERVER_DIRECT_ACCESS, data, size - VFUSERVER_DIRECT_ACCESS);
+
+    vfuserver_enter_blocking(d);    /* a client that does not read: vfuserver_stop cuts in */
+    ssize_t sent = send(fd, reply, size, MSG_NOSIGNAL);
+    int send_errno = errno;
+    vfuserver_leave_blocking(d);
+    if (sent == (ssize_t)size || (sent < 0 && send_errno == EINTR)) {
+        return DIRECT_ANSWERED;
+    }
+    /* tran_sock_send_iovec: EPIPE or a short write is ECONNRESET, and do_reply resets */
+    if (sent >= 0 || send_errno == EPIPE || send_errno == ECONNRESET) {
+        return DIRECT_PEER_GONE;
+    }
+    if (send_errno == EAGAIN || send_errno == EWOULDBLOCK) {
+        return DIRECT_REPLY_TIMEOUT;
+    }
+    d->drop_errno = send_errno;
+    return DIRECT_FAILED;
 }
 
 static void vfuserver_set_reply_timeout(int fd, int64_t ms)
@@ -388,6 +536,7 @@ static int vfuserver_quiesced(vfu_ctx_t *ctx, struct vfuserver_dev *d)
     pthread_mutex_lock(&d->irq_lock);
     int ret = vfu_device_quiesced(ctx, 0);
     int saved = errno;
+    d->held = 0;        /* libvfio-user ran (or dropped) the held request */
     pthread_mutex_unlock(&d->irq_lock);
     vfuserver_leave_blocking(d);
     if (vfu_get_poll_fd(ctx) != fd) {
@@ -466,6 +615,21 @@ static int vfuserver_serve(vfu_ctx_t *ctx, struct vfuserver_dev *d)
                 partial_deadline = 0;
                 spurious = 0;
                 backoff_ms = 1;
+                int direct = state == READY_WHOLE ? vfuserver_direct(ctx, d, fd)
+                                                  : DIRECT_DECLINED;
+                if (direct == DIRECT_ANSWERED) {
+                    break;
+                }
+                if (direct == DIRECT_PEER_GONE) {
+                    /* what libvfio-user's reset does: the device is reset, the client gone */
+                    return vfuserver_drop(ctx, d, fd, VFUSERVER_DROP_NONE);
+                }
+                if (direct == DIRECT_REPLY_TIMEOUT) {
+                    return vfuserver_drop(ctx, d, fd, VFUSERVER_DROP_REPLY_TIMEOUT);
+                }
+                if (direct == DIRECT_FAILED) {
+                    return vfuserver_drop(ctx, d, fd, VFUSERVER_DROP_RUN_ERROR);
+                }
                 int ret = vfuserver_run_one(ctx, d);
                 int err = errno;
                 d->messages++;

@@ -116,7 +116,7 @@ struct vfuserver_dev {
     int drop_reason;                /* enum vfuserver_drop */
     int drop_errno;
     uint32_t drop_size;
-    uint64_t messages;              /* messages handed to vfu_run_ctx */
+    uint64_t messages;              /* messages handled (vfu_run_ctx or direct) */
     uint64_t wakeups;               /* poll() returns */
     uint64_t polled;                /* messages found by adaptive polling (no wake-up) */
     uint64_t kicks;                 /* notify_fd writes */
@@ -128,6 +128,11 @@ struct vfuserver_dev {
     int data_again;                 /* vfuserver_data_cb has more to do: call it again */
     int data_requested;             /* another thread asked for a call (atomic) */
     uint64_t data_runs;             /* vfuserver_data_cb calls */
+
+    /* answering fast-path region accesses on the serving thread (serve.c vfuserver_direct) */
+    uint8_t direct_enabled;         /* 0: every message goes through vfu_run_ctx */
+    uint8_t held;                   /* vfu_run_ctx holds a request (EBUSY) until quiesced */
+    uint64_t direct;                /* messages answered without libvfio-user */
 };
 
 /* Legacy common header (virtio_pci.h VIRTIO_PCI_*): the register each byte belongs to,
