@@ -458,6 +458,8 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
     if (!partial && d->poll_ns > 0 && !d->data_again) {
         int64_t until = start + d->poll_ns;
         do {
+            /* the caller has just looked: a client on this CPU gets to send first */
+            sched_yield();
             int state = vfuserver_message_ready(fd, size);
             if (state != READY_EMPTY) {
                 d->polled++;
@@ -471,7 +473,6 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
                 *data_readable = 1;
                 return READY_EMPTY;
             }
-            sched_yield();  /* a client on this CPU gets to send meanwhile */
         } while (vfuserver_now_ns() < until);
     }
     if (partial) {
