@@ -487,7 +487,10 @@ class VfuContext:
             self._deferred.append(vector)
 
     def _raise_deferred(self) -> None:
+        if not self._deferred:
+            return
         deferred, self._deferred = self._deferred, []
+        self.native.publish()  # what they announce first (the lock is still held)
         for vector in deferred:
             if not self.trigger(vector):
                 self.log.debug("interrupt %d not raised: the client gave no eventfd for it",
@@ -737,12 +740,12 @@ class _VfuInterrupts:
         context = self._context
         if context.closed:
             return
+        if context.in_data_path():
+            context.defer_interrupt(vector)  # published and raised at the run's end
+            return
         # the model raises it under its lock: what the interrupt announces (a status,
         # NEEDS_RESET) is published before the guest can look
         context.native.publish()
-        if context.in_data_path():
-            context.defer_interrupt(vector)
-            return
         if not context.trigger(vector):
             context.log.debug("interrupt %d not raised: the client gave no eventfd for it",
                               vector)
