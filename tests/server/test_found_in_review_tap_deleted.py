@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 
 from tests.devices.driver import DriverQueue, GuestRam, driver_ok, negotiate_modern
-from tests.server.test_netdev import netns, needs_tap  # noqa: F401 (the fixture)
+from tests.server.test_netdev import needs_tap, netns  # noqa: F401 (the fixture)
 from vfuserver.client import Client
 from vfuserver.device import ServedNetDevice, open_device
 from vfuserver.devices.virtio_net import TX_QUEUE
