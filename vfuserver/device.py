@@ -279,16 +279,19 @@ class ServedNetDevice(ServedDevice):
             try:
                 if self.backend.receive_now(self._deliver):
                     flags |= DATA_ARMED
-            except OSError as exc:  # the event loop's receive task reports it later
+            except OSError as exc:
+                # once: the backend's own task meets the error again when it takes the
+                # receive side back (the client detaches) and stops the device, as it
+                # does when no client is attached
+                self._rx_owned = False
                 self.log.error("receiving from the backend failed: %s; nothing is "
                                "received until the client detaches", exc)
         return flags | (DATA_AGAIN if self._tx_due else 0)
 
     def detach_data_path(self) -> None:
         self._inline = False
-        if self._rx_owned:
-            self._rx_owned = False
-            self.backend.return_receiver()
+        self._rx_owned = False
+        self.backend.return_receiver()
         if self._tx_due:
             self._tx_due = False
             self._request_tx()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from tests.devices.driver import DriverQueue, GuestRam, driver_ok, negotiate_modern
+from tests.devices.driver import DriverQueue, GuestRam, Used, driver_ok, negotiate_modern
 from vfuserver.client import Client
 from vfuserver.device import ServedNetDevice, open_device
 from vfuserver.devices.virtio_net import TX_QUEUE
@@ -68,7 +68,7 @@ async def scenario(directory: str) -> None:
                 client.write, vu.PciRegion.BAR0 + MODERN_BAR,
                 Layout.NOTIFY + NOTIFY_OFF_MULTIPLIER * TX_QUEUE,
                 TX_QUEUE.to_bytes(2, "little"))
-            used = []
+            used: list[Used] = []
             with trio.move_on_after(5):
                 while not used:
                     used = tx.get_used()

@@ -177,7 +177,9 @@ class QueuedBackend:
         self._tx_queue: deque[tuple[bytes, int]] = deque()  # (bytes for the host, frame length)
         self._tx_sent = 0  # bytes of the head already written (stream sockets write partially)
         self._tx_limit = tx_queue_limit
-        self._tx_lock = threading.Lock()  # send() and the flush task may be on two threads
+        # send() and the flush task may be on two threads; re-entrant: a failed write's
+        # _write_failed() may drop the queue (_drop_tx_queue) under it
+        self._tx_lock = threading.RLock()
         self._tx_lot = trio.lowlevel.ParkingLot()
         self._token: trio.lowlevel.TrioToken | None = None
         self._loop_thread: int | None = None
@@ -206,25 +208,34 @@ class QueuedBackend:
     # The shared part.
     def send(self, frame: bytes | bytearray | memoryview) -> None:
         length = len(frame) - (VNET_HDR_LEN if self.vnet_hdr else 0)
-        if length <= 0 or not self._connected() or len(self._tx_queue) >= self._tx_limit:
-            self.stats.tx_dropped += 1
+        if length <= 0:
+            with self._tx_lock:
+                self.stats.tx_dropped += 1
             return
         data = self._encode(frame)
         with self._tx_lock:
+            if not self._connected() or len(self._tx_queue) >= self._tx_limit:
+                self.stats.tx_dropped += 1
+                return
             self._tx_queue.append((data, length))
             if len(self._tx_queue) == 1:
                 self._flush()
             waiting = bool(self._tx_queue)
         if waiting:
-            self._wake_flusher()
+            self._in_loop(self._tx_lot.unpark_all)
 
-    def _wake_flusher(self) -> None:
+    def _in_loop(self, call: Callable[[], object]) -> None:
+        """Run ``call`` now on the event loop's thread, or hand it to the loop from any
+        other (trio objects belong to the loop's thread)."""
         if self._token is None or threading.get_ident() == self._loop_thread:
-            self._tx_lot.unpark_all()
-        else:  # trio objects belong to the loop's thread
-            self._token.run_sync_soon(self._tx_lot.unpark_all)
+            call()
+        else:
+            self._token.run_sync_soon(call)
 
     def take_receiver(self) -> int | None:
+        # called on the event loop: from now on send() may come from another thread
+        self._token = trio.lowlevel.current_trio_token()
+        self._loop_thread = threading.get_ident()
         if self._rx_fd is None or self._closed:
             return None
         self._rx_external = True

@@ -161,8 +161,8 @@ class StreamBackend(QueuedBackend):
         log.info("stream peer %s lost: %s", _where(self.spec.addr), exc)
         self._peer = None
         self._drop_tx_queue()
-        if self._peer_scope is not None:
-            self._peer_scope.cancel()
+        if self._peer_scope is not None:  # send() may run on a device's serving thread
+            self._in_loop(self._peer_scope.cancel)
 
     async def run(self, deliver: Deliver, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
