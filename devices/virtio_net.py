@@ -337,19 +337,26 @@ class VirtioNet(VirtioDevice):
 
     # -- transmit ---------------------------------------------------------------------
 
-    def run_tx(self) -> None:
+    def run_tx(self, *, linger: bool = False) -> bool:
         """Transmit what the driver queued (the server's transmit bottom half, scheduled
         through :attr:`on_tx_pending`): at most :attr:`tx_burst` frames, then it is
-        scheduled again if more wait. Never raises for guest mistakes."""
+        scheduled again if more wait. Never raises for guest mistakes.
+
+        With ``linger``, a run that sent frames leaves the driver's notifications off and
+        returns True: the caller runs it again shortly (QEMU's tx timer,
+        virtio_net_handle_tx_timer), so a driver that keeps transmitting is not made to
+        notify, a synchronous round trip for a legacy driver, for every frame. A run that
+        finds nothing turns them back on and returns False."""
         queue = self.queues[TX_QUEUE]
         if not queue.enabled or not self.may_process():
-            return
+            return False
         try:
-            self._process_tx(queue)
+            return self._process_tx(queue, linger)
         except GuestError as err:
             self.needs_reset(str(err))
+            return False
 
-    def _process_tx(self, queue: VirtQueue) -> None:
+    def _process_tx(self, queue: VirtQueue, linger: bool = False) -> bool:
         # With on_tx_pending set, at most tx_burst frames per call (QEMU virtio_net_flush_tx
         # and its tx_burst): a guest that transmits without pause cannot starve the loop.
         budget = self.tx_burst if self.on_tx_pending is not None else None
@@ -361,11 +368,13 @@ class VirtioNet(VirtioDevice):
                 if budget <= 0 and queue.available():
                     # Notifications stay off; the server calls notify(TX_QUEUE) again soon.
                     self.on_tx_pending()
-                    return
+                    return False
+            if linger and done:
+                return True  # notifications stay off until a run finds nothing
             queue.set_notification(True)
             # A kick may have been suppressed while notifications were off: look again.
             if not queue.available():
-                return
+                return False
 
     def _drain_tx(self, queue: VirtQueue, limit: int | None) -> int:
         """Send up to ``limit`` (None: all) available frames; returns how many."""

@@ -173,6 +173,9 @@ DATA_ARMED = 1
 """From :meth:`DataPath.run_data_path`: keep polling the data path's fd."""
 DATA_AGAIN = 2
 """From :meth:`DataPath.run_data_path`: more to do; call again after the next message."""
+DATA_TIMER = 4
+"""From :meth:`DataPath.run_data_path`: call again after
+:data:`~vfuserver.native.DATA_TIMER_NS` even if nothing else comes."""
 
 
 class DataPath(Protocol):
@@ -187,7 +190,7 @@ class DataPath(Protocol):
 
     def run_data_path(self) -> int:
         """Serving thread, after the kicks, under the device lock: what is due.
-        :data:`DATA_ARMED` and :data:`DATA_AGAIN` bits."""
+        :data:`DATA_ARMED`, :data:`DATA_AGAIN` and :data:`DATA_TIMER` bits."""
 
     def detach_data_path(self) -> None:
         """Event loop, after the serving thread returned: the event loop's tasks take

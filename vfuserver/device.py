@@ -24,7 +24,7 @@ import trio
 
 from vfuserver.blkdev.backend import ImageBackend
 from vfuserver.blkdev.raw import IoRequest, RawImage
-from vfuserver.context import DATA_AGAIN, DATA_ARMED, DeviceLock, VfuContext
+from vfuserver.context import DATA_AGAIN, DATA_ARMED, DATA_TIMER, DeviceLock, VfuContext
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.legacy_io import TransitionalFunction
 from vfuserver.devices.memory import GuestMemory
@@ -232,6 +232,7 @@ class ServedNetDevice(ServedDevice):
         self._schedule_tx = self._in_loop(self._request_tx)
         self._inline = False  # the serving thread runs the data path (attach..detach)
         self._tx_due = False
+        self._tx_lingering = False  # notifications left off: the run looks again soon
         self._rx_owned = False
         self.net.on_rx_buffers = self._on_rx_buffers
         self.net.on_guest_offloads = self._apply_guest_offloads
@@ -272,9 +273,10 @@ class ServedNetDevice(ServedDevice):
 
     def run_data_path(self) -> int:
         flags = 0
-        if self._tx_due:
+        if self._tx_due or self._tx_lingering:
             self._tx_due = False
-            self.net.run_tx()  # a burst cut at tx_burst sets _tx_due again
+            # a burst cut at tx_burst sets _tx_due again; one that sent frames lingers
+            self._tx_lingering = self.net.run_tx(linger=True)
         if self._rx_owned:
             try:
                 if self.backend.receive_now(self._deliver):
@@ -286,14 +288,15 @@ class ServedNetDevice(ServedDevice):
                 self._rx_owned = False
                 self.log.error("receiving from the backend failed: %s; nothing is "
                                "received until the client detaches", exc)
-        return flags | (DATA_AGAIN if self._tx_due else 0)
+        return (flags | (DATA_AGAIN if self._tx_due else 0)
+                | (DATA_TIMER if self._tx_lingering else 0))
 
     def detach_data_path(self) -> None:
         self._inline = False
         self._rx_owned = False
         self.backend.return_receiver()
-        if self._tx_due:
-            self._tx_due = False
+        if self._tx_due or self._tx_lingering:  # the bottom half turns notifications on
+            self._tx_due = self._tx_lingering = False
             self._request_tx()
 
     def _apply_guest_offloads(self, offloads: int) -> None:

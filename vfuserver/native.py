@@ -35,6 +35,10 @@ that offset, as LegacyBar0 names its accesses (an offset inside a register: comm
 
 FAST_MISS = lib.FAST_MISS
 
+DATA_TIMER_NS = 150_000
+"""How long after a run that asks for it (DATA_TIMER) the data path runs again: QEMU's
+virtio-net tx timer (TX_TIMER_INTERVAL, hw/net/virtio-net.c)."""
+
 
 class NativeIsr:
     """The ISR kept in the native device state, where the fast path reads and clears it
@@ -191,6 +195,8 @@ class NativeDevice:
         dev.data_fd = -1 if fd is None else fd
         dev.data_armed = 1
         dev.data_again = 0
+        dev.data_deadline = 0
+        dev.data_timer_ns = DATA_TIMER_NS
         dev.inline_kicks = 1
 
     def stop_data_path(self) -> None:
@@ -200,6 +206,7 @@ class NativeDevice:
         dev.data_fd = -1
         dev.data_armed = 0
         dev.data_again = 0
+        dev.data_deadline = 0
 
     def request_data_run(self) -> None:
         """Have the serving thread call the data path soon (from any thread)."""

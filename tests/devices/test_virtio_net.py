@@ -339,6 +339,30 @@ def test_transmit_bottom_half_in_bursts(rig: Rig) -> None:
     assert rig.tx.avail_event == rig.tx.avail_idx, "caught up: kicks wanted again"
 
 
+@pytest.mark.parametrize("want", [ALL, NO_EVENT_IDX], ids=["event-idx", "no-notify-flag"])
+def test_a_lingering_transmit_run_keeps_kicks_off_until_a_run_finds_nothing(want: int) -> None:
+    """QEMU's tx timer: after a run that sent frames the driver is not asked to kick; the
+    next run picks up what it queued meanwhile, and one that finds nothing asks again."""
+    rig = make_rig(want=want)
+    queue = rig.dev.queues[TX_QUEUE]
+    rig.dev.on_tx_pending = lambda: None
+    rig.tx.add([rig.header() + frame(OTHER, b"a")])
+    old = rig.tx.avail_idx
+    assert rig.dev.run_tx(linger=True) is True
+    assert not queue.notification_enabled
+    rig.tx.add([rig.header() + frame(OTHER, b"b")])  # queued while the run lingers
+    assert not rig.tx.kick_needed(old)
+    assert rig.dev.run_tx(linger=True) is True
+    assert rig.peer.sent == [frame(OTHER, b"a"), frame(OTHER, b"b")]
+    assert rig.dev.run_tx(linger=True) is False
+    assert queue.notification_enabled
+    old = rig.tx.avail_idx
+    rig.tx.add([rig.header() + frame(OTHER, b"c")])
+    assert rig.tx.kick_needed(old), "caught up: kicks wanted again"
+    assert rig.dev.run_tx() is False  # without linger: as before, notifications on
+    assert len(rig.peer.sent) == 3 and queue.notification_enabled
+
+
 def test_transmit_chatter_does_not_hide_needs_reset(rig: Rig,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     rig.peer.fail = True

@@ -29,6 +29,7 @@ from vfuserver.devices.virtio_net import RX_QUEUE, TX_QUEUE
 from vfuserver.devices.virtio_pci import MODERN_BAR, NOTIFY_OFF_MULTIPLIER, Layout
 from vfuserver.netdev.options import parse_netdev
 from vfuserver.protocol import vfio_user as vu
+from vfuserver.protocol.virtio import Feature
 from vfuserver.protocol.virtio_net import HDR_LEN
 from vfuserver.spec import DeviceSpec
 
@@ -100,8 +101,11 @@ async def session(tmp_path: Path, ram_fd: int, nursery: trio.Nursery
             ram = GuestRam(GUEST_RAM_BYTES, 0, shared=shared)
             with device.lock:  # the driver's probe, done on the model in-process
                 negotiate_modern(device.net)
-                rx = DriverQueue(ram, device.net.queues[RX_QUEUE], size=64)
-                tx = DriverQueue(ram, device.net.queues[TX_QUEUE], size=64)
+                event_idx = device.net.has_feature(Feature.RING_EVENT_IDX)
+                rx = DriverQueue(ram, device.net.queues[RX_QUEUE], size=64,
+                                 event_idx=event_idx)
+                tx = DriverQueue(ram, device.net.queues[TX_QUEUE], size=64,
+                                 event_idx=event_idx)
                 driver_ok(device.net)
             yield Session(device, client, peer, device_address, tx, rx)
     finally:
@@ -132,6 +136,29 @@ async def test_a_burst_longer_than_tx_burst_is_sent_whole_after_one_kick(
         await s.kick(TX_QUEUE)
         assert await s.host_receives(14) == [frame(seq) for seq in range(14)]
         assert s.counters()["kick_signals"] == 0
+
+
+async def test_frames_queued_after_a_transmit_run_go_out_without_a_kick(
+        tmp_path: Path, ram_fd: int, nursery: trio.Nursery) -> None:
+    """After a run that sent frames, the driver is not asked to kick (QEMU's tx timer):
+    the serving thread looks at the ring again DATA_TIMER_NS later by itself."""
+    async with session(tmp_path, ram_fd, nursery) as s:
+        # a timer of 1 s instead of 150 µs: this test is slower than 150 µs between steps
+        s.device.context.native.dev.data_timer_ns = 1_000_000_000
+        with trio.fail_after(TIMEOUT):  # the run DRIVER_OK asked for (it found nothing)
+            while s.counters()["data_path_runs"] == 0:
+                await trio.sleep(0.001)
+        s.tx.add([bytes(HDR_LEN) + frame(1)])
+        old = s.tx.avail_idx
+        await s.kick(TX_QUEUE)
+        assert await s.host_receives(1) == [frame(1)]
+        s.tx.add([bytes(HDR_LEN) + frame(2)])
+        assert not s.tx.kick_needed(old)  # the driver would not kick: the timer sends it
+        assert await s.host_receives(1) == [frame(2)]
+        with trio.fail_after(TIMEOUT):  # then a run finds nothing and kicks are wanted
+            while not s.device.net.queues[TX_QUEUE].notification_enabled:
+                await trio.sleep(0.001)
+        assert s.counters()["fast:notify-1"] == 1
 
 
 async def test_frames_from_the_backend_wait_for_buffers_and_keep_their_order(

@@ -473,6 +473,9 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
                 *data_readable = 1;
                 return READY_EMPTY;
             }
+            if (d->data_deadline && vfuserver_now_ns() >= d->data_deadline) {
+                return READY_EMPTY;     /* the data path's timer */
+            }
         } while (vfuserver_now_ns() < until);
     }
     if (partial) {
@@ -484,8 +487,25 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
     if (d->data_again) {
         timeout = 0;    /* the data path has more to do: only look whether a message came */
     }
+    struct timespec ts, *tsp = NULL;
+    if (timeout >= 0) {
+        ts.tv_sec = timeout / 1000;
+        ts.tv_nsec = (long)(timeout % 1000) * 1000000L;
+        tsp = &ts;
+    }
+    if (d->inline_kicks && d->data_deadline) {
+        int64_t left = d->data_deadline - vfuserver_now_ns();
+        if (left < 0) {
+            left = 0;
+        }
+        if (tsp == NULL || left < (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec) {
+            ts.tv_sec = left / 1000000000;
+            ts.tv_nsec = left % 1000000000;
+            tsp = &ts;
+        }
+    }
     *fd_readable = 0;
-    int n = poll(fds, 3, timeout);
+    int n = ppoll(fds, 3, tsp, NULL);
     d->wakeups++;
     if (n < 0) {
         return errno == EINTR ? READY_EMPTY : READY_ERROR;
@@ -553,7 +573,8 @@ static int vfuserver_data_due(struct vfuserver_dev *d)
 {
     return d->inline_kicks && (__atomic_load_n(&d->pending_notify, __ATOMIC_ACQUIRE) ||
                                d->data_again ||
-                               __atomic_load_n(&d->data_requested, __ATOMIC_ACQUIRE));
+                               __atomic_load_n(&d->data_requested, __ATOMIC_ACQUIRE) ||
+                               (d->data_deadline && vfuserver_now_ns() >= d->data_deadline));
 }
 
 /* Ask the serving thread for a call of the data path (from any thread). */
@@ -578,6 +599,9 @@ static int vfuserver_run_data(vfu_ctx_t *ctx, struct vfuserver_dev *d)
         d->data_armed = (flags & 1) != 0;
         d->data_again = (flags & 2) != 0;
     }
+    /* bit 2: run again after data_timer_ns even if nothing else comes (a transmit queue
+       left without notifications, as QEMU's tx timer: virtio_net_handle_tx_timer) */
+    d->data_deadline = flags > 0 && (flags & 4) ? vfuserver_now_ns() + d->data_timer_ns : 0;
     return __atomic_exchange_n(&d->report, 0, __ATOMIC_ACQ_REL);
 }
 

@@ -127,6 +127,8 @@ struct vfuserver_dev {
     int data_armed;                 /* poll data_fd (0 while the guest has no buffers) */
     int data_again;                 /* vfuserver_data_cb has more to do: call it again */
     int data_requested;             /* another thread asked for a call (atomic) */
+    int64_t data_timer_ns;          /* a run that asks for it is followed by one this late */
+    int64_t data_deadline;          /* CLOCK_MONOTONIC ns of that run; 0: none */
     uint64_t data_runs;             /* vfuserver_data_cb calls */
 
     /* answering fast-path region accesses on the serving thread (serve.c vfuserver_direct) */

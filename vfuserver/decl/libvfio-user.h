@@ -181,6 +181,8 @@ struct vfuserver_dev {
     int data_armed;
     int data_again;
     uint64_t data_runs;
+    int64_t data_timer_ns;
+    int64_t data_deadline;
     uint8_t direct_enabled;
     uint64_t direct;
     ...;
