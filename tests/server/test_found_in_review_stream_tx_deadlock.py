@@ -14,7 +14,6 @@ runs in a child process: a deadlock there is a timeout here, not a hung test run
 
 from __future__ import annotations
 
-import mmap
 import os
 import socket
 import subprocess
@@ -23,18 +22,15 @@ from pathlib import Path
 
 import trio
 
-from tests.devices.driver import DriverQueue, GuestRam, Used, driver_ok, negotiate_modern
-from vfuserver.client import Client
-from vfuserver.device import ServedNetDevice, open_device
+from tests.devices.driver import Used
+from tests.server.attached_net import attached_net, frame
+from vfuserver.device import ServedNetDevice
 from vfuserver.devices.virtio_net import TX_QUEUE
-from vfuserver.devices.virtio_pci import MODERN_BAR, NOTIFY_OFF_MULTIPLIER, Layout
 from vfuserver.netdev.options import parse_netdev
-from vfuserver.protocol import vfio_user as vu
 from vfuserver.protocol.virtio_net import HDR_LEN
 from vfuserver.spec import DeviceSpec
 
 RAM_BYTES = 4 << 20
-FRAME = b"\xff" * 6 + b"\x02\0\0\0\0\x01" + b"\x88\xb5" + bytes(46)
 
 
 async def scenario(directory: str) -> None:
@@ -43,42 +39,30 @@ async def scenario(directory: str) -> None:
     peer_path = tmp / "peer.sock"
     netdev = parse_netdev(f"stream,server=on,addr.type=unix,addr.path={peer_path}")
     spec = DeviceSpec(name="net0", socket=str(tmp / "n.sock"), netdev=netdev)
-    device = await open_device(spec)
-    assert isinstance(device, ServedNetDevice)
     ram_fd = os.memfd_create("guest-ram")
     os.ftruncate(ram_fd, RAM_BYTES)
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     async with trio.open_nursery() as nursery:
-        await nursery.start(device.run)
-        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        peer.connect(str(peer_path))
-        with trio.fail_after(5):
-            while not device.backend._connected():
-                await trio.sleep(0.005)
-        peer.shutdown(socket.SHUT_RD)  # the device's next send() fails with EPIPE
-        client = await trio.to_thread.run_sync(Client, spec.socket)
-        with mmap.mmap(ram_fd, RAM_BYTES) as shared:
-            await trio.to_thread.run_sync(client.dma_map, 0, RAM_BYTES, ram_fd)
-            ram = GuestRam(RAM_BYTES, 0, shared=shared)
-            with device.lock:
-                negotiate_modern(device.net)
-                tx = DriverQueue(ram, device.net.queues[TX_QUEUE], size=64)
-                driver_ok(device.net)
-            tx.add([bytes(HDR_LEN) + FRAME])
-            await trio.to_thread.run_sync(
-                client.write, vu.PciRegion.BAR0 + MODERN_BAR,
-                Layout.NOTIFY + NOTIFY_OFF_MULTIPLIER * TX_QUEUE,
-                TX_QUEUE.to_bytes(2, "little"))
+        # the peer connects once the backend listens: the device runs from here on
+        async with attached_net(spec, ram_fd, RAM_BYTES, nursery) as net:
+            device: ServedNetDevice = net.device
+            peer.connect(str(peer_path))
+            with trio.fail_after(5):
+                while not device.backend._connected():
+                    await trio.sleep(0.005)
+            peer.shutdown(socket.SHUT_RD)  # the device's next send() fails with EPIPE
+            net.tx.add([bytes(HDR_LEN) + frame(0)])
+            await net.kick(TX_QUEUE)
             used: list[Used] = []
             with trio.move_on_after(5):
                 while not used:
-                    used = tx.get_used()
+                    used = net.tx.get_used()
                     await trio.sleep(0.005)
             if not used:
                 print("STUCK: the transmit never completed; _tx_lock held:",
                       device.backend._tx_lock.locked(), flush=True)
                 os._exit(3)
             print("OK", device.stats()["backend"], flush=True)
-            client.close()
         nursery.cancel_scope.cancel()
 
 

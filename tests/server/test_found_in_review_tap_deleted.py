@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import subprocess
 import sys
@@ -23,19 +22,14 @@ from pathlib import Path
 
 import trio
 
-from tests.devices.driver import DriverQueue, GuestRam, driver_ok, negotiate_modern
+from tests.server.attached_net import attached_net, frame
 from tests.server.test_netdev import needs_tap, netns  # noqa: F401 (the fixture)
-from vfuserver.client import Client
-from vfuserver.device import ServedNetDevice, open_device
 from vfuserver.devices.virtio_net import TX_QUEUE
-from vfuserver.devices.virtio_pci import MODERN_BAR, NOTIFY_OFF_MULTIPLIER, Layout
 from vfuserver.netdev.options import parse_netdev
-from vfuserver.protocol import vfio_user as vu
 from vfuserver.protocol.virtio_net import HDR_LEN
 from vfuserver.spec import DeviceSpec
 
 RAM_BYTES = 4 << 20
-FRAME = b"\xff" * 6 + b"\x02\0\0\0\0\x01" + b"\x88\xb5" + bytes(46)
 TRANSMITS = 20
 IFNAME = "vfurevtap0"
 
@@ -59,34 +53,20 @@ async def scenario() -> None:
     tmp = Path(tempfile.mkdtemp())
     spec = DeviceSpec(name="net0", socket=str(tmp / "n.sock"),
                       netdev=parse_netdev(f"tap,ifname={IFNAME}"))
-    device = await open_device(spec)
-    assert isinstance(device, ServedNetDevice)
     ram_fd = os.memfd_create("guest-ram")
     os.ftruncate(ram_fd, RAM_BYTES)
     async with trio.open_nursery() as nursery:
-        await nursery.start(device.run)
-        client = await trio.to_thread.run_sync(Client, spec.socket)
-        with mmap.mmap(ram_fd, RAM_BYTES) as shared:
-            await trio.to_thread.run_sync(client.dma_map, 0, RAM_BYTES, ram_fd)
-            ram = GuestRam(RAM_BYTES, 0, shared=shared)
-            with device.lock:
-                negotiate_modern(device.net)
-                tx = DriverQueue(ram, device.net.queues[TX_QUEUE], size=64)
-                driver_ok(device.net)
+        async with attached_net(spec, ram_fd, RAM_BYTES, nursery) as net:
             subprocess.run(["ip", "link", "del", IFNAME], check=True)
             await trio.sleep(0.2)
             completed = 0
-            for _ in range(TRANSMITS):
-                tx.add([bytes(HDR_LEN) + FRAME])
-                await trio.to_thread.run_sync(
-                    client.write, vu.PciRegion.BAR0 + MODERN_BAR,
-                    Layout.NOTIFY + NOTIFY_OFF_MULTIPLIER * TX_QUEUE,
-                    TX_QUEUE.to_bytes(2, "little"))
+            for seq in range(TRANSMITS):
+                net.tx.add([bytes(HDR_LEN) + frame(seq)])
+                await net.kick(TX_QUEUE)
                 with trio.move_on_after(5):
-                    while not (used := tx.get_used()):
+                    while not (used := net.tx.get_used()):
                         await trio.sleep(0.002)
                     completed += len(used)
-            client.close()
         nursery.cancel_scope.cancel()
     print(json.dumps({"completed": completed, "errors": errors.messages}))
 

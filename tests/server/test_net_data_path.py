@@ -11,57 +11,29 @@ the backend are read and delivered there too.
 
 from __future__ import annotations
 
-import mmap
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import trio
 
-from tests.devices.driver import DriverQueue, GuestRam, driver_ok, negotiate_modern
+from tests.server.attached_net import AttachedNet, attached_net, frame
 from tests.server.conftest import GUEST_RAM_BYTES
-from vfuserver.client import Client
-from vfuserver.device import ServedNetDevice, open_device
 from vfuserver.devices.virtio_net import RX_QUEUE, TX_QUEUE
-from vfuserver.devices.virtio_pci import MODERN_BAR, NOTIFY_OFF_MULTIPLIER, Layout
 from vfuserver.netdev.options import parse_netdev
-from vfuserver.protocol import vfio_user as vu
-from vfuserver.protocol.virtio import Feature
 from vfuserver.protocol.virtio_net import HDR_LEN
 from vfuserver.spec import DeviceSpec
 
-_T = TypeVar("_T")
 RX_BUFFER = 2048
 TIMEOUT = 10.0
 
 
-def frame(seq: int) -> bytes:
-    """A 60-byte Ethernet frame numbered ``seq`` (broadcast, a local ethertype)."""
-    return b"\xff" * 6 + b"\x02\0\0\0\0\x01" + b"\x88\xb5" + seq.to_bytes(4, "big") + bytes(42)
-
-
 @dataclass
-class Session:
-    device: ServedNetDevice
-    client: Client
+class Session(AttachedNet):
     peer: socket.socket
     device_address: str
-    tx: DriverQueue
-    rx: DriverQueue
-
-    async def call(self, fn: Callable[..., _T], *args: object) -> _T:
-        return await trio.to_thread.run_sync(fn, *args)
-
-    async def kick(self, queue: int) -> None:
-        """The driver's notify write at the queue's own address (queue_notify_off)."""
-        await self.call(self.client.write, vu.PciRegion.BAR0 + MODERN_BAR,
-                        Layout.NOTIFY + NOTIFY_OFF_MULTIPLIER * queue, queue.to_bytes(2, "little"))
-
-    def counters(self) -> dict[str, int]:
-        return self.device.stats()["fast_path"]
 
     async def host_receives(self, count: int) -> list[bytes]:
         got: list[bytes] = []
@@ -83,33 +55,18 @@ class Session:
 @asynccontextmanager
 async def session(tmp_path: Path, ram_fd: int, nursery: trio.Nursery
                   ) -> AsyncIterator[Session]:
-    """The device on a dgram backend, a client with guest RAM mapped, and the driver's
-    transmit and receive queues set up and DRIVER_OK."""
+    """The device on a dgram backend whose peer is this test's socket, attached
+    (tests/server/attached_net.py)."""
     device_address, peer_address = str(tmp_path / "dev.dgram"), str(tmp_path / "peer.dgram")
     peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     peer.bind(peer_address)
     netdev = parse_netdev(f"dgram,local.type=unix,local.path={device_address},"
                           f"remote.type=unix,remote.path={peer_address}")
     spec = DeviceSpec(name="net0", socket=str(tmp_path / "n.sock"), netdev=netdev)
-    device = await open_device(spec)
-    assert isinstance(device, ServedNetDevice)
-    await nursery.start(device.run)
-    client = await trio.to_thread.run_sync(Client, spec.socket)
     try:
-        with mmap.mmap(ram_fd, GUEST_RAM_BYTES) as shared:
-            await trio.to_thread.run_sync(client.dma_map, 0, GUEST_RAM_BYTES, ram_fd)
-            ram = GuestRam(GUEST_RAM_BYTES, 0, shared=shared)
-            with device.lock:  # the driver's probe, done on the model in-process
-                negotiate_modern(device.net)
-                event_idx = device.net.has_feature(Feature.RING_EVENT_IDX)
-                rx = DriverQueue(ram, device.net.queues[RX_QUEUE], size=64,
-                                 event_idx=event_idx)
-                tx = DriverQueue(ram, device.net.queues[TX_QUEUE], size=64,
-                                 event_idx=event_idx)
-                driver_ok(device.net)
-            yield Session(device, client, peer, device_address, tx, rx)
+        async with attached_net(spec, ram_fd, GUEST_RAM_BYTES, nursery) as net:
+            yield Session(net.device, net.client, net.rx, net.tx, peer, device_address)
     finally:
-        client.close()
         peer.close()
 
 
