@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from vfuserver.devices.virtio import VirtioDevice
 from vfuserver.devices.virtio_blk import BlockRequest, VirtioBlk
 from vfuserver.devices.virtio_net import RX_QUEUE, VirtioNet
 from vfuserver.devices.virtio_pci import VirtioPciFunction
+from vfuserver.loopthread import LoopThread
 from vfuserver.netdev.backend import NetBackend, NetOffloads
 from vfuserver.netdev.open import open_netdev
 from vfuserver.protocol.virtio_net import HDR_LEN
@@ -68,8 +68,7 @@ class ServedDevice:
         self.lock = DeviceLock()
         """The model's lock (:class:`DeviceLock`): the serving thread's callbacks and
         this device's event-loop tasks take it."""
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._loop_thread: int | None = None
+        self._loop = LoopThread()
         self.msix_vectors = msix_vectors
         self.function: PciFunction
         self.context: VfuContext
@@ -86,10 +85,7 @@ class ServedDevice:
         """``call`` as a hook the model may call from the serving thread: there it is
         handed to the event loop (trio objects are not thread-safe), here it runs now."""
         def hook() -> None:
-            if self._token is None or threading.get_ident() == self._loop_thread:
-                call()
-            else:
-                self._token.run_sync_soon(call)
+            self._loop.call(call)
         return hook
 
     def _build(self, profile: str) -> None:
@@ -160,8 +156,7 @@ class ServedDevice:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve clients and run the backend until cancelled; the device is closed on the
         way out."""
-        self._token = trio.lowlevel.current_trio_token()
-        self._loop_thread = threading.get_ident()
+        self._loop.capture()
         try:
             async with trio.open_nursery() as nursery:
                 await self._run_backend(nursery)

@@ -23,6 +23,7 @@ from typing import NoReturn, Protocol
 
 import trio
 
+from vfuserver.loopthread import LoopThread
 from vfuserver.protocol.virtio_net import NetFeature
 
 log = logging.getLogger("vfuserver.netdev")
@@ -181,8 +182,7 @@ class QueuedBackend:
         # _write_failed() may drop the queue (_drop_tx_queue) under it
         self._tx_lock = threading.RLock()
         self._tx_lot = trio.lowlevel.ParkingLot()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._loop_thread: int | None = None
+        self._loop = LoopThread()  # where send() from another thread hands trio calls
         self._rx_lot = trio.lowlevel.ParkingLot()
         self._rx_woken = False
         self._rx_fd: int | None = None  # set while _receive_datagrams runs
@@ -222,20 +222,11 @@ class QueuedBackend:
                 self._flush()
             waiting = bool(self._tx_queue)
         if waiting:
-            self._in_loop(self._tx_lot.unpark_all)
-
-    def _in_loop(self, call: Callable[[], object]) -> None:
-        """Run ``call`` now on the event loop's thread, or hand it to the loop from any
-        other (trio objects belong to the loop's thread)."""
-        if self._token is None or threading.get_ident() == self._loop_thread:
-            call()
-        else:
-            self._token.run_sync_soon(call)
+            self._loop.call(self._tx_lot.unpark_all)
 
     def take_receiver(self) -> int | None:
         # called on the event loop: from now on send() may come from another thread
-        self._token = trio.lowlevel.current_trio_token()
-        self._loop_thread = threading.get_ident()
+        self._loop.capture()
         if self._rx_fd is None or self._closed:
             return None
         self._rx_external = True
@@ -323,8 +314,6 @@ class QueuedBackend:
             self._tx_sent = 0
 
     async def _flush_loop(self, target: socket.socket | int) -> NoReturn:
-        self._token = trio.lowlevel.current_trio_token()
-        self._loop_thread = threading.get_ident()
         while True:
             if not self._tx_queue:
                 await self._tx_lot.park()

@@ -162,7 +162,7 @@ class StreamBackend(QueuedBackend):
         self._peer = None
         self._drop_tx_queue()
         if self._peer_scope is not None:  # send() may run on a device's serving thread
-            self._in_loop(self._peer_scope.cancel)
+            self._loop.call(self._peer_scope.cancel)
 
     async def run(self, deliver: Deliver, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
