@@ -495,9 +495,14 @@ class VfuContext:
         deferred, self._deferred = self._deferred, []
         self.native.publish()  # what they announce first (the lock is still held)
         for vector in deferred:
-            if not self.trigger(vector):
-                self.log.debug("interrupt %d not raised: the client gave no eventfd for it",
-                               vector)
+            self.raise_published(vector)
+
+    def raise_published(self, vector: int) -> None:
+        """:meth:`trigger`, once what the interrupt announces is published; a vector the
+        client gave no eventfd for is only logged (at debug level: its business)."""
+        if not self.trigger(vector):
+            self.log.debug("interrupt %d not raised: the client gave no eventfd for it",
+                           vector)
 
     def in_data_path(self) -> bool:
         """Whether the caller runs inside the data path (which looks at what is due
@@ -749,7 +754,5 @@ class _VfuInterrupts:
         # the model raises it under its lock: what the interrupt announces (a status,
         # NEEDS_RESET) is published before the guest can look
         context.native.publish()
-        if not context.trigger(vector):
-            context.log.debug("interrupt %d not raised: the client gave no eventfd for it",
-                              vector)
+        context.raise_published(vector)
 
