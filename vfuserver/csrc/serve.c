@@ -439,6 +439,12 @@ static void vfuserver_set_reply_timeout(int fd, int64_t ms)
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 }
 
+/* The data path's timer (DATA_TIMER: a lingering transmit queue) has run out. */
+static int vfuserver_data_timer_due(struct vfuserver_dev *d)
+{
+    return d->data_deadline && vfuserver_now_ns() >= d->data_deadline;
+}
+
 /* Wait for the socket or wake_fd; adaptive polling first. Returns READY_* of the socket
    as last seen, or READY_EMPTY when woken for something else. */
 static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t deadline,
@@ -452,7 +458,7 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
         { .fd = data ? d->data_fd : -1, .events = POLLIN },
     };
     int64_t start = vfuserver_now_ns();
-    int timeout = -1;
+    int64_t timeout_ns = -1;    /* ppoll's: -1 waits without end */
 
     *data_readable = 0;
     if (!partial && d->poll_ns > 0 && !d->data_again) {
@@ -473,8 +479,8 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
                 *data_readable = 1;
                 return READY_EMPTY;
             }
-            if (d->data_deadline && vfuserver_now_ns() >= d->data_deadline) {
-                return READY_EMPTY;     /* the data path's timer */
+            if (vfuserver_data_timer_due(d)) {
+                return READY_EMPTY;
             }
         } while (vfuserver_now_ns() < until);
     }
@@ -482,30 +488,21 @@ static int vfuserver_wait(int fd, struct vfuserver_dev *d, int partial, int64_t 
         /* poll() cannot wait for "more bytes" on AF_UNIX (no SO_RCVLOWAT there): look
            again after backoff_ms until the deadline; EOF still wakes it at once */
         int64_t left_ms = (deadline - start) / 1000000;
-        timeout = left_ms <= 0 ? 0 : (int)(left_ms < backoff_ms ? left_ms : backoff_ms);
+        timeout_ns = (left_ms <= 0 ? 0 : (left_ms < backoff_ms ? left_ms : backoff_ms))
+                     * 1000000;
     }
     if (d->data_again) {
-        timeout = 0;    /* the data path has more to do: only look whether a message came */
+        timeout_ns = 0; /* the data path has more to do: only look whether a message came */
     }
-    struct timespec ts, *tsp = NULL;
-    if (timeout >= 0) {
-        ts.tv_sec = timeout / 1000;
-        ts.tv_nsec = (long)(timeout % 1000) * 1000000L;
-        tsp = &ts;
-    }
-    if (d->inline_kicks && d->data_deadline) {
+    if (d->data_deadline) {
         int64_t left = d->data_deadline - vfuserver_now_ns();
-        if (left < 0) {
-            left = 0;
-        }
-        if (tsp == NULL || left < (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec) {
-            ts.tv_sec = left / 1000000000;
-            ts.tv_nsec = left % 1000000000;
-            tsp = &ts;
-        }
+        left = left < 0 ? 0 : left;
+        timeout_ns = timeout_ns < 0 || left < timeout_ns ? left : timeout_ns;
     }
+    struct timespec ts = { .tv_sec = timeout_ns / 1000000000,
+                           .tv_nsec = timeout_ns % 1000000000 };
     *fd_readable = 0;
-    int n = ppoll(fds, 3, tsp, NULL);
+    int n = ppoll(fds, 3, timeout_ns < 0 ? NULL : &ts, NULL);
     d->wakeups++;
     if (n < 0) {
         return errno == EINTR ? READY_EMPTY : READY_ERROR;
@@ -574,7 +571,7 @@ static int vfuserver_data_due(struct vfuserver_dev *d)
     return d->inline_kicks && (__atomic_load_n(&d->pending_notify, __ATOMIC_ACQUIRE) ||
                                d->data_again ||
                                __atomic_load_n(&d->data_requested, __ATOMIC_ACQUIRE) ||
-                               (d->data_deadline && vfuserver_now_ns() >= d->data_deadline));
+                               vfuserver_data_timer_due(d));
 }
 
 /* Ask the serving thread for a call of the data path (from any thread). */
