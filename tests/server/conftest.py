@@ -122,16 +122,18 @@ def ram_fd() -> Iterator[int]:
     os.close(fd)
 
 
-def attached_session(context: VfuContext) -> tuple[Client, threading.Thread, list[object]]:
+def attached_session(context: VfuContext, serve: Callable[[], object] | None = None,
+                     ) -> tuple[Client, threading.Thread, list[object]]:
     """A client whose VERSION handshake ``context`` took, served by a thread running
-    ``context.serve_client()`` (its result lands in the list): the server's own serving
-    loop, without the event loop around it."""
+    ``serve`` (default ``context.serve_client``; its result lands in the list): the
+    server's own serving loop, without the event loop around it."""
     client = Client(context.socket_path, negotiate=False)
     caps = {"max_msg_fds": 16, "max_data_xfer_size": vu.MAX_DATA_XFER_SIZE}
     version = client.send(vu.Command.VERSION, vu.build_version(0, 0, caps))
     context.attach()
     client.receive(version, vu.Command.VERSION)
     results: list[object] = []
-    thread = threading.Thread(target=lambda: results.append(context.serve_client()))
+    body = serve if serve is not None else context.serve_client
+    thread = threading.Thread(target=lambda: results.append(body()))
     thread.start()
     return client, thread, results

@@ -4,32 +4,24 @@ from __future__ import annotations
 
 import resource
 import socket
-import threading
 import time
 from pathlib import Path
 
-from tests.server.conftest import ScratchFunction
-from vfuserver.client import Client
+from tests.server.conftest import ScratchFunction, attached_session
 from vfuserver.context import VfuContext
 from vfuserver.protocol import vfio_user as vu
 
 
 def test_oob_byte_does_not_make_the_serving_thread_spin(tmp_path: Path) -> None:
     with VfuContext(str(tmp_path / "o.sock"), ScratchFunction()) as context:
-        client = Client(context.socket_path, negotiate=False)
-        caps = {"max_msg_fds": 16, "max_data_xfer_size": vu.MAX_DATA_XFER_SIZE}
-        version = client.send(vu.Command.VERSION, vu.build_version(0, 0, caps))
-        context.attach()
-        client.receive(version, vu.Command.VERSION)
-        cpu: list[float] = []
 
-        def serve() -> None:
+        def serve() -> float:
+            """The serving loop, then the CPU time its thread used."""
             context.serve_client()
-            cpu.append(resource.getrusage(resource.RUSAGE_THREAD).ru_utime
-                       + resource.getrusage(resource.RUSAGE_THREAD).ru_stime)
+            usage = resource.getrusage(resource.RUSAGE_THREAD)
+            return usage.ru_utime + usage.ru_stime
 
-        thread = threading.Thread(target=serve)
-        thread.start()
+        client, thread, cpu = attached_session(context, serve)
         assert client.read(vu.PciRegion.CONFIG, 0, 2) == b"\xf4\x1a"
         before = int(context.native.dev.wakeups)
         client.sock.send(b"!", socket.MSG_OOB)

@@ -17,15 +17,7 @@ async def test_client_leaves_during_deferred_quiesce(serve: Any, nursery: trio.N
                                                      caplog: Any) -> None:
     slow = SlowQuiesceFunction()
     context = await serve(slow, "slow")
-
-    async def finish_quiesces() -> None:
-        while True:
-            await trio.sleep(0.01)
-            if slow.pending:
-                await trio.sleep(0.2)
-                slow.pending.pop()()
-
-    nursery.start_soon(finish_quiesces)
+    nursery.start_soon(slow.finish_quiesces)
 
     def first() -> None:
         with Client(context.socket_path) as client:

@@ -375,21 +375,21 @@ class SlowQuiesceFunction(ScratchFunction):
         self.pending.append(done)
         return False
 
+    async def finish_quiesces(self) -> None:
+        """The work in flight ends 0.2 s after each request (a task for a nursery)."""
+        while True:
+            await trio.sleep(0.01)
+            if self.pending:
+                await trio.sleep(0.2)
+                self.pending.pop()()
+
 
 async def test_deferred_quiesce_holds_the_request_not_the_loop(serve: Any,
                                                                nursery: trio.Nursery) -> None:
     slow = SlowQuiesceFunction()
     context = await serve(slow, "slow")
     other = await serve(ScratchFunction("other"), "other")
-
-    async def finish_quiesces() -> None:
-        while True:
-            await trio.sleep(0.01)
-            if slow.pending:
-                await trio.sleep(0.2)
-                slow.pending.pop()()
-
-    nursery.start_soon(finish_quiesces)
+    nursery.start_soon(slow.finish_quiesces)
 
     def reset_session() -> float:
         with Client(context.socket_path) as client:
