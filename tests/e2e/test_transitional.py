@@ -51,7 +51,12 @@ def test_transitional_traffic_plan(servers: Servers, guests: Guests, netns: NetN
         # the modern driver never touches the IO BAR: no access, no legacy admin command
         assert not any(k.startswith("access:") for k in legacy) and legacy["fast_notifies"] == 0
         assert [fast[name] for name in legacy_fast] == [0, 0, 0]
-        assert fast["fast:notify-0"] + fast["fast:notify-1"] > 1000  # modern kicks
+        # every kick took the native fast path: the driver kicks the receive queue when it
+        # fills it (virtnet_open) and the transmit queue for the transfer; how often is up to
+        # event idx and timing (the tx timer keeps notifications off while frames flow), so
+        # only "at least once" is the driver's behaviour, and no kick reached Python
+        assert fast["fast:notify-0"] > 0 and fast["fast:notify-1"] > 0
+        assert fast["kick_signals"] == 0
         assert [admin[f"opcode:{name}"] for name in legacy_cfg] == [0, 0, 0, 0]
     else:
         # every register access of the legacy driver went through an admin command, or was
@@ -75,7 +80,9 @@ def test_transitional_traffic_plan(servers: Servers, guests: Guests, netns: NetN
         # command), and so did the ISR reads of the INTx handler (vp_interrupt)
         for name in legacy_cfg:
             assert admin[f"status:{name}:OK"] == admin[f"opcode:{name}"], name
-        assert fast["fast:legacy-notify"] > 1000 and legacy["fast_notifies"] == 0
+        # (how many is up to timing, as above; none reached Python)
+        assert fast["fast:legacy-notify"] > 0 and legacy["fast_notifies"] == 0
+        assert fast["kick_signals"] == 0
 
 
 def server_stats(log: str) -> dict[str, dict[str, int]]:
