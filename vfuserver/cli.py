@@ -11,7 +11,14 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TypeVar
 
-from vfuserver.config import ConfigError, ServerConfig, load_config
+from vfuserver.config import (
+    DEFAULT_POLL_MAX_NS,
+    MAX_POLL_MAX_NS,
+    ConfigError,
+    ServerConfig,
+    load_config,
+    parse_poll_max_ns,
+)
 from vfuserver.control.client import ControlUnreachable, ServerError, execute
 from vfuserver.control.qmp import JsonValue
 from vfuserver.netdev import NETDEV_HELP, NetdevSyntaxError, NoneSpec, parse_netdev
@@ -57,6 +64,7 @@ CONFIG: --config FILE serves many devices in one process (TOML; relative paths a
 relative to the file's directory):
   [server]
   control = "/run/vfuserver/control.sock"   # optional control socket
+  poll-max-ns = 32768                       # polling ceiling in ns, 0 off (--poll-max-ns)
   [[device]]                                # one table per device
   name = "net0"                             # required
   socket = "/run/vfuserver/net0.sock"       # required
@@ -81,7 +89,7 @@ def _argument_type(parse: Callable[[str], _T]) -> Callable[[str], _T]:
     def convert(text: str) -> _T:
         try:
             return parse(text)
-        except (SpecError, NetdevSyntaxError) as exc:
+        except (SpecError, NetdevSyntaxError, ConfigError) as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     return convert
@@ -139,6 +147,8 @@ def _run(args: argparse.Namespace) -> int:
         config = ServerConfig(devices=[_socket_device(args)])
     if args.control is not None:
         config.control = os.path.abspath(args.control)
+    if args.poll_max_ns is not None:
+        config.poll_max_ns = args.poll_max_ns
     # The serving stack (trio, the C extension) is loaded here, for `run` alone: the client
     # commands (status, stats, profile, device) work where it is not even built.
     import trio
@@ -331,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="QMP control socket (created 0600) for 'vfuserver "
                           "profile/status/device' or qmp-shell (default: [server] control of "
                           "--config, else none)")
+    run.add_argument("--poll-max-ns", type=_argument_type(parse_poll_max_ns), metavar="N",
+                     help="how long each device's serving thread polls its socket for the "
+                          "next message before it sleeps, at most, in ns (QEMU's IOThread "
+                          f"poll-max-ns): 0..{MAX_POLL_MAX_NS}, 0 turns polling off "
+                          f"(default: [server] poll-max-ns of --config, else "
+                          f"{DEFAULT_POLL_MAX_NS}); takes precedence over the file")
     run.add_argument("--persist", action="store_true",
                      help="write runtime changes (profile set, device add/remove) back to "
                           "--config, atomically, keeping its comments")

@@ -4,6 +4,7 @@
 
     [server]
     control = "/run/vfuserver/control.sock"   # optional: the control socket
+    poll-max-ns = 32768                       # adaptive polling ceiling, ns (0: off)
 
     [[device]]                                # one table per device, served in this order
     name = "net0"                             # required: [A-Za-z0-9_.-], at most 64
@@ -29,6 +30,12 @@ file, the device and the key: a definition is either wholly valid or the server 
 to start, so writing the file back (``--persist``) never drops a device silently. Whether a
 valid device can then be *served* (its backend, its socket) is decided per device at
 runtime. :mod:`vfuserver.persist` writes changes back into the file.
+
+``poll-max-ns`` is QEMU's IOThread setting of that name, in the same unit: how long, at
+most, each device's serving thread polls its socket for the next message before it sleeps
+(the window adapts below it, as QEMU's aio_poll does); 0 turns polling off. It applies to
+every device of the server, those added at runtime included; ``vfuserver run
+--poll-max-ns N`` takes precedence over it.
 """
 
 from __future__ import annotations
@@ -56,12 +63,22 @@ from vfuserver.spec import (
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 """Device names: they appear in log lines, CLI output columns and systemd instance names."""
 
-SERVER_KEYS = frozenset({"control"})
+SERVER_KEYS = frozenset({"control", "poll-max-ns"})
 DEVICE_KEYS = frozenset({"name", "socket", "profile", "mac", "netdev", "type", "image",
                          "readonly", "direct", "serial", "queues"})
 BOOLEAN_DEVICE_KEYS = frozenset({"readonly", "direct"})
 INTEGER_DEVICE_KEYS = frozenset({"queues"})
 REQUIRED_DEVICE_KEYS = ("name", "socket")
+
+
+DEFAULT_POLL_MAX_NS = 32768
+"""Adaptive polling ceiling of the serving threads, in ns (QEMU's IOThread poll-max-ns)."""
+
+MAX_POLL_MAX_NS = 1_000_000_000
+"""The largest poll-max-ns taken, in ns (1 s). QEMU takes any int64, but a thread that
+polls its socket for longer than a wake-up costs (microseconds) gains nothing, while it
+burns a CPU: a larger value is a slip of the unit (µs or ms meant), and refusing it keeps
+serve.c's window arithmetic (doubling, start + window) far from int64 overflow."""
 
 
 class ConfigError(ValueError):
@@ -76,11 +93,33 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_poll_max_ns(value: object) -> int:
+    """``value`` as a poll-max-ns (an int in 0..MAX_POLL_MAX_NS, not a bool); ConfigError
+    naming the key and the range if it is not one."""
+    if type(value) is not int:  # bool is an int: compare exactly
+        raise ConfigError(f"poll-max-ns must be an integer (ns), not {type(value).__name__}")
+    if not 0 <= value <= MAX_POLL_MAX_NS:
+        raise ConfigError(f"poll-max-ns must be 0..{MAX_POLL_MAX_NS} ns (0 turns polling "
+                          f"off), not {value}")
+    return value
+
+
+def parse_poll_max_ns(text: str) -> int:
+    """A command-line poll-max-ns (decimal ns); ConfigError as :func:`check_poll_max_ns`."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise ConfigError(f"poll-max-ns must be an integer (ns), not {text!r}") from None
+    return check_poll_max_ns(value)
+
+
 @dataclass
 class ServerConfig:
-    """What one server runs: its control socket and its devices, in order."""
+    """What one server runs: its control socket, its serving threads' polling ceiling
+    (ns, see :data:`DEFAULT_POLL_MAX_NS`) and its devices, in order."""
 
     control: str | None = None
+    poll_max_ns: int = DEFAULT_POLL_MAX_NS
     devices: list[DeviceSpec] = field(default_factory=list)
     path: Path | None = None
     """The file this came from (and ``--persist`` writes back to)."""
@@ -177,6 +216,10 @@ def parse_config(text: str, *, path: Path | None = None) -> ServerConfig:
     control = server.get("control")
     if control is not None and (not isinstance(control, str) or not control):
         raise ConfigError(f"{label}: [server] control must be a non-empty string")
+    try:
+        poll_max_ns = check_poll_max_ns(server.get("poll-max-ns", DEFAULT_POLL_MAX_NS))
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: [server] {exc}") from None
     tables = document.get("device", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"{label}: devices are [[device]] tables")
@@ -186,8 +229,8 @@ def parse_config(text: str, *, path: Path | None = None) -> ServerConfig:
         check_unique(devices)
     except ConfigError as exc:
         raise ConfigError(f"{label}: {exc}") from None
-    return ServerConfig(control=_resolve(control, base) if control else None, devices=devices,
-                        path=path)
+    return ServerConfig(control=_resolve(control, base) if control else None,
+                        poll_max_ns=poll_max_ns, devices=devices, path=path)
 
 
 def load_config(path: str | os.PathLike[str]) -> ServerConfig:

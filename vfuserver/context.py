@@ -24,6 +24,7 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from vfuserver import dma_backing
 from vfuserver.binding import check, ffi, lib
+from vfuserver.config import DEFAULT_POLL_MAX_NS
 from vfuserver.devices.errors import GuestError
 from vfuserver.devices.memory import IOVA_LIMIT, Barriers, GuestMemory, NoLostPages
 from vfuserver.devices.pci import BarKind, PciFunction, Region, ResetKind
@@ -46,9 +47,6 @@ MESSAGE_TIMEOUT = 5.0
 
 REPLY_TIMEOUT = 5.0
 """Seconds a reply may wait for a client that does not read its socket; then it is dropped."""
-
-DEFAULT_POLL_MAX_NS = 32768
-"""Adaptive polling ceiling of the serving thread, in ns (QEMU's IOThread poll-max-ns)."""
 
 CPU_BARRIERS = Barriers(lib.vfuserver_smp_mb, lib.vfuserver_smp_wmb, lib.vfuserver_smp_rmb)
 """The rings' barriers as real CPU fences (__atomic_thread_fence, in the cffi extension)."""
@@ -229,6 +227,8 @@ class VfuContext:
     """One vfio-user device endpoint: a listening socket and the function behind it.
 
     Closing is idempotent and also happens on ``__exit__``; the socket file is removed.
+    ``poll_max_ns``: how long, at most, the serving thread polls the socket for the next
+    message before it sleeps, in ns (QEMU's IOThread poll-max-ns; 0: never polls).
     Errors: a libvfio-user call that fails raises the OSError subclass for its errno
     (:func:`~vfuserver.binding.check`), from the constructor, :meth:`attach` and
     :meth:`drain` alike.
@@ -238,9 +238,7 @@ class VfuContext:
                  memory: GuestMemory | None = None,
                  logger: logging.Logger | None = None,
                  lock: DeviceLock | None = None,
-                 poll_max_ns: int | None = None) -> None:
-        if poll_max_ns is None:
-            poll_max_ns = int(os.environ.get("VFUSERVER_POLL_MAX_NS", DEFAULT_POLL_MAX_NS))
+                 poll_max_ns: int = DEFAULT_POLL_MAX_NS) -> None:
         self.socket_path = os.path.abspath(socket_path)
         self.function = function
         self.log = logger or logging.getLogger(f"vfuserver.{function.name}")

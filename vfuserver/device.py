@@ -23,6 +23,7 @@ import trio
 
 from vfuserver.blkdev.backend import ImageBackend
 from vfuserver.blkdev.raw import IoRequest, RawImage
+from vfuserver.config import DEFAULT_POLL_MAX_NS
 from vfuserver.context import DATA_AGAIN, DATA_ARMED, DATA_TIMER, DeviceLock, VfuContext
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.legacy_io import TransitionalFunction
@@ -50,6 +51,8 @@ class ServedDevice:
 
     Subclasses build :attr:`model` (before calling ``__init__`` here, which presents it)
     and fill in :meth:`_run_backend`, :meth:`_close_backend` and :attr:`STATS_KEY`.
+    ``poll_max_ns`` is every context's (:class:`VfuContext`), the first and those a
+    profile change builds.
     """
 
     STATS_KEY = "device"
@@ -60,8 +63,10 @@ class ServedDevice:
     backend: Any
     """The backend; its ``stats`` dataclass is shown by :meth:`stats`."""
 
-    def __init__(self, spec: DeviceSpec, owner: AdminOwner, *, msix_vectors: int = 4) -> None:
+    def __init__(self, spec: DeviceSpec, owner: AdminOwner, *, msix_vectors: int = 4,
+                 poll_max_ns: int = DEFAULT_POLL_MAX_NS) -> None:
         self.spec = spec
+        self.poll_max_ns = poll_max_ns
         self.log = logging.getLogger(f"vfuserver.{spec.name}")
         self.owner = owner
         self.memory = self.model.memory
@@ -98,7 +103,8 @@ class ServedDevice:
             function = TransitionalFunction(modern, self.owner)
         try:
             self.context = VfuContext(self.spec.socket, function, memory=self.memory,
-                                      logger=self.log, lock=self.lock)
+                                      logger=self.log, lock=self.lock,
+                                      poll_max_ns=self.poll_max_ns)
         except BaseException:
             function.close()
             raise
@@ -217,11 +223,12 @@ class ServedNetDevice(ServedDevice):
     STATS_KEY = "virtio_net"
     RECEIVE_QUEUES = frozenset({RX_QUEUE})
 
-    def __init__(self, spec: DeviceSpec, backend: NetBackend, owner: AdminOwner) -> None:
+    def __init__(self, spec: DeviceSpec, backend: NetBackend, owner: AdminOwner, *,
+                 poll_max_ns: int = DEFAULT_POLL_MAX_NS) -> None:
         self.backend = backend
         self.net = self.model = VirtioNet(GuestMemory(), _NO_INTERRUPTS, backend, mac=spec.mac,
                                           name=spec.name)
-        super().__init__(spec, owner)
+        super().__init__(spec, owner, poll_max_ns=poll_max_ns)
         self._tx_pending = trio.Event()
         self._wake_receiver = self._in_loop(backend.wake_receiver)
         self._schedule_tx = self._in_loop(self._request_tx)
@@ -336,12 +343,12 @@ class ServedBlkDevice(ServedDevice):
     STATS_KEY = "virtio_blk"
 
     def __init__(self, spec: DeviceSpec, backend: ImageBackend, owner: AdminOwner, *,
-                 num_queues: int = 1) -> None:
+                 num_queues: int = 1, poll_max_ns: int = DEFAULT_POLL_MAX_NS) -> None:
         self.backend = backend
         self.blk = self.model = VirtioBlk(GuestMemory(), _NO_INTERRUPTS, backend,
                                           num_queues=num_queues, serial=spec.serial.encode(),
                                           name=spec.name)
-        super().__init__(spec, owner, msix_vectors=num_queues + 1)
+        super().__init__(spec, owner, msix_vectors=num_queues + 1, poll_max_ns=poll_max_ns)
 
     async def _run_backend(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.backend.run, self._complete)
@@ -397,11 +404,13 @@ class _NoInterrupts:
 _NO_INTERRUPTS = _NoInterrupts()
 
 
-async def open_device(spec: DeviceSpec, *, owner: AdminOwner | None = None) -> ServedDevice:
+async def open_device(spec: DeviceSpec, *, owner: AdminOwner | None = None,
+                      poll_max_ns: int = DEFAULT_POLL_MAX_NS) -> ServedDevice:
     """Open the backend, then build the device; the backend is closed if that fails.
 
     ``owner`` is the server's admin group owner (one per process); a device opened
-    without one gets a group of its own. OSError (an ImageError naming the image) if a
+    without one gets a group of its own. ``poll_max_ns``: the server's polling ceiling
+    (:class:`~vfuserver.context.VfuContext`). OSError (an ImageError naming the image) if a
     disk image cannot be opened.
     """
     owner = owner if owner is not None else AdminOwner()
@@ -409,13 +418,14 @@ async def open_device(spec: DeviceSpec, *, owner: AdminOwner | None = None) -> S
         image = RawImage(spec.image, read_only=spec.readonly, direct=spec.direct)
         disk = ImageBackend(image)
         try:
-            return ServedBlkDevice(spec, disk, owner, num_queues=spec.queues)
+            return ServedBlkDevice(spec, disk, owner, num_queues=spec.queues,
+                                   poll_max_ns=poll_max_ns)
         except BaseException:
             disk.close()
             raise
     backend = await open_netdev(spec.netdev)
     try:
-        return ServedNetDevice(spec, backend, owner)
+        return ServedNetDevice(spec, backend, owner, poll_max_ns=poll_max_ns)
     except BaseException:
         backend.close()
         raise

@@ -13,9 +13,11 @@ stays. Only what changed is written:
   to it: the block directly above its header and the block directly below its last key
   (no blank line between). Other comments stay where they were.
 
-``[server]`` is the operator's: a ``--control`` given on the command line is not written
-into the file. A file that is missing is written afresh (a header, ``[server]``, every
-device); a file that no longer parses as a config is left alone (:class:`ConfigError`).
+``[server]`` is the operator's: it is never edited, so a ``--control`` or
+``--poll-max-ns`` given on the command line is not written into the file. A file that is
+missing is written afresh (a header, ``[server]`` with the settings in effect that are not
+defaults, every device); a file that no longer parses as a config is left alone
+(:class:`ConfigError`).
 
 :func:`save_config` writes the file the way editors that care do: a temporary file in the
 same directory, fsync, rename over the old one, fsync of the directory. A reader (or a
@@ -37,6 +39,7 @@ from tomlkit.container import Container
 from tomlkit.items import AoT, Comment, Item, Table, Trivia, Whitespace
 
 from vfuserver.config import (
+    DEFAULT_POLL_MAX_NS,
     ConfigError,
     ServerConfig,
     device_from_mapping,
@@ -103,10 +106,13 @@ def _new_document(config: ServerConfig) -> tomlkit.TOMLDocument:
     document = tomlkit.document()
     for line in HEADER:
         document.add(tomlkit.comment(line))
+    server = tomlkit.table()
     if config.control is not None:
-        document.add(tomlkit.nl())
-        server = tomlkit.table()
         server.add("control", config.control)
+    if config.poll_max_ns != DEFAULT_POLL_MAX_NS:
+        server.add("poll-max-ns", config.poll_max_ns)
+    if server:
+        document.add(tomlkit.nl())
         document.append("server", server)
     return document
 

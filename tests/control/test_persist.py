@@ -20,6 +20,7 @@ OPERATOR_FILE = """\
 
 [server]
 control = "ctl.sock"   # relative: next to this file
+poll-max-ns = 0x4000   # 16 µs, written as the operator likes it
 
 # net0: the uplink, on the bridge
 [[device]]
@@ -117,10 +118,12 @@ def test_an_added_device_comes_last_with_every_key(operator_file: Path) -> None:
 
 def test_the_server_table_is_the_operator_s(operator_file: Path) -> None:
     config = load_config(operator_file)
+    assert config.poll_max_ns == 0x4000
     config.control = "/run/elsewhere.sock"  # as `vfuserver run --control` sets it
+    config.poll_max_ns = 0  # as `vfuserver run --poll-max-ns 0` sets it
     config.devices[0] = dataclasses.replace(config.devices[0], profile="transitional")
     save_config(config)
-    assert 'control = "ctl.sock"   # relative: next to this file' in operator_file.read_text()
+    assert operator_file.read_text().startswith(OPERATOR_FILE.split("# net0")[0])
 
 
 def test_a_file_that_is_no_longer_valid_is_left_alone(operator_file: Path) -> None:
@@ -135,14 +138,24 @@ def test_a_file_that_is_no_longer_valid_is_left_alone(operator_file: Path) -> No
 def test_a_missing_file_is_written_afresh(tmp_path: Path) -> None:
     path = tmp_path / "devices.toml"
     odd = '/run/a"b\\c\td\x7fe\u00e9'
-    config = ServerConfig(control=odd, devices=[
+    config = ServerConfig(control=odd, poll_max_ns=0, devices=[
         device_from_mapping({"name": "net0", "socket": "/run/net0.sock"})], path=path)
     save_config(config)
     written = load_config(path)
     assert written.control == odd  # tomlkit escapes what TOML requires
+    assert written.poll_max_ns == 0
     assert written.devices == config.devices
     assert path.read_text().startswith("# vfuserver device definitions")
     assert render_config(config) == path.read_text()
+
+
+def test_a_missing_file_gets_only_the_server_settings_that_are_not_defaults(
+        tmp_path: Path) -> None:
+    path = tmp_path / "devices.toml"
+    save_config(ServerConfig(devices=[], path=path))
+    assert "[server]" not in path.read_text()
+    save_config(ServerConfig(poll_max_ns=1000, devices=[], path=tmp_path / "other.toml"))
+    assert "[server]\npoll-max-ns = 1000\n" in (tmp_path / "other.toml").read_text()
 
 
 def test_save_config_is_atomic_and_keeps_the_mode(tmp_path: Path) -> None:

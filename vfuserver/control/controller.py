@@ -173,8 +173,9 @@ class Controller:
             raise QMPError(GENERIC_ERROR, f"device {spec.name} is already running")
         try:
             # A copy: the device's own spec follows its state, the definition is ours.
-            device: ControlledDevice = await open_device(dataclasses.replace(spec),
-                                                         owner=self.owner)
+            device: ControlledDevice = await open_device(
+                dataclasses.replace(spec), owner=self.owner,
+                poll_max_ns=self.config.poll_max_ns)
             await self.device_set.start(spec.name, device)
         except Exception as exc:  # whatever stops one device is reported, the others go on
             reason = describe_error(exc)
