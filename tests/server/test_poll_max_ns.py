@@ -13,6 +13,7 @@ from 4 µs) until it covers the client's pace, and polling finds messages.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,11 @@ from vfuserver.protocol import vfio_user as vu
 from vfuserver.spec import default_mac
 
 READS = 200
+GAP = 0.001
+"""Seconds between paced reads: beyond the default ceiling, far below 1 s."""
+PACED_READS = 40
+GROW_READS = 12
+"""Reads before a 1 s ceiling's window (4 µs doubling) covers GAP, with room to spare."""
 """Back-to-back register reads per client: far more than the window needs to grow."""
 
 
@@ -115,24 +121,28 @@ def test_help_says_the_command_line_wins(capsys: pytest.CaptureFixture[str]) -> 
 
 # --- the serving threads -------------------------------------------------------------------------
 
-def read_mac_back_to_back(socket_path: Path) -> bytes:
-    """READS reads of the virtio-net config's MAC (BAR4, the device structure), each sent
-    as soon as the previous reply is in; the MAC, all of them alike."""
+def read_mac_back_to_back(socket_path: Path, gap: float = 0.0, reads: int = READS) -> bytes:
+    """``reads`` reads of the virtio-net config's MAC (BAR4, the device structure), each
+    sent ``gap`` seconds after the previous reply is in; the MAC, all of them alike."""
     with Client(str(socket_path), timeout=10) as client:
-        macs = {client.read(vu.PciRegion.BAR0 + MODERN_BAR, Layout.DEVICE, 6)
-                for _ in range(READS)}
+        macs = set()
+        for _ in range(reads):
+            macs.add(client.read(vu.PciRegion.BAR0 + MODERN_BAR, Layout.DEVICE, 6))
+            if gap:
+                time.sleep(gap)
     [mac] = macs
     return mac
 
 
-async def served_reads(control: Path, socket_path: Path, name: str) -> dict[str, int]:
-    """A client's back-to-back reads of device ``name``, then the serving thread's
-    counters as the control socket reports them (stats fast_path)."""
-    assert await trio.to_thread.run_sync(read_mac_back_to_back, socket_path) == \
-        default_mac(name)
+async def served_reads(control: Path, socket_path: Path, name: str,
+                       gap: float = 0.0, reads: int = READS) -> dict[str, int]:
+    """A client's reads of device ``name`` (:func:`read_mac_back_to_back`), then the
+    serving thread's counters as the control socket reports them (stats fast_path)."""
+    assert await trio.to_thread.run_sync(read_mac_back_to_back, socket_path, gap, reads) \
+        == default_mac(name)
     [entry] = await execute(control, "query-stats", device=name)
     counters: dict[str, int] = entry["stats"]["fast_path"]
-    assert counters["messages"] >= READS  # this context's thread served them
+    assert counters["messages"] >= reads  # this context's thread served them
     return counters
 
 
@@ -140,24 +150,32 @@ async def served_reads(control: Path, socket_path: Path, name: str) -> dict[str,
 async def test_the_setting_reaches_every_serving_thread(
         poll_max_ns: int, tmp_path: Path, nursery: trio.Nursery) -> None:
     """From the file to the thread of a configured device, of one added at runtime
-    (device-add), and of the context a profile change builds."""
+    (device-add), and of the context a profile change builds.
+
+    The client waits GAP between reads, far beyond the default ceiling (32768 ns) and far
+    below the largest (1 s). Polling off: no read is found by polling. At the ceiling:
+    the window doubles from 4 µs (serve.c VFUSERVER_POLL_GROW_START_NS) after each short
+    sleep, so from the GROW_READS-th read on every read arrives while the thread polls;
+    with the default instead, each 1 ms sleep resets the window and none does."""
     control = tmp_path / "ctl.sock"
     config = parse_config(
         f"[server]\ncontrol = 'ctl.sock'\npoll-max-ns = {poll_max_ns}\n"
         "[[device]]\nname = 'net0'\nsocket = 'net0.sock'\n", path=tmp_path / "d.toml")
     await start_controller(nursery, config)
     await execute(control, "device-add", name="net1", socket=str(tmp_path / "net1.sock"))
-    polled = [(await served_reads(control, tmp_path / "net0.sock", "net0"))["polled"],
-              (await served_reads(control, tmp_path / "net1.sock", "net1"))["polled"]]
+
+    async def polled(name: str) -> int:
+        counters = await served_reads(control, tmp_path / f"{name}.sock", name, GAP,
+                                      PACED_READS)
+        return counters["polled"]
+
+    found = [await polled("net0"), await polled("net1")]
     await execute(control, "set-profile", device="net0", profile="transitional")
-    polled.append((await served_reads(control, tmp_path / "net0.sock", "net0"))["polled"])
+    found.append(await polled("net0"))
     if poll_max_ns == 0:
-        assert polled == [0, 0, 0]  # never polled: nothing can be found by polling
+        assert found == [0, 0, 0]  # never polled: nothing can be found by polling
     else:
-        # How many messages polling finds is the scheduler's business (a server thread
-        # preempted right after its reply finds the next request queued without waiting),
-        # so only that it finds some: 3..15 per client of READS here, never 0.
-        assert sum(polled) > 0, polled
+        assert all(count >= PACED_READS - GROW_READS for count in found), found
 
 
 def test_the_command_line_wins_over_the_file(tmp_path: Path) -> None:
