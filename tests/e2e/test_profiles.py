@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.server.control_helpers import wait_detached
 
 from .rig import Guests, Servers
 
@@ -24,17 +25,11 @@ def vfuserver_cli(exe: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def set_profile_once_detached(exe: Path, control: Path, device: str, profile: str,
                               timeout: float = 10.0) -> None:
-    """`vfuserver profile set`; while the server still holds the last VM's connection
-    (QEMU has exited, the server has not yet read the hang-up) it refuses: retry."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = vfuserver_cli(exe, "profile", "set", device, profile, "--control", str(control))
-        if result.returncode == 0:
-            return
-        if result.returncode != 1 or "client attached" not in result.stderr \
-                or time.monotonic() > deadline:
-            raise AssertionError(f"profile set failed ({result.returncode}): {result.stderr}")
-        time.sleep(0.1)
+    """`vfuserver profile set` once the server has read the last VM's hang-up (QEMU has
+    exited; until then the server still holds the connection and refuses)."""
+    wait_detached(control, device, timeout)
+    result = vfuserver_cli(exe, "profile", "set", device, profile, "--control", str(control))
+    assert result.returncode == 0, f"profile set failed ({result.returncode}): {result.stderr}"
 
 
 def test_profile_switch_between_two_boots_is_seen_by_the_guest(

@@ -4,11 +4,10 @@ and the thread keeps serving it, one SO_SNDTIMEO per message."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 from tests.server.conftest import ScratchFunction, attached_session
-from vfuserver.context import VfuContext
+from vfuserver.context import DropReason, VfuContext
 from vfuserver.protocol import vfio_user as vu
 
 
@@ -28,13 +27,11 @@ def test_client_that_never_reads_is_dropped(tmp_path: Path) -> None:
 
         sender = threading.Thread(target=flood, daemon=True)
         sender.start()
-        time.sleep(4)
-        still_serving = thread.is_alive()
-        messages = int(context.native.dev.messages)
-        time.sleep(1)
-        later = int(context.native.dev.messages)
-        print("serving:", still_serving, "drop:", context.drop_reason,
-              "messages", messages, "->", later)
+        # each reply that cannot be sent within reply_timeout_ms drops the client: well
+        # within this bound even on a loaded machine (the thread only ends once dropped)
+        thread.join(20)
+        dropped = not thread.is_alive()
         client.sock.close()
         thread.join(20)
-        assert not still_serving, "never dropped: replies are silently discarded"
+        assert dropped, "never dropped: replies are silently discarded"
+        assert context.drop_reason == DropReason.REPLY_TIMEOUT

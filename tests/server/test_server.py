@@ -365,7 +365,8 @@ def test_regular_file_is_not_replaced(tmp_path: Path) -> None:
 
 
 class SlowQuiesceFunction(ScratchFunction):
-    """A function with work in flight: it quiesces 0.2 s after being asked."""
+    """A function with work in flight: each quiesce is deferred until
+    :meth:`finish_quiesce` (the test) or :meth:`finish_quiesces` (0.2 s later) ends it."""
 
     def __init__(self, name: str = "slow") -> None:
         super().__init__(name)
@@ -375,51 +376,55 @@ class SlowQuiesceFunction(ScratchFunction):
         self.pending.append(done)
         return False
 
+    async def quiesce_requested(self) -> None:
+        """Until a quiesce request is held (quiesce runs on the serving thread: polled)."""
+        while not self.pending:
+            await trio.sleep(0.01)
+
+    def finish_quiesce(self) -> None:
+        """The work in flight ends: the last held request goes on."""
+        self.pending.pop()()
+
     async def finish_quiesces(self) -> None:
         """The work in flight ends 0.2 s after each request (a task for a nursery)."""
         while True:
-            await trio.sleep(0.01)
-            if self.pending:
-                await trio.sleep(0.2)
-                self.pending.pop()()
+            await self.quiesce_requested()
+            await trio.sleep(0.2)
+            self.finish_quiesce()
 
 
-async def test_deferred_quiesce_holds_the_request_not_the_loop(serve: Any,
-                                                               nursery: trio.Nursery) -> None:
+async def test_deferred_quiesce_holds_the_request_not_the_loop(serve: Any) -> None:
     slow = SlowQuiesceFunction()
     context = await serve(slow, "slow")
     other = await serve(ScratchFunction("other"), "other")
-    nursery.start_soon(slow.finish_quiesces)
+    reset_returned = threading.Event()
 
-    def reset_session() -> float:
-        with Client(context.socket_path) as client:
-            started = time.monotonic()
+    def reset_session() -> bytes:
+        with Client(context.socket_path, timeout=60) as client:
             client.reset()  # libvfio-user quiesces the device before a reset
-            elapsed = time.monotonic() - started
-            assert client.read(vu.PciRegion.BAR0, 0, 4) == bytes(4)
-            return elapsed
+            reset_returned.set()
+            return client.read(vu.PciRegion.BAR0, 0, 4)
 
     def other_session() -> bytes:
         with Client(other.socket_path) as client:
             return client.read(vu.PciRegion.CONFIG, 0, 2)
 
     async with trio.open_nursery() as inner:
-        results: dict[str, Any] = {}
+        results: dict[str, bytes] = {}
 
-        finished: dict[str, float] = {}
+        async def run_reset() -> None:
+            results["reset"] = await in_thread(reset_session)
 
-        async def run(name: str, fn: Any) -> None:
-            results[name] = await in_thread(fn)
-            finished[name] = time.monotonic()
-
-        inner.start_soon(run, "reset", reset_session)
-        await trio.sleep(0.05)
-        inner.start_soon(run, "other", other_session)
-    assert results["reset"] >= 0.2  # held until the function was quiet ...
-    assert results["other"] == b"\xf4\x1a"  # ... while the other device was served
-    assert finished["other"] < finished["reset"]
+        inner.start_soon(run_reset)
+        with trio.fail_after(10):
+            await slow.quiesce_requested()
+            # while the function holds the request, the other device is served ...
+            assert await in_thread(other_session) == b"\xf4\x1a"
+        assert not reset_returned.is_set()  # ... and the reset waits for the function
+        assert slow.resets == []
+        slow.finish_quiesce()
+    assert results["reset"] == bytes(4)
     assert slow.resets == [ResetKind.DEVICE]
-    nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("flags, size", [
