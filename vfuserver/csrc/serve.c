@@ -38,6 +38,7 @@
  */
 
 #include <sched.h>
+#include <sys/prctl.h>
 
 #define VFUSERVER_PEEK_BYTES 512
 /* libvfio-user's SERVER_MAX_MSG_SIZE (lib/private.h): 1 MiB of data, the header and a
@@ -608,6 +609,11 @@ static int vfuserver_run_data(vfu_ctx_t *ctx, struct vfuserver_dev *d)
 static int vfuserver_serve(vfu_ctx_t *ctx, struct vfuserver_dev *d)
 {
     int fd = vfu_get_poll_fd(ctx);
+    /* The data timer (150 us) and the poll backoff are ns timeouts of ppoll: Linux lets
+       a timer expire up to the thread's timer slack late, 50 us by default, a third of
+       the tx timer, and a guest's next frame waits that long. QEMU takes the slack to
+       1 ns for the same reason (util/qemu-timer.c, init_clocks). */
+    prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
     int64_t partial_deadline = 0;
     uint32_t size = 0;
 
