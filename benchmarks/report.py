@@ -114,7 +114,7 @@ def targets(sections: Mapping[str, Section]) -> list[JsonDict]:
             out.append(_unmeasured(f"legacy-notify-{placement}", name, threshold,
                                    _why_no_rows(sections, "region")))
 
-    guest_rows = [r for r in sections["guest"].rows if "reference" in r] \
+    guest_rows = [r for r in sections["guest"].rows if "reference" in r and r.get("target", True)] \
         if "guest" in sections else []
     no_guest_rows = _why_no_rows(sections, "guest")
     out.append(_guest_target(

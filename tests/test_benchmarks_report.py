@@ -16,7 +16,8 @@ CODE = {"commit": "abc1234", "uncommitted": []}
 
 def guest_row(key: str, label: str, reference: str | None = None, *, ping: float = 0.2,
               transfer: float = 1.3, ping_ratio: float | None = None,
-              transfer_ratio: float | None = None, failed: int = 0) -> JsonDict:
+              transfer_ratio: float | None = None, failed: int = 0,
+              target: bool = True) -> JsonDict:
     """A row as benchmarks.guest.run builds it (medians of three boots)."""
     row: JsonDict = {
         "key": key, "label": label, "append": "", "ping_count": 1000, "ping_seconds": ping,
@@ -26,8 +27,9 @@ def guest_row(key: str, label: str, reference: str | None = None, *, ping: float
         "transfer_mib_per_s": 64 / transfer, "samples": [{}, {}, {}], "failed_boots": failed,
     }
     if reference is not None:
-        row.update(reference=reference, ping_ratio=ping_ratio, transfer_ratio=transfer_ratio,
-                   ping_ratio_best=ping_ratio, transfer_ratio_best=transfer_ratio)
+        row.update(reference=reference, target=target, ping_ratio=ping_ratio,
+                   transfer_ratio=transfer_ratio, ping_ratio_best=ping_ratio,
+                   transfer_ratio_best=transfer_ratio)
     return row
 
 
@@ -93,6 +95,21 @@ def test_guest_targets_are_decided_by_the_worst_configuration() -> None:
     assert (transfer["measured"], transfer["met"]) == (0.66, False)
     assert transfer["detail"].startswith("worst of 3: vfuserver modern vs qemu-default")
     assert "1 boot(s) failed" in transfer["detail"]
+
+
+def test_a_trade_off_row_is_shown_but_decides_no_target() -> None:
+    """benchmarks.guest's polling row (target False): an operator's choice of CPU for
+    latency, beside the defaults the targets are about."""
+    polling = guest_row("vfuserver-modern-poll", "vfuserver modern, poll-max-ns 400000",
+                        "qemu-default", ping_ratio=1.2, transfer_ratio=0.5, target=False)
+    sections = {"guest": Section("guest", rows=[dict(row) for row in [*GUEST_ROWS, polling]])}
+    by_key = {t["key"]: t for t in report.targets(sections)}
+    assert (by_key["guest-ping"]["measured"], by_key["guest-transfer"]["measured"]) == \
+        (3.11, 0.66)
+    assert "worst of 3:" in by_key["guest-transfer"]["detail"]
+    guest_table = tables(report.markdown(results_for(sections), sections))[
+        "Guest-visible (data path)"]
+    assert sum(polling["label"] in line for line in guest_table) == 1
 
 
 @pytest.mark.parametrize(("ping_ratio", "transfer_ratio", "met"), [
