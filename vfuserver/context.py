@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import re
+import select
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -351,6 +352,17 @@ class VfuContext:
     def poll_fd(self) -> int:
         """The listening socket's fd (the connection's while a client is attached)."""
         return int(lib.vfu_get_poll_fd(self._ctx))
+
+    def client_hung_up(self) -> bool:
+        """Whether the attached client has closed its end of the connection (its VM was
+        shut down) and the serving thread has not detached it yet: it does as soon as it
+        reads the end of the stream, unless a callback holds it."""
+        if not self.client_attached:
+            return False
+        poller = select.poll()
+        poller.register(self.poll_fd(), select.POLLRDHUP)  # a negative fd: never ready
+        return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                   for _, events in poller.poll(0))
 
     @property
     def kick_fd(self) -> int:

@@ -41,6 +41,9 @@ from vfuserver.protocol.virtio_net import HDR_LEN
 from vfuserver.server import serve_device
 from vfuserver.spec import VIRTIO_BLK, DeviceSpec, check_profile
 
+HUNG_UP_DETACH_SECONDS = 2.0
+"""How long a change waits for a client that has hung up to be detached."""
+
 
 class DeviceBusyError(RuntimeError):
     """The change needs the device free, and a client (a VM) is attached."""
@@ -118,6 +121,18 @@ class ServedDevice:
     @property
     def client_attached(self) -> bool:
         return self.context.client_attached
+
+    async def detached(self, timeout: float = HUNG_UP_DETACH_SECONDS) -> bool:
+        """Whether no client is attached, once a client that has already hung up (a VM
+        shut down a moment ago) is detached: an operator's script that stops the VM and
+        then changes the device must not depend on how soon the serving thread ran.
+        A client still connected is attached; one not detached after ``timeout``
+        seconds (a callback holds the thread) too."""
+        if self.client_attached and self.context.client_hung_up():
+            with trio.move_on_after(timeout):
+                while self.client_attached:  # (the connection's fd goes first)
+                    await trio.sleep(0.005)
+        return not self.client_attached
 
     async def set_profile(self, profile: str) -> None:
         """Present the device with ``profile`` from now on; refused while a VM is attached."""

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.control_helpers import wait_detached
-
 from .rig import Guests, Servers
 
 pytestmark = pytest.mark.e2e
@@ -23,11 +21,9 @@ def vfuserver_cli(exe: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           check=False, stdin=subprocess.DEVNULL)
 
 
-def set_profile_once_detached(exe: Path, control: Path, device: str, profile: str,
-                              timeout: float = 10.0) -> None:
-    """`vfuserver profile set` once the server has read the last VM's hang-up (QEMU has
-    exited; until then the server still holds the connection and refuses)."""
-    wait_detached(control, device, timeout)
+def set_profile(exe: Path, control: Path, device: str, profile: str) -> None:
+    """`vfuserver profile set` right after the last VM exited: the server waits for the
+    connection QEMU's exit closed to be detached (ServedDevice.detached)."""
     result = vfuserver_cli(exe, "profile", "set", device, profile, "--control", str(control))
     assert result.returncode == 0, f"profile set failed ({result.returncode}): {result.stderr}"
 
@@ -44,7 +40,7 @@ def test_profile_switch_between_two_boots_is_seen_by_the_guest(
     assert modern.io_bars == []
     assert [f for f in first.pci_functions() if f.ids == (VENDOR, TRANSITIONAL_NET)] == []
 
-    set_profile_once_detached(vfuserver_exe, control, "net0", "transitional")
+    set_profile(vfuserver_exe, control, "net0", "transitional")
     listed = vfuserver_cli(vfuserver_exe, "profile", "list", "net0", "--control", str(control))
     assert listed.stdout == "net0 transitional modern,transitional\n"
 

@@ -114,29 +114,6 @@ async def ids_of(socket_path: str | Path) -> bytes:
     return await trio.to_thread.run_sync(read_ids, socket_path)
 
 
-def wait_detached(control: str | Path, name: str, timeout: float = 10.0) -> None:
-    """Until query-devices on ``control`` shows no client attached to device ``name``.
-
-    A client's hang-up reaches the server a moment after its close() returns (the serving
-    thread reads it, the device is reset, then detached), and set-profile and device-del
-    refuse a device with a client attached: a test asks for them once this returns.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        devices = client_execute(str(control), "query-devices", {}, timeout=10)
-        assert isinstance(devices, list), devices
-        [device] = [d for d in devices if isinstance(d, dict) and d["name"] == name]
-        if device["client-attached"] is False:
-            return
-        assert time.monotonic() < deadline, f"{name}: a client still attached after {timeout} s"
-        time.sleep(0.01)
-
-
-async def detached(control: str | Path, name: str) -> None:
-    """:func:`wait_detached` from the test's trio loop."""
-    await trio.to_thread.run_sync(wait_detached, control, name)
-
-
 def run_cli(*args: str, control: Path | None = None, timeout: float = 30,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`vfuserver ARGS [--control PATH]` as a process; its exit status and output."""

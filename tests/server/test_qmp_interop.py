@@ -20,7 +20,6 @@ from qemu.qmp import ExecuteError, QMPClient
 from tests.server.control_helpers import (
     VENDOR_DEVICE_MODERN,
     VENDOR_DEVICE_TRANSITIONAL,
-    detached,
     ids_of,
     spec,
     start_controller,
@@ -79,7 +78,6 @@ async def test_qmp_shell_runs_commands_piped_on_stdin(
     config = ServerConfig(control=str(control), devices=[spec(tmp_path, "net0")])
     await start_controller(nursery, config)
     assert await ids_of(tmp_path / "net0.sock") == VENDOR_DEVICE_MODERN
-    await detached(control, "net0")
 
     commands = b"query-devices\nset-profile device=net0 profile=transitional\nquery-profiles\n"
     env = {**os.environ, "HOME": str(tmp_path)}  # its ~/.qmp-shell_history

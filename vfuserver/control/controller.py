@@ -63,6 +63,8 @@ class ControlledDevice(Protocol):
     @property
     def client_attached(self) -> bool: ...
 
+    async def detached(self) -> bool: ...
+
     async def set_profile(self, profile: str) -> None: ...
 
     def stats(self) -> dict[str, dict[str, int]]: ...
@@ -298,7 +300,7 @@ class Controller:
                                               f"of {', '.join(PROFILES)}")
             device = self.running(name)
             if device is not None:
-                if device.client_attached:
+                if not await device.detached():
                     raise QMPError(GENERIC_ERROR, _busy(name))
                 try:
                     await device.set_profile(profile)
@@ -350,7 +352,7 @@ class Controller:
             self.definition(name)
             device = self.running(name)
             if device is not None:
-                if device.client_attached and not args.get("force", False):
+                if not args.get("force", False) and not await device.detached():
                     raise QMPError(GENERIC_ERROR, (
                         f"device {name} has a client attached (a VM uses it): shut the VM "
                         "down or detach the device (QEMU device_del) first, or remove it "
