@@ -146,7 +146,9 @@ class Probe:
     def answered_since(self, since: float, timeout: float = 10.0) -> bool:
         """Whether b answered a read begun at ``since`` (time.perf_counter()) or later,
         waiting up to ``timeout`` s for one: on a loaded machine the probe thread may not
-        have run at all while a scenario's client misbehaved."""
+        have run at all while a scenario's client misbehaved. So this proves b is served
+        again, not that it was served throughout; how long b waited during the scenario
+        is what the latencies say (the section's "b max ms")."""
         deadline = time.monotonic() + timeout
         while self.last_started < since:
             if time.monotonic() > deadline or not self._thread.is_alive():

@@ -326,6 +326,7 @@ class VfuContext:
         check(lib.vfu_setup_device_dma(ctx, lib.vfuserver_dma_register_cb,
                                        lib.vfuserver_dma_unregister_cb), "DMA callbacks")
         check(lib.vfu_realize_ctx(ctx), "vfu_realize_ctx")
+        self._listen_fd = self.poll_fd()  # what vfu_get_poll_fd gives without a connection
         fn.attach_interrupts(_VfuInterrupts(self))
         self._setup_fast_path()
 
@@ -354,13 +355,19 @@ class VfuContext:
         return int(lib.vfu_get_poll_fd(self._ctx))
 
     def client_hung_up(self) -> bool:
-        """Whether the attached client has closed its end of the connection (its VM was
-        shut down) and the serving thread has not detached it yet: it does as soon as it
-        reads the end of the stream, unless a callback holds it."""
+        """Whether the attached client's session is ending: it closed its end of the
+        connection (QEMU exited), or the serving thread has already read that and closed
+        the connection, and the session is not over yet (the serving thread detaches the
+        client as soon as it reads the end of the stream, unless a callback holds it)."""
         if not self.client_attached:
             return False
+        fd = self.poll_fd()
+        if fd == self._listen_fd:  # libvfio-user closed the connection (tran_sock_detach)
+            return True
+        # The fd is the serving thread's: if it was closed and its number reused since,
+        # the answer is only a spurious wait or refusal.
         poller = select.poll()
-        poller.register(self.poll_fd(), select.POLLRDHUP)  # a negative fd: never ready
+        poller.register(fd, select.POLLRDHUP)
         return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
                    for _, events in poller.poll(0))
 

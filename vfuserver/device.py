@@ -122,13 +122,19 @@ class ServedDevice:
     def client_attached(self) -> bool:
         return self.context.client_attached
 
+    @property
+    def session_ending(self) -> bool:
+        """A client is attached, but it has hung up (its QEMU exited): the serving thread
+        ends the session as soon as it sees that (:meth:`VfuContext.client_hung_up`)."""
+        return self.context.client_hung_up()
+
     async def detached(self, timeout: float = HUNG_UP_DETACH_SECONDS) -> bool:
         """Whether no client is attached, once a client that has already hung up (a VM
-        shut down a moment ago) is detached: an operator's script that stops the VM and
-        then changes the device must not depend on how soon the serving thread ran.
-        A client still connected is attached; one not detached after ``timeout``
-        seconds (a callback holds the thread) too."""
-        if self.client_attached and self.context.client_hung_up():
+        whose QEMU exited a moment ago) is detached: an operator's script that stops the
+        VM and then changes the device must not depend on how soon the serving thread
+        ran. A client still connected is attached; one whose session has not ended after
+        ``timeout`` seconds (a callback holds the thread: :attr:`session_ending`) too."""
+        if self.session_ending:
             with trio.move_on_after(timeout):
                 while self.client_attached:  # (the connection's fd goes first)
                     await trio.sleep(0.005)

@@ -2,12 +2,12 @@
 ``[server] poll-max-ns``, ``vfuserver run --poll-max-ns``, and the serving threads it
 reaches.
 
-Whether the value got there is read off the thread's own counter: ``polled`` counts the
-messages its adaptive polling found (serve.c vfuserver_wait). With poll-max-ns = 0 the
-thread never polls, so however quickly a client sends, that count stays 0 (with the
-default, a client's back-to-back reads are found by polling a few times: the test of 0
-fails if the value does not arrive); with the largest value the window grows (doubling
-from 4 µs) until it covers the client's pace, and polling finds messages.
+Whether the value got there is read off the native device each serving thread uses
+(``poll_max_ns`` of its struct vfuserver_dev), and off the thread's own counter: ``polled``
+counts the messages its adaptive polling found (serve.c vfuserver_wait). With poll-max-ns
+= 0 the thread never polls, so that count stays 0; with the largest value the window grows
+(doubling from 4 µs) until it covers the client's pace, and polling finds every message
+after that (with the default, none of these paced reads is found by polling).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -34,12 +35,12 @@ from vfuserver.protocol import vfio_user as vu
 from vfuserver.spec import default_mac
 
 READS = 200
+"""Back-to-back register reads per client: far more than the window needs to grow."""
 GAP = 0.001
 """Seconds between paced reads: beyond the default ceiling, far below 1 s."""
 PACED_READS = 40
 GROW_READS = 12
 """Reads before a 1 s ceiling's window (4 µs doubling) covers GAP, with room to spare."""
-"""Back-to-back register reads per client: far more than the window needs to grow."""
 
 
 # --- the config file -----------------------------------------------------------------------------
@@ -161,10 +162,13 @@ async def test_the_setting_reaches_every_serving_thread(
     config = parse_config(
         f"[server]\ncontrol = 'ctl.sock'\npoll-max-ns = {poll_max_ns}\n"
         "[[device]]\nname = 'net0'\nsocket = 'net0.sock'\n", path=tmp_path / "d.toml")
-    await start_controller(nursery, config)
+    controller = await start_controller(nursery, config)
     await execute(control, "device-add", name="net1", socket=str(tmp_path / "net1.sock"))
+    contexts = []
 
     async def polled(name: str) -> int:
+        device: Any = controller.running(name)
+        contexts.append(device.context)
         counters = await served_reads(control, tmp_path / f"{name}.sock", name, GAP,
                                       PACED_READS)
         return counters["polled"]
@@ -172,6 +176,8 @@ async def test_the_setting_reaches_every_serving_thread(
     found = [await polled("net0"), await polled("net1")]
     await execute(control, "set-profile", device="net0", profile="transitional")
     found.append(await polled("net0"))
+    assert len({id(context) for context in contexts}) == 3  # set-profile built a new one
+    assert [int(context.native.dev.poll_max_ns) for context in contexts] == [poll_max_ns] * 3
     if poll_max_ns == 0:
         assert found == [0, 0, 0]  # never polled: nothing can be found by polling
     else:

@@ -63,6 +63,9 @@ class ControlledDevice(Protocol):
     @property
     def client_attached(self) -> bool: ...
 
+    @property
+    def session_ending(self) -> bool: ...
+
     async def detached(self) -> bool: ...
 
     async def set_profile(self, profile: str) -> None: ...
@@ -287,7 +290,8 @@ class Controller:
                 "type": spec.type,
                 "current": device.profile if device is not None else spec.profile,
                 "available": list(PROFILES),
-                "changeable": device is None or not device.client_attached,
+                "changeable": (device is None or not device.client_attached
+                               or device.session_ending),
             })
         return out
 
@@ -301,11 +305,11 @@ class Controller:
             device = self.running(name)
             if device is not None:
                 if not await device.detached():
-                    raise QMPError(GENERIC_ERROR, _busy(name))
+                    raise QMPError(GENERIC_ERROR, _busy(name, device))
                 try:
                     await device.set_profile(profile)
                 except DeviceBusyError:
-                    raise QMPError(GENERIC_ERROR, _busy(name)) from None
+                    raise QMPError(GENERIC_ERROR, _busy(name, device)) from None
                 except (OSError, ValueError, DeviceError) as exc:
                     raise QMPError(GENERIC_ERROR, f"device {name} stays "
                                    f"{device.profile}: {describe_error(exc)}") from None
@@ -353,10 +357,7 @@ class Controller:
             device = self.running(name)
             if device is not None:
                 if not args.get("force", False) and not await device.detached():
-                    raise QMPError(GENERIC_ERROR, (
-                        f"device {name} has a client attached (a VM uses it): shut the VM "
-                        "down or detach the device (QEMU device_del) first, or remove it "
-                        "anyway with force"))
+                    raise QMPError(GENERIC_ERROR, _busy(name, device, force=True))
                 await self.device_set.stop(name)
             self.config.devices = [spec for spec in self.config.devices if spec.name != name]
             self._errors.pop(name, None)
@@ -372,9 +373,15 @@ class Controller:
         return command_list(list(COMMANDS))
 
 
-def _busy(name: str) -> str:
+def _busy(name: str, device: ControlledDevice, *, force: bool = False) -> str:
+    """Why a change that needs the device free is refused, and what to do (``force``:
+    the command has a force flag)."""
+    anyway = ", or remove it anyway with force" if force else ""
+    if device.session_ending:
+        return (f"device {name}: its client has gone (QEMU exited) but the session has not "
+                f"ended yet (a request is still in progress): try again in a moment{anyway}")
     return (f"device {name} has a client attached (a VM uses it): shut the VM down or detach "
-            "the device (QEMU device_del) first, then set the profile")
+            f"the device (QEMU device_del) first{anyway}")
 
 
 COMMANDS: dict[str, Command] = {command.name: command for command in [

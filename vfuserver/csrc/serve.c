@@ -612,7 +612,8 @@ static int vfuserver_serve(vfu_ctx_t *ctx, struct vfuserver_dev *d)
     /* The data timer (150 us) and the poll backoff are ns timeouts of ppoll: Linux lets
        a timer expire up to the thread's timer slack late, 50 us by default, a third of
        the tx timer, and a guest's next frame waits that long. QEMU takes the slack to
-       1 ns for the same reason (util/qemu-timer.c, init_clocks). */
+       1 ns for the same reason (util/qemu-timer.c, init_clocks). The thread keeps it
+       after the session (a pooled worker thread): only its timers fire sooner. */
     prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
     int64_t partial_deadline = 0;
     uint32_t size = 0;
