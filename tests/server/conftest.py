@@ -122,6 +122,15 @@ def ram_fd() -> Iterator[int]:
     os.close(fd)
 
 
+async def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Until ``condition()`` is true, looked at every millisecond, at most ``timeout`` s
+    (then trio.TooSlowError): for what another thread (a serving thread, an event-loop
+    task) publishes a moment after the event the test saw."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.001)
+
+
 def attached_session(context: VfuContext, serve: Callable[[], object] | None = None,
                      ) -> tuple[Client, threading.Thread, list[object]]:
     """A client whose VERSION handshake ``context`` took, served by a thread running

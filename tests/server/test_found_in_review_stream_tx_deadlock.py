@@ -24,6 +24,7 @@ import trio
 
 from tests.devices.driver import Used
 from tests.server.attached_net import attached_net, frame
+from tests.server.conftest import until
 from vfuserver.device import ServedNetDevice
 from vfuserver.devices.virtio_net import TX_QUEUE
 from vfuserver.netdev.options import parse_netdev
@@ -47,9 +48,7 @@ async def scenario(directory: str) -> None:
         async with attached_net(spec, ram_fd, RAM_BYTES, nursery) as net:
             device: ServedNetDevice = net.device
             peer.connect(str(peer_path))
-            with trio.fail_after(5):
-                while not device.backend._connected():
-                    await trio.sleep(0.005)
+            await until(device.backend._connected, 5)
             peer.shutdown(socket.SHUT_RD)  # the device's next send() fails with EPIPE
             net.tx.add([bytes(HDR_LEN) + frame(0)])
             await net.kick(TX_QUEUE)

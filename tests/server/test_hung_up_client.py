@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.server.conftest import ScratchFunction, attached_session
+from tests.server.conftest import ScratchFunction, attached_session, until
 from tests.server.control_helpers import execute, start_controller
 from vfuserver.client import Client
 from vfuserver.config import parse_config
@@ -69,9 +69,7 @@ async def hung_up_session(controller: Controller, tmp_path: Path) -> AsyncIterat
     try:
         assert await trio.to_thread.run_sync(taken.wait, 10)
         client.close()  # the VM is gone; the serving thread cannot end the session yet
-        with trio.fail_after(10):
-            while not device.session_ending:
-                await trio.sleep(0.005)
+        await until(lambda: device.session_ending)
         assert device.client_attached
         yield device
     finally:
@@ -91,15 +89,11 @@ async def test_a_change_waits_for_a_client_that_hung_up(
             result.append(await execute(control, command, **arguments))
 
         nursery.start_soon(change)
-        with trio.fail_after(10):  # the command is in: it holds the controller's lock
-            while not controller._lock.locked():
-                await trio.sleep(0.001)
+        await until(controller._lock.locked)  # the command is in: it holds the lock
         # it cannot end while the session does not (the test holds that): waiting, not
         # refused (a refusal would have failed change() and the test)
         assert result == [] and device.client_attached
-    with trio.fail_after(10):
-        while not result:
-            await trio.sleep(0.005)
+    await until(lambda: result)
     assert result == [{}]
     names = [entry["name"] for entry in await execute(control, "query-devices")]
     if command == "set-profile":

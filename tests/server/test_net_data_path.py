@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ import trio
 
 from tests.devices.driver import DriverQueue, Used
 from tests.server.attached_net import AttachedNet, attached_net, frame
-from tests.server.conftest import GUEST_RAM_BYTES
+from tests.server.conftest import GUEST_RAM_BYTES, until
 from vfuserver.devices.virtio_net import RX_QUEUE, TX_QUEUE
 from vfuserver.netdev.options import parse_netdev
 from vfuserver.protocol.virtio_net import HDR_LEN
@@ -62,13 +62,6 @@ class Session(AttachedNet):
     async def guest_receives(self, count: int) -> list[bytes]:
         return [used.data[HDR_LEN:] for used in await self.used(self.rx, count)]
 
-    async def until(self, condition: Callable[[], bool]) -> None:
-        """Until ``condition()`` holds (at most TIMEOUT s): what the serving thread does
-        shows in counters and in the model a moment after the frames."""
-        with trio.fail_after(TIMEOUT):
-            while not condition():
-                await trio.sleep(0.001)
-
 
 @asynccontextmanager
 async def session(tmp_path: Path, ram_fd: int, nursery: trio.Nursery
@@ -96,7 +89,8 @@ async def test_a_kick_is_transmitted_by_the_serving_thread(tmp_path: Path, ram_f
         await s.kick(TX_QUEUE)
         assert await s.host_receives(1) == [frame(1)]
         assert [used.head for used in await s.used(s.tx, 1)] == [0]
-        await s.until(lambda: s.counters()["data_path_runs"] > runs)  # the run has ended
+        # the run has ended
+        await until(lambda: s.counters()["data_path_runs"] > runs, TIMEOUT)
         counters = s.counters()
         assert counters["kick_signals"] == 0  # the event loop never saw the kick
         assert counters["fast:notify-1"] == 1
@@ -122,10 +116,10 @@ async def test_frames_queued_after_a_transmit_run_go_out_without_a_kick(
         s.device.context.native.dev.data_timer_ns = TX_TIMER_NS
         tx = s.device.net.queues[TX_QUEUE]
         # the run DRIVER_OK asked for (it found nothing)
-        await s.until(lambda: s.counters()["data_path_runs"] > 0)
+        await until(lambda: s.counters()["data_path_runs"] > 0, TIMEOUT)
         kicks = seq = 0
         for _ in range(5):
-            await s.until(lambda: tx.notification_enabled)  # no timer pending
+            await until(lambda: tx.notification_enabled, TIMEOUT)  # no timer pending
             started = time.monotonic()  # the timer of the run below expires 1 s after this
             seq += 1
             s.tx.add([bytes(HDR_LEN) + frame(seq)])
@@ -147,7 +141,8 @@ async def test_frames_queued_after_a_transmit_run_go_out_without_a_kick(
         else:
             pytest.fail("five tries, each held up for longer than the timer")
         assert await s.host_receives(1) == [frame(seq)]
-        await s.until(lambda: tx.notification_enabled)  # a run found nothing: kicks wanted
+        # a run found nothing: kicks wanted
+        await until(lambda: tx.notification_enabled, TIMEOUT)
         assert s.counters()["fast:notify-1"] == kicks
 
 
@@ -167,7 +162,7 @@ async def test_frames_from_the_backend_wait_for_buffers_and_keep_their_order(
         await s.kick(RX_QUEUE)
         assert await s.guest_receives(2) == [frame(1), frame(2)]
         # counted once the model took the frame (after the guest could see it)
-        await s.until(lambda: s.device.stats()["backend"]["rx_frames"] >= 3)
+        await until(lambda: s.device.stats()["backend"]["rx_frames"] >= 3, TIMEOUT)
         stats = s.device.stats()
         assert stats["backend"]["rx_frames"] == 3
         assert stats["fast_path"]["kick_signals"] == 0
@@ -178,9 +173,7 @@ async def test_the_event_loop_receives_again_once_the_client_left(
     async with session(tmp_path, ram_fd, nursery) as s:
         await s.kick(TX_QUEUE)  # a first client, attached and served
     device = s.device
-    with trio.fail_after(TIMEOUT):
-        while device.client_attached:
-            await trio.sleep(0.005)
+    await until(lambda: not device.client_attached, TIMEOUT)
     # No client: the backend's own task reads again (and the reset model takes the
     # frame without a driver to give it to, as QEMU's purges its queue on reset).
     peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -188,9 +181,7 @@ async def test_the_event_loop_receives_again_once_the_client_left(
     peer.bind(str(tmp_path / "peer.dgram"))
     try:
         peer.sendto(frame(7), s.device_address)
-        with trio.fail_after(TIMEOUT):
-            while device.stats()["backend"]["rx_frames"] == 0:
-                await trio.sleep(0.005)
+        await until(lambda: device.stats()["backend"]["rx_frames"] > 0, TIMEOUT)
         assert not device.client_attached
     finally:
         peer.close()
