@@ -408,7 +408,15 @@ class GuestRun:
 
     def check_passed(self) -> GuestReport:
         """The report, once every step is known to have passed and no virtqueue broke."""
-        report = self.check_complete()
+        self.check_complete()
+        return self.check_clean()
+
+    def check_clean(self) -> GuestReport:
+        """The report, once no module or step that ran failed and no virtqueue broke; the
+        plan may have been cut short (the host stopped the VM on purpose)."""
+        report = self.report
+        if report.failed_modules:
+            raise AssertionError(f"guest modules failed\n{self.describe()}")
         if report.failed_steps:
             raise AssertionError(f"guest steps failed\n{self.describe()}")
         broken = self.broken_queue_lines()

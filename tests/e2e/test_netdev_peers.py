@@ -109,9 +109,6 @@ def test_vfuserver_vm_and_qemu_virtio_net_vm(servers: Servers, e2e_tools: Tools,
                 print(run.describe())
 
     for name in names:
-        run = runs[name]
-        report = run.report
-        assert not report.failed_modules and not report.failed_steps, run.describe()
-        assert not run.broken_queue_lines(), run.describe()
+        report = runs[name].check_clean()  # cut short in its sleep, on purpose
         flood = report.step("ping")
         assert (flood.int_field("transmitted"), flood.int_field("received")) == (200, 200), name
