@@ -137,6 +137,9 @@ class GuestMemory:
     def __init__(self, barriers: Barriers = LOCK_BARRIERS) -> None:
         self._starts: list[int] = []
         self._maps: list[DmaMap] = []
+        self.generation = 0
+        """Changes whenever a map is added or removed: a copy of the maps made elsewhere
+        (the server's C data path, vfuserver/netpath.py) is current while it matches."""
         self.barriers = barriers
         """The barriers the rings use; the server sets real CPU fences."""
         self.lost: LostPages = NoLostPages()
@@ -171,6 +174,7 @@ class GuestMemory:
         dma_map = DmaMap(iova, size, writable, view)
         self._starts.insert(i, iova)
         self._maps.insert(i, dma_map)
+        self.generation += 1
         return dma_map
 
     def remove(self, iova: int) -> DmaMap:
@@ -181,6 +185,7 @@ class GuestMemory:
         del self._starts[i]
         dma_map = self._maps.pop(i)
         dma_map.buffer.release()
+        self.generation += 1
         return dma_map
 
     def clear(self) -> None:
@@ -188,6 +193,7 @@ class GuestMemory:
             dma_map.buffer.release()
         self._starts.clear()
         self._maps.clear()
+        self.generation += 1
 
     def _locate(self, addr: int, length: int, writable: bool) -> tuple[DmaMap, int]:
         """The map holding all of [addr, addr+length) and the offset of addr in it."""

@@ -105,6 +105,24 @@ class NetPeer(Protocol):
         ...
 
 
+class TxEngine(Protocol):
+    """Transmit work done outside the model, on the same ring state (the server's C data
+    path, vfuserver/netpath.py NetPath.transmit)."""
+
+    def __call__(self, queue: VirtQueue, limit: int, publish: bool) -> tuple[int, bool, bool]:
+        """Send up to ``limit`` chains of an idle ``queue`` (:meth:`VirtQueue.idle`)
+        exactly as :meth:`VirtioNet._drain_tx` would, counting them in the device's and
+        the peer's stats. Returns (chains done, finished, interrupt): finished if the ring
+        has no more or ``limit`` went, every entry published; otherwise the next chain is
+        the model's, and entries not yet published are its next flush's. ``interrupt``:
+        a publish it made wants the driver interrupted."""
+        ...
+
+
+TX_ENGINE_ALL = 1 << 31
+"""The ``limit`` of :class:`TxEngine` for "all available"."""
+
+
 @dataclass
 class NetStats:
     """Counters, for the operator; never reset by the guest."""
@@ -219,6 +237,9 @@ class VirtioNet(VirtioDevice):
         again while more wait (QEMU's tx bottom half). If None, a kick sends everything
         available at once."""
         self.tx_burst = TX_BURST
+        self.tx_engine: TxEngine | None = None
+        """If set, transmit chains go through it first; the model sends what it leaves
+        (a chain it cannot take as it is, or the rest after a tap that would block)."""
         self.on_guest_offloads: Callable[[int], None] | None = None
         """Called with the new guest offload bits (GUEST_CSUM/TSO4/...) when they change,
         so the server can tell its backend (e.g. TUNSETOFFLOAD)."""
@@ -346,7 +367,11 @@ class VirtioNet(VirtioDevice):
         returns True: the caller runs it again shortly (QEMU's tx timer,
         virtio_net_handle_tx_timer), so a driver that keeps transmitting is not made to
         notify, a synchronous round trip for a legacy driver, for every frame. A run that
-        finds nothing turns them back on and returns False."""
+        finds nothing turns them back on and returns False. The used entries of a
+        lingering run are published by the next run (at its start), as a NIC coalesces
+        transmit completions (ethtool's tx-usecs): a guest whose TCP stack waits for its
+        completions (TSQ) then sends larger segments, fewer of them, and the frames
+        themselves are not delayed."""
         queue = self.queues[TX_QUEUE]
         if not queue.enabled or not self.may_process():
             return False
@@ -360,13 +385,17 @@ class VirtioNet(VirtioDevice):
         # With on_tx_pending set, at most tx_burst frames per call (QEMU virtio_net_flush_tx
         # and its tx_burst): a guest that transmits without pause cannot starve the loop.
         budget = self.tx_burst if self.on_tx_pending is not None else None
+        if queue.unpublished:
+            # what the previous lingering run sent: completed one timer period late
+            self._publish_tx(queue)
         while True:
             queue.set_notification(False)
-            done = self._drain_tx(queue, budget)
+            done = self._drain_tx(queue, budget, publish=not linger)
             if budget is not None and self.on_tx_pending is not None:
                 budget -= done
                 if budget <= 0 and queue.available():
                     # Notifications stay off; the server calls notify(TX_QUEUE) again soon.
+                    self._publish_tx(queue)
                     self.on_tx_pending()
                     return False
             if linger and done:
@@ -376,14 +405,31 @@ class VirtioNet(VirtioDevice):
             if not queue.available():
                 return False
 
-    def _drain_tx(self, queue: VirtQueue, limit: int | None) -> int:
-        """Send up to ``limit`` (None: all) available frames; returns how many."""
+    def _publish_tx(self, queue: VirtQueue) -> None:
+        if queue.flush():
+            self.queue_interrupt(queue)
+
+    def _drain_tx(self, queue: VirtQueue, limit: int | None, *, publish: bool = True) -> int:
+        """Send up to ``limit`` (None: all) available frames; returns how many. Without
+        ``publish`` their used entries wait for the next :meth:`VirtQueue.flush`."""
         hdr_len = self.header_len
         done = 0
+        engine = self.tx_engine
+        if engine is not None and self.link_up and queue.idle():
+            done, finished, interrupt = engine(queue, TX_ENGINE_ALL if limit is None else limit,
+                                               publish)
+            if interrupt:
+                self.queue_interrupt(queue)
+            if finished:
+                return done
         while limit is None or done < limit:
             chain = queue.pop()
             if chain is None:
                 break
+            if queue.unpublished >= queue.size:
+                # a used ring holds no more than its size: a driver that offers again what
+                # it has not seen completed must not get entries overwritten unseen
+                self._publish_tx(queue)
             if chain.readable_len < hdr_len:
                 raise VirtQueueError(
                     f"queue {queue.index}: transmit chain {chain.head} has "
@@ -396,8 +442,8 @@ class VirtioNet(VirtioDevice):
                 self.stats.tx_dropped += 1  # QEMU virtio_net_drop_tx_queue_data
             queue.push(chain, 0)
             done += 1
-        if queue.flush():
-            self.queue_interrupt(queue)
+        if publish:
+            self._publish_tx(queue)
         return done
 
     def _transmit(self, data: bytes, hdr_len: int) -> None:

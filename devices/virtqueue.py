@@ -28,7 +28,7 @@ mapped again, checked, when it completes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vfuserver.devices.errors import GuestError, GuestMemoryError
 from vfuserver.devices.memory import store_u16, store_u32, store_u64
@@ -52,6 +52,25 @@ _USED_ELEM_LEN_OFFSET = 4  # struct virtq_used_elem {le32 id; le32 len}
 _NEXT = int(ring.DescFlag.NEXT)
 _WRITE = int(ring.DescFlag.WRITE)
 _INDIRECT = int(ring.DescFlag.INDIRECT)
+
+
+class RingState(Protocol):
+    """Where :meth:`VirtQueue.export_state` copies a ring's state: the fields of
+    ``struct vfuserver_vq`` (vfuserver/csrc/netpath.c), named as VirtQueue's own."""
+
+    size: int
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    event_idx: int
+    notification: int
+    max_chain_bytes: int
+    last_avail_idx: int
+    used_idx: int
+    signalled_used: int
+    signalled_used_valid: int
+    lost_seen: int
+    pending_used: int
 
 
 class VirtQueueError(GuestError):
@@ -240,6 +259,47 @@ class VirtQueue:
             self.desc_addr, self.avail_addr, self.used_addr = layout
             self.enabled = True
         self.publish_journal()
+
+    # -- the ring state, for a data path outside the model ------------------------------
+
+    def idle(self) -> bool:
+        """Enabled, with no chain popped and not pushed and no journal: the whole ring
+        state is what :meth:`export_state` copies, so another engine may take over from
+        it."""
+        return self.enabled and not self._in_flight and self.journal is None
+
+    @property
+    def unpublished(self) -> int:
+        """Used entries pushed and not yet published by :meth:`flush`."""
+        return self._pending_used
+
+    def export_state(self, state: RingState) -> None:
+        """Copy the ring's layout and indexes into ``state`` (the server's C data path,
+        vfuserver/netpath.py, works on that copy and :meth:`import_state` takes it back)."""
+        state.size = self._size
+        state.desc_addr = self.desc_addr
+        state.avail_addr = self.avail_addr
+        state.used_addr = self.used_addr
+        state.event_idx = self.event_idx
+        state.notification = self._notification
+        state.max_chain_bytes = self.max_chain_bytes
+        state.last_avail_idx = self.last_avail_idx
+        state.used_idx = self.used_idx
+        state.signalled_used = self._signalled_used
+        state.signalled_used_valid = self._signalled_used_valid
+        state.lost_seen = self._lost_seen
+        state.pending_used = self._pending_used
+
+    def import_state(self, state: RingState) -> None:
+        """Take back the indexes an engine advanced from :meth:`export_state`'s copy. It
+        completed every chain it popped (none is left in flight); entries it pushed and did
+        not publish are published by the next :meth:`flush`."""
+        self._notification = bool(state.notification)
+        self.last_avail_idx = state.last_avail_idx
+        self.used_idx = state.used_idx
+        self._signalled_used = state.signalled_used
+        self._signalled_used_valid = bool(state.signalled_used_valid)
+        self._pending_used = state.pending_used
 
     # -- ring access ------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from vfuserver.devices.virtio_pci import VirtioPciFunction
 from vfuserver.loopthread import LoopThread
 from vfuserver.netdev.backend import NetBackend, NetOffloads
 from vfuserver.netdev.open import open_netdev
+from vfuserver.netpath import NetPath, NetPathCounters, net_path_for
 from vfuserver.protocol.virtio_net import HDR_LEN
 from vfuserver.server import serve_device
 from vfuserver.spec import VIRTIO_BLK, DeviceSpec, check_profile
@@ -257,6 +258,9 @@ class ServedNetDevice(ServedDevice):
         self._tx_due = False
         self._tx_lingering = False  # notifications left off: the run looks again soon
         self._rx_owned = False
+        self._net_path: NetPath | None = None
+        self._net_counters = NetPathCounters()
+        """The C data path's counters, over every session."""
         self.net.on_rx_buffers = self._on_rx_buffers
         self.net.on_guest_offloads = self._apply_guest_offloads
         self.net.on_tx_pending = self._on_tx_pending
@@ -264,6 +268,11 @@ class ServedNetDevice(ServedDevice):
     def _build(self, profile: str) -> None:
         super()._build(profile)
         self.context.data_path = self
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """As :meth:`ServedDevice.stats`, and ``net_path``: frames the C data path moved
+        and those it left to the model (vfuserver/netpath.py)."""
+        return {**super().stats(), "net_path": dataclasses.asdict(self._net_counters)}
 
     def _request_tx(self) -> None:
         self._tx_pending.set()
@@ -292,6 +301,11 @@ class ServedNetDevice(ServedDevice):
         fd: int | None = self.backend.take_receiver()
         self._rx_owned = fd is not None
         self._inline = True
+        # the per-frame work in C while the serving thread runs the data path
+        self._net_path = net_path_for(self.net, self.backend, self.memory.lost,
+                                      self._net_counters)
+        if self._net_path is not None:
+            self.net.tx_engine = self._net_path.transmit
         return fd
 
     def run_data_path(self) -> int:
@@ -302,7 +316,9 @@ class ServedNetDevice(ServedDevice):
             self._tx_lingering = self.net.run_tx(linger=True)
         if self._rx_owned:
             try:
-                if self.backend.receive_now(self._deliver):
+                receive = (self._net_path.receive if self._net_path is not None
+                           else self.backend.receive_now)
+                if receive(self._deliver):
                     flags |= DATA_ARMED
             except OSError as exc:
                 # once: the backend's own task meets the error again when it takes the
@@ -317,6 +333,8 @@ class ServedNetDevice(ServedDevice):
     def detach_data_path(self) -> None:
         self._inline = False
         self._rx_owned = False
+        self.net.tx_engine = None
+        self._net_path = None
         self.backend.return_receiver()
         if self._tx_due or self._tx_lingering:  # the bottom half turns notifications on
             self._tx_due = self._tx_lingering = False

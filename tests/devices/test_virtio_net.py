@@ -342,7 +342,9 @@ def test_transmit_bottom_half_in_bursts(rig: Rig) -> None:
 @pytest.mark.parametrize("want", [ALL, NO_EVENT_IDX], ids=["event-idx", "no-notify-flag"])
 def test_a_lingering_transmit_run_keeps_kicks_off_until_a_run_finds_nothing(want: int) -> None:
     """QEMU's tx timer: after a run that sent frames the driver is not asked to kick; the
-    next run picks up what it queued meanwhile, and one that finds nothing asks again."""
+    next run picks up what it queued meanwhile, and one that finds nothing asks again.
+    Each run completes (publishes) what the one before it sent: completions coalesced
+    over one timer period."""
     rig = make_rig(want=want)
     queue = rig.dev.queues[TX_QUEUE]
     rig.dev.on_tx_pending = lambda: None
@@ -350,12 +352,15 @@ def test_a_lingering_transmit_run_keeps_kicks_off_until_a_run_finds_nothing(want
     old = rig.tx.avail_idx
     assert rig.dev.run_tx(linger=True) is True
     assert not queue.notification_enabled
+    assert rig.tx.get_used() == [] and rig.irqs.queue == [], "completed by the next run"
     rig.tx.add([rig.header() + frame(OTHER, b"b")])  # queued while the run lingers
     assert not rig.tx.kick_needed(old)
     assert rig.dev.run_tx(linger=True) is True
     assert rig.peer.sent == [frame(OTHER, b"a"), frame(OTHER, b"b")]
+    assert len(rig.tx.get_used()) == 1 and rig.irqs.queue == [TX_QUEUE]
     assert rig.dev.run_tx(linger=True) is False
     assert queue.notification_enabled
+    assert len(rig.tx.get_used()) == 1 and rig.irqs.queue == [TX_QUEUE, TX_QUEUE]
     old = rig.tx.avail_idx
     rig.tx.add([rig.header() + frame(OTHER, b"c")])
     assert rig.tx.kick_needed(old), "caught up: kicks wanted again"

@@ -14,6 +14,7 @@ TARGETS = {
     "admin": "tests.fuzz.admin_commands:AdminTarget",
     "legacy-bar0": "tests.fuzz.legacy_bar0:LegacyBar0Target",
     "modern-bar": "tests.fuzz.modern_bar:ModernBarTarget",
+    "net-path": "tests.fuzz.net_path:NetPathTarget",
 }
 
 CORPUS = Path(__file__).parent / "corpus"

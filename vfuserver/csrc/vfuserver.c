@@ -235,3 +235,4 @@ static void vfuserver_guard_remove(int index)
 }
 
 #include "serve.c"
+#include "netpath.c"

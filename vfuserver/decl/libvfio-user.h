@@ -247,6 +247,77 @@ int vfuserver_guard_add(void *start, size_t length, size_t page_size, uint64_t i
                         vfuserver_lost_pages_t *lost);
 void vfuserver_guard_remove(int index);
 
+/* virtio-net's per-frame data path in C (csrc/netpath.c; vfuserver/netpath.py). */
+struct vfuserver_map {
+    uint64_t iova;
+    uint64_t size;
+    uintptr_t host;
+    uint32_t writable;
+};
+struct vfuserver_memory {
+    uint32_t nmaps;
+    struct vfuserver_map maps[...];
+    vfuserver_lost_pages_t *lost;
+};
+struct vfuserver_vq {
+    uint32_t size;
+    uint64_t desc_addr, avail_addr, used_addr;
+    uint8_t event_idx;
+    uint8_t notification;
+    uint64_t max_chain_bytes;
+    uint16_t last_avail_idx;
+    uint16_t used_idx;
+    uint16_t signalled_used;
+    uint8_t signalled_used_valid;
+    uint64_t lost_seen;
+    uint32_t pending_used;
+};
+struct vfuserver_chain { ...; };
+struct vfuserver_net_tx {
+    int fd;
+    uint32_t hdr_len;
+    uint8_t peer_vnet_hdr;
+    uint8_t link_up;
+    uint8_t publish;
+};
+struct vfuserver_net_rx {
+    int fd;
+    uint8_t *buf;
+    uint32_t buf_size;
+    struct vfuserver_chain *chains;
+    uint32_t max_chains;
+    uint32_t hdr_len;
+    uint8_t peer_vnet_hdr;
+    uint8_t mergeable;
+    uint8_t guest_csum;
+    uint8_t promisc;
+    uint8_t vlan_filter;
+    uint8_t nouni, nobcast;
+    uint8_t mac[6];
+    uint32_t max_frame;
+};
+struct vfuserver_net_result {
+    uint32_t done;
+    uint8_t interrupt;
+    uint32_t frame_len;
+    int error;
+    uint64_t packets, bytes;
+    uint64_t dropped;
+    uint64_t peer_frames, peer_bytes, peer_dropped;
+};
+#define VFUSERVER_NET_MAPS ...
+#define VFUSERVER_NET_DONE ...
+#define VFUSERVER_NET_STOPPED ...
+#define VFUSERVER_NET_FRAME ...
+#define VFUSERVER_NET_ERROR ...
+/* Transmit / receive on a split ring (see netpath.c): a VFUSERVER_NET_* status. */
+int vfuserver_net_tx(const struct vfuserver_memory *m, struct vfuserver_vq *vq,
+                     const struct vfuserver_net_tx *tx, uint32_t limit,
+                     struct vfuserver_net_result *res);
+int vfuserver_net_rx(const struct vfuserver_memory *m, struct vfuserver_vq *vq,
+                     const struct vfuserver_net_rx *rx, uint32_t limit,
+                     struct vfuserver_net_result *res);
+
 extern "Python" ssize_t vfuserver_region_cb(vfu_ctx_t *, int, char *, size_t, loff_t, bool);
 /* The device's data path on the serving thread (serve.c): bit 0 keep polling data_fd,
    bit 1 call again soon; -1 on a bug (logged). */

@@ -247,13 +247,30 @@ class QueuedBackend:
             if not frame:
                 frame = None  # dropped (counted); still part of the batch
                 continue
-            if not deliver(frame):
-                self._held = frame
+            if not self.deliver_read(deliver, frame):
                 return False
-            self.stats.rx_frames += 1
-            self.stats.rx_bytes += len(frame) - (VNET_HDR_LEN if self.vnet_hdr else 0)
             frame = None
         return True
+
+    def deliver_read(self, deliver: Deliver, frame: bytes) -> bool:
+        """Hand one frame read from the host (vnet header included) to ``deliver`` and
+        count it; False: the guest had no room, and the frame is held for the next
+        ``receive_now``."""
+        if not deliver(frame):
+            self._held = frame
+            return False
+        self.stats.rx_frames += 1
+        self.stats.rx_bytes += len(frame) - (VNET_HDR_LEN if self.vnet_hdr else 0)
+        return True
+
+    def holds_frame(self) -> bool:
+        """A frame the guest had no room for waits (``receive_now`` delivers it first)."""
+        return self._held is not None
+
+    def writable_now(self) -> bool:
+        """Connected, with nothing queued: a frame written to the host now goes out in
+        order (what :meth:`send` would write at once)."""
+        return not self._tx_queue and self._connected()
 
     def _read_frame(self) -> bytes | None:
         """One frame read without blocking: None if nothing is queued, b"" if the one

@@ -1,0 +1,211 @@
+"""virtio-net's per-frame work in C (vfuserver/csrc/netpath.c), between the model and a tap.
+
+A :class:`NetPath` belongs to one served virtio-net device with a tap backend while a
+client is attached; the serving thread calls it under the device lock. It copies each
+queue's state out of its :class:`~vfuserver.devices.virtqueue.VirtQueue`, lets the C code
+walk the ring, move the frames between guest buffers and the tap, fill the used ring and
+decide the interrupt, and copies the advanced indexes back: the model stays the one source
+of truth, and the C code only ever does what the model would. Anything the C code does not
+take as it is (a chain the model would refuse, a buffer across two maps, a frame to filter
+or to finish, a tap that would block) it leaves untouched for the model, which goes on
+from the same state (tests/devices/test_netpath.py compares the two).
+
+Counters: :meth:`NetPath.counters` (frames each way through C, and the chains and frames
+it left to the model), shown as ``net_path`` in the device's stats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from vfuserver.binding import ffi, lib
+from vfuserver.devices.errors import GuestError
+from vfuserver.devices.virtio_net import RX_QUEUE, VirtioNet
+from vfuserver.devices.virtqueue import VirtQueue
+from vfuserver.netdev.backend import NET_BUFSIZE, RX_BATCH, Deliver
+from vfuserver.netdev.tap import TapBackend
+from vfuserver.protocol import virtio_net as net
+from vfuserver.protocol.virtio_net import NetFeature
+
+RX_CHAINS = 64
+"""Receive chains one frame may take in C (mergeable buffers); more: the model's."""
+
+_GUEST_CSUM = NetFeature.GUEST_CSUM.mask
+
+
+@dataclasses.dataclass
+class NetPathCounters:
+    tx_frames: int = 0
+    """Frames sent by the C path."""
+    rx_frames: int = 0
+    """Frames received by the C path."""
+    tx_left: int = 0
+    """Transmit runs the C path left (partly) to the model."""
+    rx_left: int = 0
+    """Frames the C path read and handed to the model."""
+
+
+class NetPath:
+    """The C data path of ``net`` over ``tap``: :meth:`transmit` is the model's
+    :class:`~vfuserver.devices.virtio_net.TxEngine`, :meth:`receive` takes the place of
+    the backend's ``receive_now``. ``lost``: the device's SIGBUS guard count
+    (``vfuserver_lost_pages_t *``) or None."""
+
+    def __init__(self, net: VirtioNet, tap: TapBackend, lost: Any = None,
+                 counters: NetPathCounters | None = None) -> None:
+        self.net = net
+        self.tap = tap
+        self.counters = counters if counters is not None else NetPathCounters()
+        self._memory = ffi.new("struct vfuserver_memory *")
+        self._memory.lost = lost if lost is not None else ffi.NULL
+        self._generation = -1
+        self._maps_ok = False
+        self._vq = ffi.new("struct vfuserver_vq *")
+        self._res = ffi.new("struct vfuserver_net_result *")
+        self._tx = ffi.new("struct vfuserver_net_tx *")
+        self._tx.fd = tap.fd
+        self._tx.peer_vnet_hdr = tap.vnet_hdr
+        self._tx.link_up = 1
+        self._buffer = bytearray(NET_BUFSIZE)
+        self._rx_buffer = ffi.from_buffer(self._buffer)
+        self._chains = ffi.new("struct vfuserver_chain[]", RX_CHAINS)
+        self._rx = ffi.new("struct vfuserver_net_rx *")
+        self._rx.fd = tap.fd
+        self._rx.buf = self._rx_buffer
+        self._rx.buf_size = NET_BUFSIZE
+        self._rx.chains = self._chains
+        self._rx.max_chains = RX_CHAINS
+        self._rx.peer_vnet_hdr = tap.vnet_hdr
+
+    def _maps(self) -> bool:
+        """Publish the guest's DMA maps to C if they changed; False if C cannot take them
+        (more than VFUSERVER_NET_MAPS)."""
+        memory = self.net.memory
+        if memory.generation == self._generation:
+            return self._maps_ok
+        maps = list(memory)
+        self._generation = memory.generation
+        self._maps_ok = len(maps) <= lib.VFUSERVER_NET_MAPS
+        self._memory.nmaps = 0
+        if not self._maps_ok:
+            return False
+        for slot, dma_map in zip(self._memory.maps, maps, strict=False):
+            slot.iova = dma_map.iova
+            slot.size = dma_map.size
+            slot.writable = dma_map.writable
+            pointer = ffi.from_buffer(dma_map.buffer)
+            slot.host = int(ffi.cast("uintptr_t", pointer))
+            ffi.release(pointer)
+        self._memory.nmaps = len(maps)
+        return True
+
+    # -- transmit (the model's TxEngine) ------------------------------------------------
+
+    def transmit(self, queue: VirtQueue, limit: int, publish: bool) -> tuple[int, bool, bool]:
+        """:class:`~vfuserver.devices.virtio_net.TxEngine`: up to ``limit`` chains
+        through C while the tap's own queue is empty (frames stay in order)."""
+        if not self.tap.writable_now() or not self._maps():
+            return 0, False, False
+        vq, res = self._vq, self._res
+        self._tx.hdr_len = self.net.header_len
+        self._tx.publish = publish
+        queue.export_state(vq)
+        status = lib.vfuserver_net_tx(self._memory, vq, self._tx, limit, res)
+        queue.import_state(vq)
+        if res.done:
+            stats, peer = self.net.stats, self.tap.stats
+            stats.tx_packets += res.packets
+            stats.tx_bytes += res.bytes
+            stats.tx_dropped += res.dropped
+            peer.tx_frames += res.peer_frames
+            peer.tx_bytes += res.peer_bytes
+            self.counters.tx_frames += res.packets
+        finished = status == lib.VFUSERVER_NET_DONE
+        if not finished:
+            self.counters.tx_left += 1
+        return res.done, finished, bool(res.interrupt)
+
+    # -- receive --------------------------------------------------------------------------
+
+    def _rx_ready(self) -> bool:
+        """Whether C may place frames now: what VirtioNet.receive checks first."""
+        net_ = self.net
+        queue = net_.queues[RX_QUEUE]
+        if not (net_.driver_ok and net_.link_up and queue.idle()) or net_.broken:
+            return False
+        if not self._maps():
+            return False
+        rx, rx_filter = self._rx, net_.rx_filter
+        rx.hdr_len = net_.header_len
+        rx.mergeable = net_.mergeable_rx
+        rx.guest_csum = bool(net_.guest_offloads & _GUEST_CSUM)
+        rx.promisc = rx_filter.promisc
+        rx.vlan_filter = rx_filter.vlans is not None
+        rx.nouni = rx_filter.nouni
+        rx.nobcast = rx_filter.nobcast
+        rx.mac = net_.mac
+        rx.max_frame = (net_.mtu + net.ETH_HLEN + net.VLAN_HLEN
+                        if net_.has_feature(NetFeature.MTU) else 0)
+        return True
+
+    def receive(self, deliver: Deliver) -> bool:
+        """The backend's ``receive_now`` through C: up to RX_BATCH frames from the tap
+        into the receive queue. Frames C leaves go to ``deliver`` (the model's path).
+        Returns False if the guest had no room for a frame (held by the backend until it
+        posts buffers), True otherwise. OSError: the tap failed."""
+        tap = self.tap
+        if tap.holds_frame() or not self._rx_ready():
+            return tap.receive_now(deliver)
+        net_ = self.net
+        queue = net_.queues[RX_QUEUE]
+        vq, res, rx = self._vq, self._res, self._rx
+        stats, peer = net_.stats, tap.stats
+        left = RX_BATCH
+        while left > 0:
+            queue.export_state(vq)
+            status = lib.vfuserver_net_rx(self._memory, vq, rx, left, res)
+            queue.import_state(vq)
+            if res.done or res.peer_dropped:
+                stats.rx_packets += res.packets
+                stats.rx_bytes += res.bytes
+                peer.rx_frames += res.peer_frames
+                peer.rx_bytes += res.peer_bytes
+                peer.rx_dropped += res.peer_dropped
+                self.counters.rx_frames += res.packets
+                left -= res.done + res.peer_dropped
+            if res.interrupt:
+                net_.queue_interrupt(queue)
+            if status == lib.VFUSERVER_NET_DONE:
+                return True
+            if status == lib.VFUSERVER_NET_ERROR:
+                raise OSError(res.error, os.strerror(res.error))
+            if status == lib.VFUSERVER_NET_STOPPED:
+                # pages were lost under the maps: the model's flush says so
+                try:
+                    if queue.flush():
+                        net_.queue_interrupt(queue)
+                except GuestError as err:
+                    net_.needs_reset(str(err))
+                return tap.receive_now(deliver)
+            # VFUSERVER_NET_FRAME: the model decides this one
+            self.counters.rx_left += 1
+            frame = bytes(self._buffer[: res.frame_len])
+            if not tap.deliver_read(deliver, frame):
+                return False
+            left -= 1
+            if not self._rx_ready():
+                return tap.receive_now(deliver) if left > 0 else True
+        return True
+
+
+def net_path_for(net: VirtioNet, backend: object, lost: Any,
+                 counters: NetPathCounters) -> NetPath | None:
+    """A :class:`NetPath` for a tap backend; None for other backends (sockets), whose
+    frames stay on the model's path."""
+    if isinstance(backend, TapBackend):
+        return NetPath(net, backend, lost, counters)
+    return None
+
+
