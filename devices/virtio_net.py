@@ -584,9 +584,9 @@ class VirtioNet(VirtioDevice):
         if self.header_len == net.HDR_LEN:
             net.NUM_BUFFERS_STRUCT.pack_into(header, net.NUM_BUFFERS_OFFSET, len(chains))
         pos = 0
-        for chain in chains:
+        for i, chain in enumerate(chains):
             written = 0
-            if pos == 0:
+            if i == 0:  # the header goes in the first buffer only (virtio_net_receive_rcu)
                 written = chain.write(header)
             take = min(chain.writable_len - written, len(frame) - pos)
             written += chain.write(frame[pos : pos + take], written)

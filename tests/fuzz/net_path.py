@@ -17,6 +17,7 @@ from tests.fuzz.harness import Finding
 from tests.fuzz.rings import RingsTarget
 from tests.server.net_path_rig import (
     attach,
+    guard_count,
     host_frames,
     host_sends,
     receive_now,
@@ -41,6 +42,7 @@ class _Side(RingsTarget):
         self.snapshots: list[dict[str, object]] = []
 
     def make_peer(self) -> NetPeer:
+        guard_count(self.ram)
         self.tap, self.host = socket_tap(self.vnet_hdr)
         return self.tap
 

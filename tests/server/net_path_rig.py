@@ -11,6 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 from tests.devices.driver import GuestRam, RecordingInterrupts
+from vfuserver.binding import ffi
 from vfuserver.devices.virtio_net import VirtioNet
 from vfuserver.netdev.backend import VNET_HDR_LEN
 from vfuserver.netdev.tap import TapBackend
@@ -65,9 +66,16 @@ def receive_now(dev: VirtioNet, tap: TapBackend, path: NetPath | None) -> bool:
     return path.receive(deliver) if path is not None else tap.receive_now(deliver)
 
 
+def guard_count(ram: GuestRam) -> Any:
+    """Give ``ram`` a lost-pages count as the server's SIGBUS guard keeps it (a
+    ``vfuserver_lost_pages_t *``), for a test to bump as the guard would."""
+    ram.memory.lost = ffi.new("vfuserver_lost_pages_t *")
+    return ram.memory.lost
+
+
 def attach(dev: VirtioNet, tap: TapBackend) -> NetPath:
     """The C data path on ``dev``, as ServedNetDevice.attach_data_path sets it."""
-    path = NetPath(dev, tap)
+    path = NetPath(dev, tap, dev.memory.lost)
     dev.tx_engine = path.transmit
     return path
 

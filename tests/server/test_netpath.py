@@ -29,6 +29,7 @@ from tests.devices.driver import (
 )
 from tests.server.net_path_rig import (
     attach,
+    guard_count,
     host_frames,
     receive_now,
     snapshot,
@@ -83,6 +84,7 @@ class Side:
 def make_side(*, native: bool, vnet_hdr: bool, legacy: bool, want: int | None,
               mtu: int = 1500) -> Side:
     ram = GuestRam()
+    guard_count(ram)
     irqs = RecordingInterrupts()
     tap, host = socket_tap(vnet_hdr)
     dev = VirtioNet(ram.memory, irqs, tap, mac=MAC, mtu=mtu, queue_max_size=QUEUE_SIZE)
@@ -360,3 +362,49 @@ def test_faulty_chains(pair: Pair, fault: str) -> None:
 
     pair.both(build)
     pair.check()
+
+
+def test_receive_into_a_first_buffer_of_just_the_header(pair: Pair) -> None:
+    """Mergeable buffers whose first holds only the header: the frame starts at the
+    second (virtio_net_receive_rcu writes the header into the first buffer only)."""
+    pair.both(lambda s: s.rx.add([], [s.dev.header_len]))
+    pair.both(lambda s: s.rx.add([], [200]))
+    pair.both(lambda s: fill_rx(s, 2))
+    pair.both(lambda s: s.dev.notify(RX_QUEUE))
+    pair.both(host_sends, frame(MAC, b"z" * 100))
+    receive_all(pair)
+
+
+def test_lingering_runs_in_bursts(pair: Pair) -> None:
+    """The server's bottom half: tx_burst frames per run, lingering runs that publish
+    what the run before them sent."""
+    for side in (pair.ref, pair.c):
+        side.dev.on_tx_pending = lambda: None
+        side.dev.tx_burst = 3
+    for i in range(7):
+        pair.both(send, frame(OTHER, bytes([i]) * 70))
+    for _ in range(5):
+        assert pair.both(lambda s: s.dev.run_tx(linger=True)) in ((True, True),
+                                                                  (False, False))
+        pair.check()
+    assert pair.c.path is not None and pair.c.path.counters.tx_frames == 7
+
+
+@pytest.mark.parametrize("when", ["transmit", "receive", "lingering"])
+def test_pages_lost_under_the_maps(pair: Pair, when: str) -> None:
+    """The SIGBUS guard counted a lost page: the queue goes NEEDS_RESET at the end of its
+    batch on both paths, with the same counters."""
+    pair.both(lambda s: fill_rx(s, 2))
+    pair.both(lambda s: s.dev.notify(RX_QUEUE))
+    pair.both(send, frame(OTHER, b"t" * 60))
+    pair.both(host_sends, frame(MAC, b"r" * 60))
+    for side in (pair.ref, pair.c):
+        side.ram.memory.lost.count += 1
+    if when == "transmit":
+        pair.both(lambda s: s.dev.notify(TX_QUEUE))
+    elif when == "lingering":
+        pair.both(lambda s: s.dev.run_tx(linger=True))
+    else:
+        pair.both(lambda s: s.receive_now())
+    pair.check()
+    assert pair.c.dev.broken

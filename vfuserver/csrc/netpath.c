@@ -12,7 +12,7 @@
  * chain itself and raises its error (a descriptor loop, a buffer outside the maps, a
  * transmit chain shorter than the header), handles the case C leaves out (a buffer across
  * two maps, an indirect table across maps, a checksum to finish, a GSO frame, a filtered
- * frame) or, for a tap that would block, queues the frame. tests/devices/test_netpath.py
+ * frame) or, for a tap that would block, queues the frame. tests/server/test_netpath.py
  * drives both paths with the same rings and compares guest memory, queue state, frames and
  * counters.
  *
@@ -193,7 +193,11 @@ static int vfuserver_walk(const struct vfuserver_memory *m, const struct vfuserv
     c->rlen = c->wlen = 0;
     for (;;) {
         if (++steps > limit) {
-            return 0;   /* a loop (or longer than the table): Python names it */
+            /* a loop (or longer than the table): Python names it. A count, where the model
+               keeps the set of entries seen: a driver that rewrites the table during the
+               walk can get a revisit through that the model would refuse, still bounded
+               by the table and inside the maps (its own chain, its own mistake). */
+            return 0;
         }
         struct { uint64_t addr; uint32_t len; uint16_t flags, next; } d;
         memcpy(&d, table + 16 * (uint64_t)idx, sizeof(d));     /* loaded once */
@@ -284,6 +288,13 @@ static void vfuserver_push(struct vfuserver_vq *vq, const struct vfuserver_rings
     vq->pending_used++;
 }
 
+/* Whether guest pages were lost under the maps since the queue last looked (the SIGBUS
+   guard's count; VirtQueue._lost_seen). */
+static int vfuserver_lost(const struct vfuserver_memory *m, const struct vfuserver_vq *vq)
+{
+    return m->lost && __atomic_load_n(&m->lost->count, __ATOMIC_ACQUIRE) != vq->lost_seen;
+}
+
 /* VirtQueue.flush and _should_interrupt: publish the used index; whether to interrupt.
    -1 (nothing published) if pages were lost since the queue looked: Python raises. */
 static int vfuserver_flush(const struct vfuserver_memory *m, struct vfuserver_vq *vq,
@@ -292,7 +303,7 @@ static int vfuserver_flush(const struct vfuserver_memory *m, struct vfuserver_vq
     if (!vq->pending_used) {
         return 0;
     }
-    if (m->lost && __atomic_load_n(&m->lost->count, __ATOMIC_ACQUIRE) != vq->lost_seen) {
+    if (vfuserver_lost(m, vq)) {
         return -1;
     }
     uint16_t old = vq->used_idx;
@@ -369,6 +380,10 @@ static int vfuserver_net_tx(const struct vfuserver_memory *m, struct vfuserver_v
     while (res->done < limit) {
         int pending = vfuserver_pending(vq, &r);
         if (pending == 0) {
+            if (vfuserver_lost(m, vq)) {
+                /* VirtQueue.pop raises when the ring runs dry after pages were lost */
+                return vfuserver_tx_finish(m, vq, tx, &r, res, VFUSERVER_NET_STOPPED);
+            }
             break;
         }
         if (vq->pending_used >= vq->size) {
@@ -617,16 +632,16 @@ static int vfuserver_net_rx(const struct vfuserver_memory *m, struct vfuserver_v
         }
         res->frame_len = 0;
         res->done++;
-        res->packets++;
-        res->bytes += frame_len;
-        res->peer_frames++;
+        res->peer_frames++;         /* the backend counts what it handed over */
         res->peer_bytes += frame_len;
         /* published per frame, as _place_rx does */
         int should = vfuserver_flush(m, vq, &r);
         if (should < 0) {
-            return VFUSERVER_NET_STOPPED;   /* VirtQueue.flush raises */
+            return VFUSERVER_NET_STOPPED;   /* VirtQueue.flush raises: not a packet */
         }
         res->interrupt |= should;
+        res->packets++;
+        res->bytes += frame_len;
     }
     return vfuserver_net_finish(m, vq, &r, res, VFUSERVER_NET_DONE);
 }

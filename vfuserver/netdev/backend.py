@@ -267,6 +267,13 @@ class QueuedBackend:
         """A frame the guest had no room for waits (``receive_now`` delivers it first)."""
         return self._held is not None
 
+    def count_sent(self, frames: int, nbytes: int) -> None:
+        """Count frames written to the host outside :meth:`send` (the C data path), under
+        the lock the flush task counts its own under."""
+        with self._tx_lock:
+            self.stats.tx_frames += frames
+            self.stats.tx_bytes += nbytes
+
     def writable_now(self) -> bool:
         """Connected, with nothing queued: a frame written to the host now goes out in
         order (what :meth:`send` would write at once)."""
