@@ -367,11 +367,13 @@ class VirtioNet(VirtioDevice):
         returns True: the caller runs it again shortly (QEMU's tx timer,
         virtio_net_handle_tx_timer), so a driver that keeps transmitting is not made to
         notify, a synchronous round trip for a legacy driver, for every frame. A run that
-        finds nothing turns them back on and returns False. The used entries of a
-        lingering run are published by the next run (at its start), as a NIC coalesces
-        transmit completions (ethtool's tx-usecs): a guest whose TCP stack waits for its
-        completions (TSQ) then sends larger segments, fewer of them, and the frames
-        themselves are not delayed."""
+        finds nothing turns them back on and returns False. The used entries of lingering
+        runs are held back, as a NIC coalesces transmit completions (ethtool's
+        tx-usecs/tx-frames): they are published by the run that finds nothing more (one
+        timer period after the driver pauses), once half the ring waits for them, or when
+        a burst is cut. The frames themselves are not delayed; a guest whose TCP stack
+        waits for its completions (TSQ) sends fewer, larger segments and takes fewer
+        interrupts."""
         queue = self.queues[TX_QUEUE]
         if not queue.enabled or not self.may_process():
             return False
@@ -385,8 +387,8 @@ class VirtioNet(VirtioDevice):
         # With on_tx_pending set, at most tx_burst frames per call (QEMU virtio_net_flush_tx
         # and its tx_burst): a guest that transmits without pause cannot starve the loop.
         budget = self.tx_burst if self.on_tx_pending is not None else None
-        if queue.unpublished:
-            # what the previous lingering run sent: completed one timer period late
+        if queue.unpublished and (not linger or queue.unpublished >= queue.size // 2):
+            # completions that lingering runs held back: half the ring waits for them
             self._publish_tx(queue)
         while True:
             queue.set_notification(False)
@@ -400,6 +402,8 @@ class VirtioNet(VirtioDevice):
                     return False
             if linger and done:
                 return True  # notifications stay off until a run finds nothing
+            if queue.unpublished:
+                self._publish_tx(queue)  # the driver paused: it gets its completions
             queue.set_notification(True)
             # A kick may have been suppressed while notifications were off: look again.
             if not queue.available():

@@ -343,8 +343,8 @@ def test_transmit_bottom_half_in_bursts(rig: Rig) -> None:
 def test_a_lingering_transmit_run_keeps_kicks_off_until_a_run_finds_nothing(want: int) -> None:
     """QEMU's tx timer: after a run that sent frames the driver is not asked to kick; the
     next run picks up what it queued meanwhile, and one that finds nothing asks again.
-    Each run completes (publishes) what the one before it sent: completions coalesced
-    over one timer period."""
+    Completions wait for the run that finds nothing (coalesced), or for half the ring:
+    see test_lingering_completions_wait_for_half_the_ring."""
     rig = make_rig(want=want)
     queue = rig.dev.queues[TX_QUEUE]
     rig.dev.on_tx_pending = lambda: None
@@ -357,15 +357,31 @@ def test_a_lingering_transmit_run_keeps_kicks_off_until_a_run_finds_nothing(want
     assert not rig.tx.kick_needed(old)
     assert rig.dev.run_tx(linger=True) is True
     assert rig.peer.sent == [frame(OTHER, b"a"), frame(OTHER, b"b")]
-    assert len(rig.tx.get_used()) == 1 and rig.irqs.queue == [TX_QUEUE]
+    assert rig.tx.get_used() == [] and rig.irqs.queue == []
     assert rig.dev.run_tx(linger=True) is False
     assert queue.notification_enabled
-    assert len(rig.tx.get_used()) == 1 and rig.irqs.queue == [TX_QUEUE, TX_QUEUE]
+    assert len(rig.tx.get_used()) == 2 and rig.irqs.queue == [TX_QUEUE], \
+        "the run that found nothing completes both, with one interrupt"
     old = rig.tx.avail_idx
     rig.tx.add([rig.header() + frame(OTHER, b"c")])
     assert rig.tx.kick_needed(old), "caught up: kicks wanted again"
     assert rig.dev.run_tx() is False  # without linger: as before, notifications on
     assert len(rig.peer.sent) == 3 and queue.notification_enabled
+
+
+def test_lingering_completions_wait_for_half_the_ring() -> None:
+    """A driver that keeps transmitting gets its completions once half the ring waits
+    for them, without pausing."""
+    rig = make_rig()
+    rig.dev.on_tx_pending = lambda: None
+    half = rig.dev.queues[TX_QUEUE].size // 2
+    for i in range(half):
+        rig.tx.add([rig.header() + frame(OTHER, bytes([i]))])
+        assert rig.dev.run_tx(linger=True) is True
+    assert rig.tx.get_used() == []
+    rig.tx.add([rig.header() + frame(OTHER, b"more")])
+    assert rig.dev.run_tx(linger=True) is True
+    assert len(rig.tx.get_used()) == half and rig.irqs.queue == [TX_QUEUE]
 
 
 def test_transmit_chatter_does_not_hide_needs_reset(rig: Rig,
