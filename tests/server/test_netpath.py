@@ -27,6 +27,15 @@ from tests.devices.driver import (
     negotiate_legacy,
     negotiate_modern,
 )
+from tests.devices.test_virtio_net import (
+    ALL,
+    MAC,
+    NO_EVENT_IDX,
+    NO_MRG,
+    OTHER,
+    QUEUE_SIZE,
+    frame,
+)
 from tests.server.net_path_rig import (
     attach,
     guard_count,
@@ -44,19 +53,9 @@ from vfuserver.protocol import virtio_net as net
 from vfuserver.protocol.virtio import Feature
 from vfuserver.protocol.virtio_net import CtrlClass, NetFeature
 
-MAC = bytes.fromhex("525400abcdef")
-OTHER = bytes.fromhex("525400000001")
-QUEUE_SIZE = 64
-ALL = (1 << 64) - 1
-NO_MRG = ALL & ~NetFeature.MRG_RXBUF.mask
-NO_EVENT_IDX = ALL & ~Feature.RING_EVENT_IDX.mask
 NO_INDIRECT = ALL & ~Feature.RING_INDIRECT_DESC.mask
 NO_GUEST_OFFLOADS = ALL & ~sum(f.mask for f in NetFeature
                                if f.name.startswith("GUEST_") and f.name != "GUEST_ANNOUNCE")
-
-
-def frame(dest: bytes = MAC, payload: bytes = b"hello") -> bytes:
-    return dest + OTHER + b"\x08\x00" + payload
 
 
 @dataclass
