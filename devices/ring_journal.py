@@ -45,8 +45,9 @@ ENTRIES = 65536
 FILE_SIZE = HEADER_SIZE + 8 * ENTRIES
 _BODY = struct.Struct("<IIQQQII")
 """The header from offset 8 (queue .. receive): rewritten only while generation is odd."""
-_PUBLISHED = 48 // 4
+PUBLISHED_WORD = 48 // 4
 """The 32-bit word of the published used index."""
+_PUBLISHED = PUBLISHED_WORD
 
 
 class RingJournal:
@@ -70,6 +71,17 @@ class RingJournal:
         self._words[0] = MAGIC
         self._entries = memoryview(self._map)[HEADER_SIZE:].cast("Q")
         self.publish(0, 0, 0, 0, event_idx=False)
+
+    @property
+    def entries(self) -> memoryview:
+        """The entries as 64-bit words (format 'Q'), for a device path outside Python
+        (vfuserver/netpath.py) to store into as :meth:`record` does."""
+        return self._entries
+
+    @property
+    def header_words(self) -> memoryview:
+        """The header as 32-bit words (format 'I'); word 12 is the published index."""
+        return self._words
 
     def published(self, used_idx: int) -> None:
         """The device stored ``used_idx`` in the used ring's ``idx`` (called after it)."""

@@ -263,10 +263,10 @@ class VirtQueue:
     # -- the ring state, for a data path outside the model ------------------------------
 
     def idle(self) -> bool:
-        """Enabled, with no chain popped and not pushed and no journal: the whole ring
-        state is what :meth:`export_state` copies, so another engine may take over from
-        it."""
-        return self.enabled and not self._in_flight and self.journal is None
+        """Enabled, with no chain popped and not pushed: the whole ring state is what
+        :meth:`export_state` copies, so another engine may take over from it (keeping
+        :attr:`journal` as :meth:`push` and :meth:`flush` do)."""
+        return self.enabled and not self._in_flight
 
     @property
     def unpublished(self) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 
 from vfuserver.binding import ffi, lib
 from vfuserver.devices.errors import GuestError
+from vfuserver.devices.ring_journal import PUBLISHED_WORD
 from vfuserver.devices.virtio_net import RX_QUEUE, VirtioNet
 from vfuserver.devices.virtqueue import VirtQueue
 from vfuserver.netdev.backend import NET_BUFSIZE, RX_BATCH, Deliver
@@ -65,6 +66,7 @@ class NetPath:
         self._memory.lost = lost if isinstance(lost, ffi.CData) else ffi.NULL
         self._generation = -1
         self._maps_ok = False
+        self._journals: dict[int, tuple[int, int]] = {}
         self._vq = ffi.new("struct vfuserver_vq *")
         self._res = ffi.new("struct vfuserver_net_result *")
         self._tx = ffi.new("struct vfuserver_net_tx *")
@@ -98,11 +100,26 @@ class NetPath:
             slot.iova = dma_map.iova
             slot.size = dma_map.size
             slot.writable = dma_map.writable
-            pointer = ffi.from_buffer(dma_map.buffer)
-            slot.host = int(ffi.cast("uintptr_t", pointer))
-            ffi.release(pointer)
+            slot.host = _address(dma_map.buffer)
         self._memory.nmaps = len(maps)
         return True
+
+    def _export(self, queue: VirtQueue) -> None:
+        """The queue's state into the C struct, with its ring journal's addresses."""
+        vq = self._vq
+        queue.export_state(vq)
+        journal = queue.journal
+        if journal is None:
+            vq.journal_entries = ffi.NULL
+            vq.journal_published = ffi.NULL
+            return
+        addresses = self._journals.get(id(journal))
+        if addresses is None:
+            addresses = self._journals[id(journal)] = (
+                _address(journal.entries),
+                _address(journal.header_words) + 4 * PUBLISHED_WORD)
+        vq.journal_entries = ffi.cast("uint64_t *", addresses[0])
+        vq.journal_published = ffi.cast("uint32_t *", addresses[1])
 
     # -- transmit (the model's TxEngine) ------------------------------------------------
 
@@ -114,7 +131,7 @@ class NetPath:
         vq, res = self._vq, self._res
         self._tx.hdr_len = self.net.header_len
         self._tx.publish = publish
-        queue.export_state(vq)
+        self._export(queue)
         status = lib.vfuserver_net_tx(self._memory, vq, self._tx, limit, res)
         queue.import_state(vq)
         if res.done:
@@ -166,7 +183,7 @@ class NetPath:
         stats, peer = net_.stats, tap.stats
         left = RX_BATCH
         while left > 0:
-            queue.export_state(vq)
+            self._export(queue)
             status = lib.vfuserver_net_rx(self._memory, vq, rx, left, res)
             queue.import_state(vq)
             if res.done or res.peer_dropped:
@@ -200,6 +217,16 @@ class NetPath:
             if not self._rx_ready():
                 return tap.receive_now(deliver) if left > 0 else True
         return True
+
+
+def _address(buffer: memoryview) -> int:
+    """The address of ``buffer``'s first byte (the memory stays its owner's: a DMA map's
+    or a journal's mmap, which outlives the C path's use of it)."""
+    pointer = ffi.from_buffer(buffer)
+    try:
+        return int(ffi.cast("uintptr_t", pointer))
+    finally:
+        ffi.release(pointer)
 
 
 def net_path_for(net: VirtioNet, backend: object, lost: Any,

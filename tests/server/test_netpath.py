@@ -15,6 +15,7 @@ import socket
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,6 +46,7 @@ from tests.server.net_path_rig import (
     socket_tap,
 )
 from tests.server.net_path_rig import host_sends as rig_host_sends
+from vfuserver.devices.ring_journal import PUBLISHED_WORD, RingJournal
 from vfuserver.devices.virtio_net import CTRL_QUEUE, RX_QUEUE, TX_QUEUE, VirtioNet
 from vfuserver.netdev.backend import VNET_HDR_LEN
 from vfuserver.netdev.tap import TapBackend
@@ -407,3 +409,34 @@ def test_pages_lost_under_the_maps(pair: Pair, when: str) -> None:
         pair.both(lambda s: s.receive_now())
     pair.check()
     assert pair.c.dev.broken
+
+
+def test_ring_journals_record_the_same(pair: Pair, tmp_path: Path) -> None:
+    """With ring journals (VFUSERVER_RING_JOURNAL, for ring_watch), C records what it
+    stores in the used rings exactly as the model does: the same entries, the same
+    published index."""
+    journals: dict[str, list[RingJournal]] = {}
+    for name, side in (("ref", pair.ref), ("c", pair.c)):
+        journals[name] = []
+        for queue in side.dev.queues:
+            journal = RingJournal(tmp_path / f"{name}-q{queue.index}.journal", queue.index,
+                                  receive=queue.index == RX_QUEUE)
+            queue.journal = journal
+            queue.publish_journal()
+            journals[name].append(journal)
+    pair.both(lambda s: fill_rx(s, 4))
+    pair.both(lambda s: s.dev.notify(RX_QUEUE))
+    for i in range(3):
+        pair.both(send, frame(OTHER, bytes([i]) * 80))
+        pair.both(host_sends, frame(MAC, bytes([i]) * 90))
+    pair.both(lambda s: s.dev.notify(TX_QUEUE))
+    receive_all(pair)
+    assert pair.c.path is not None
+    assert (pair.c.path.counters.tx_frames, pair.c.path.counters.rx_frames) == (3, 3)
+    for ref, c in zip(journals["ref"], journals["c"], strict=True):
+        assert bytes(c.header_words) == bytes(ref.header_words)
+        assert bytes(c.entries[:64]) == bytes(ref.entries[:64])
+    assert journals["c"][RX_QUEUE].header_words[PUBLISHED_WORD] == 3
+    for side_journals in journals.values():
+        for journal in side_journals:
+            journal.close()

@@ -63,6 +63,10 @@ struct vfuserver_vq {
     uint8_t signalled_used_valid;   /* _signalled_used_valid */
     uint64_t lost_seen;             /* _lost_seen */
     uint32_t pending_used;          /* _pending_used: pushed, not yet published */
+    /* its RingJournal (devices/ring_journal.py), or NULL: the element stored for each
+       16-bit used index, and the used index last published */
+    uint64_t *journal_entries;
+    uint32_t *journal_published;
 };
 
 struct vfuserver_chain {
@@ -283,8 +287,12 @@ static void vfuserver_push(struct vfuserver_vq *vq, const struct vfuserver_rings
 {
     uint16_t index = (uint16_t)(vq->used_idx + vq->pending_used);
     uint64_t element = (uint64_t)head | ((uint64_t)written << 32);
+    if (vq->journal_entries) {
+        /* RingJournal.record: before the element reaches guest memory */
+        __atomic_store_n(&vq->journal_entries[index], element, __ATOMIC_RELAXED);
+    }
     __atomic_store_n((uint64_t *)(r->used + 4 + 8 * (uint64_t)(index & (vq->size - 1))),
-                     element, __ATOMIC_RELAXED);
+                     element, __ATOMIC_RELEASE);
     vq->pending_used++;
 }
 
@@ -312,6 +320,9 @@ static int vfuserver_flush(const struct vfuserver_memory *m, struct vfuserver_vq
     vfuserver_smp_wmb();
     vfuserver_store16(r->used + 2, new);
     vq->used_idx = new;
+    if (vq->journal_published) {
+        __atomic_store_n(vq->journal_published, new, __ATOMIC_RELEASE);  /* .published */
+    }
     int16_t since = (int16_t)(uint16_t)(new - vq->signalled_used);
     if ((int32_t)since < (int32_t)(uint16_t)(new - old)) {
         vq->signalled_used_valid = 0;

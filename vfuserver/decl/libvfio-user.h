@@ -271,6 +271,8 @@ struct vfuserver_vq {
     uint8_t signalled_used_valid;
     uint64_t lost_seen;
     uint32_t pending_used;
+    uint64_t *journal_entries;
+    uint32_t *journal_published;
 };
 struct vfuserver_chain { ...; };
 struct vfuserver_net_tx {
