@@ -16,21 +16,12 @@ import argparse
 import time
 from collections.abc import Sequence
 
-from tests.devices.driver import (
-    DriverQueue,
-    GuestRam,
-    RecordingInterrupts,
-    driver_ok,
-    negotiate_modern,
-)
+from tests.devices.driver import GuestRam, RecordingInterrupts
+from tests.devices.test_virtio_net import MAC, OTHER, driven_net
 from tests.server.net_path_rig import attach, host_frames, host_sends, receive_now, socket_tap
-from vfuserver.devices.virtio_net import VirtioNet
 from vfuserver.netpath import NetPath
 from vfuserver.protocol import virtio_net as net
-from vfuserver.protocol.virtio import Feature
 
-MAC = bytes.fromhex("525400abcdef")
-OTHER = bytes.fromhex("525400000001")
 FRAME_PAYLOAD = 84  # + 14-byte Ethernet header: a 98-byte ping frame
 
 
@@ -42,11 +33,8 @@ def measure(native: bool, runs: int) -> tuple[float, float]:
     """(µs per empty run, µs per run with one frame each way)."""
     ram = GuestRam()
     tap, host = socket_tap(vnet_hdr=True)
-    dev = VirtioNet(ram.memory, RecordingInterrupts(), tap, mac=MAC, queue_max_size=256)
-    negotiate_modern(dev)
-    event_idx = dev.has_feature(Feature.RING_EVENT_IDX)
-    rx, tx, _ = (DriverQueue(ram, q, event_idx=event_idx) for q in dev.queues)
-    driver_ok(dev)
+    dev, rx, tx, _ = driven_net(ram, RecordingInterrupts(), tap, legacy=False, want=None,
+                                mtu=1500)
     dev.on_tx_pending = lambda: None  # the server's bottom half: run_tx is called below
     path: NetPath | None = attach(dev, tap) if native else None
     header = bytes(net.HDR_LEN)

@@ -27,6 +27,7 @@ from vfuserver.devices.virtio_net import (
     OFFLOAD_FEATURES,
     RX_QUEUE,
     TX_QUEUE,
+    NetPeer,
     VirtioNet,
 )
 from vfuserver.protocol import virtio_net as net
@@ -115,11 +116,11 @@ class Rig:
         return packets
 
 
-def make_rig(*, vnet_hdr: bool = False, legacy: bool = False, want: int | None = None,
-             mtu: int = 1500, ram: GuestRam | None = None) -> Rig:
-    ram = GuestRam() if ram is None else ram
-    irqs = RecordingInterrupts()
-    peer = RecordingPeer(vnet_hdr)
+def driven_net(ram: GuestRam, irqs: RecordingInterrupts, peer: NetPeer, *, legacy: bool,
+               want: int | None, mtu: int) -> tuple[VirtioNet, DriverQueue, DriverQueue,
+                                                    DriverQueue]:
+    """A VirtioNet on ``peer`` that the test driver has set up and started (DRIVER_OK):
+    the device and its receive, transmit and control queues."""
     dev = VirtioNet(ram.memory, irqs, peer, mac=MAC, mtu=mtu, queue_max_size=QUEUE_SIZE)
     if legacy:
         negotiate_legacy(dev, want)
@@ -130,6 +131,15 @@ def make_rig(*, vnet_hdr: bool = False, legacy: bool = False, want: int | None =
                     for q in dev.queues)
     driver_ok(dev)
     irqs.clear()
+    return dev, rx, tx, ctrl
+
+
+def make_rig(*, vnet_hdr: bool = False, legacy: bool = False, want: int | None = None,
+             mtu: int = 1500, ram: GuestRam | None = None) -> Rig:
+    ram = GuestRam() if ram is None else ram
+    irqs = RecordingInterrupts()
+    peer = RecordingPeer(vnet_hdr)
+    dev, rx, tx, ctrl = driven_net(ram, irqs, peer, legacy=legacy, want=want, mtu=mtu)
     return Rig(ram, irqs, peer, dev, rx, tx, ctrl)
 
 

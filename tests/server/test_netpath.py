@@ -24,9 +24,6 @@ from tests.devices.driver import (
     DriverQueue,
     GuestRam,
     RecordingInterrupts,
-    driver_ok,
-    negotiate_legacy,
-    negotiate_modern,
 )
 from tests.devices.test_virtio_net import (
     ALL,
@@ -34,7 +31,7 @@ from tests.devices.test_virtio_net import (
     NO_EVENT_IDX,
     NO_MRG,
     OTHER,
-    QUEUE_SIZE,
+    driven_net,
     frame,
 )
 from tests.server.net_path_rig import (
@@ -88,16 +85,7 @@ def make_side(*, native: bool, vnet_hdr: bool, legacy: bool, want: int | None,
     guard_count(ram)
     irqs = RecordingInterrupts()
     tap, host = socket_tap(vnet_hdr)
-    dev = VirtioNet(ram.memory, irqs, tap, mac=MAC, mtu=mtu, queue_max_size=QUEUE_SIZE)
-    if legacy:
-        negotiate_legacy(dev, want)
-    else:
-        negotiate_modern(dev, want)
-    event_idx = dev.has_feature(Feature.RING_EVENT_IDX)
-    rx, tx, ctrl = (DriverQueue(ram, q, event_idx=event_idx, contiguous=legacy)
-                    for q in dev.queues)
-    driver_ok(dev)
-    irqs.clear()
+    dev, rx, tx, ctrl = driven_net(ram, irqs, tap, legacy=legacy, want=want, mtu=mtu)
     path = attach(dev, tap) if native else None
     return Side(ram, irqs, tap, host, dev, rx, tx, ctrl, path)
 
