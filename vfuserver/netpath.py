@@ -10,8 +10,8 @@ take as it is (a chain the model would refuse, a buffer across two maps, a frame
 or to finish, a tap that would block) it leaves untouched for the model, which goes on
 from the same state (tests/server/test_netpath.py compares the two).
 
-Counters: :meth:`NetPath.counters` (frames each way through C, and the chains and frames
-it left to the model), shown as ``net_path`` in the device's stats.
+Counters: :attr:`NetPath.counters` (frames each way through C, and the runs and frames it
+left to the model), shown as ``net_path`` in the device's stats.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ _GUEST_CSUM = NetFeature.GUEST_CSUM.mask
 
 @dataclasses.dataclass
 class NetPathCounters:
+    """What went through C and what it left to the model, over every session of a device
+    (``net_path`` in its stats)."""
+
     tx_frames: int = 0
     """Frames sent by the C path."""
     rx_frames: int = 0
