@@ -47,7 +47,6 @@ _BODY = struct.Struct("<IIQQQII")
 """The header from offset 8 (queue .. receive): rewritten only while generation is odd."""
 PUBLISHED_WORD = 48 // 4
 """The 32-bit word of the published used index."""
-_PUBLISHED = PUBLISHED_WORD
 
 
 class RingJournal:
@@ -85,7 +84,7 @@ class RingJournal:
 
     def published(self, used_idx: int) -> None:
         """The device stored ``used_idx`` in the used ring's ``idx`` (called after it)."""
-        self._words[_PUBLISHED] = used_idx
+        self._words[PUBLISHED_WORD] = used_idx
 
     def record(self, index: int, element: int) -> None:
         """The used element (``id | len << 32``) stored for 16-bit used ``index``; called
@@ -99,7 +98,7 @@ class RingJournal:
         self._words[1] = self._generation
         _BODY.pack_into(self._map, 8, self.queue, size, desc, avail, used, int(event_idx),
                         int(self.receive))
-        self._words[_PUBLISHED] = used_idx
+        self._words[PUBLISHED_WORD] = used_idx
         self._generation += 1
         self._words[1] = self._generation
 

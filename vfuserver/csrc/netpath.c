@@ -261,6 +261,24 @@ static int vfuserver_walk(const struct vfuserver_memory *m, const struct vfuserv
     }
 }
 
+/* The used ring's avail_event field (virtio 1.x §2.7.10). */
+static uint8_t *vfuserver_avail_event(const struct vfuserver_vq *vq,
+                                      const struct vfuserver_rings *r)
+{
+    return r->used + 4 + 8 * (uint64_t)vq->size;
+}
+
+/* VirtQueue.rewind of what was popped since last_avail_idx was saved_avail, and
+   avail_event back to saved_event where a pop moved it: the model pops it all again. */
+static void vfuserver_unpop(struct vfuserver_vq *vq, const struct vfuserver_rings *r,
+                            uint16_t saved_avail, uint16_t saved_event)
+{
+    vq->last_avail_idx = saved_avail;
+    if (vq->event_idx && vq->notification) {
+        vfuserver_store16(vfuserver_avail_event(vq, r), saved_event);
+    }
+}
+
 /* Pop the next chain (VirtQueue.pop): 1, 0 if none is available, -1 if it is Python's. */
 static int vfuserver_pop(const struct vfuserver_memory *m, struct vfuserver_vq *vq,
                          const struct vfuserver_rings *r, struct vfuserver_chain *c)
@@ -276,7 +294,7 @@ static int vfuserver_pop(const struct vfuserver_memory *m, struct vfuserver_vq *
     }
     vq->last_avail_idx++;
     if (vq->event_idx && vq->notification) {
-        vfuserver_store16(r->used + 4 + 8 * vq->size, vq->last_avail_idx);
+        vfuserver_store16(vfuserver_avail_event(vq, r), vq->last_avail_idx);
     }
     return 1;
 }
@@ -370,8 +388,9 @@ static int vfuserver_tx_finish(const struct vfuserver_memory *m, struct vfuserve
  * Transmit up to limit chains (VirtioNet._drain_tx with _transmit and QueuedBackend.send
  * on an empty queue): each chain's device-readable bytes, less the guest's header, are
  * written to the tap in one writev, with the 12-byte header the tap takes when it has
- * IFF_VNET_HDR. DONE: the ring is empty or limit chains went, and the batch is published.
- * STOPPED: the next chain (or the publishing) is Python's; nothing of it was touched.
+ * IFF_VNET_HDR. DONE: the ring is empty or limit chains went, and the batch is published
+ * (unless tx->publish is off: the model's next flush publishes it). STOPPED: the next
+ * chain (or the publishing) is Python's; nothing of it was touched.
  * Python calls this only while the backend's own queue is empty and connected, the link
  * is up, and the queue holds no chain in flight.
  */
@@ -402,7 +421,7 @@ static int vfuserver_net_tx(const struct vfuserver_memory *m, struct vfuserver_v
             return vfuserver_tx_finish(m, vq, tx, &r, res, VFUSERVER_NET_STOPPED);
         }
         uint16_t saved_avail = vq->last_avail_idx;
-        uint16_t saved_event = vfuserver_load16(r.used + 4 + 8 * vq->size);
+        uint16_t saved_event = vfuserver_load16(vfuserver_avail_event(vq, &r));
         if (pending < 0 || vfuserver_pop(m, vq, &r, &c) != 1) {
             return vfuserver_tx_finish(m, vq, tx, &r, res, VFUSERVER_NET_STOPPED);
         }
@@ -453,10 +472,7 @@ static int vfuserver_net_tx(const struct vfuserver_memory *m, struct vfuserver_v
             n = k;
         }
         if (unsupported) {
-            vq->last_avail_idx = saved_avail;
-            if (vq->event_idx && vq->notification) {
-                vfuserver_store16(r.used + 4 + 8 * vq->size, saved_event);
-            }
+            vfuserver_unpop(vq, &r, saved_avail, saved_event);
             return vfuserver_tx_finish(m, vq, tx, &r, res, VFUSERVER_NET_STOPPED);
         }
         uint64_t frame_len = c.rlen - tx->hdr_len;
@@ -466,10 +482,7 @@ static int vfuserver_net_tx(const struct vfuserver_memory *m, struct vfuserver_v
             ssize_t sent = writev(tx->fd, iov, n);
             if (sent < 0) {
                 /* EAGAIN (the backend queues it) or an error it counts: Python's */
-                vq->last_avail_idx = saved_avail;
-                if (vq->event_idx && vq->notification) {
-                    vfuserver_store16(r.used + 4 + 8 * vq->size, saved_event);
-                }
+                vfuserver_unpop(vq, &r, saved_avail, saved_event);
                 return vfuserver_tx_finish(m, vq, tx, &r, res, VFUSERVER_NET_STOPPED);
             }
             res->packets++;
@@ -582,7 +595,7 @@ static int vfuserver_net_rx(const struct vfuserver_memory *m, struct vfuserver_v
         uint32_t nchains = 0;
         uint64_t capacity = 0;
         uint16_t saved_avail = vq->last_avail_idx;
-        uint16_t saved_event = vfuserver_load16(r.used + 4 + 8 * vq->size);
+        uint16_t saved_event = vfuserver_load16(vfuserver_avail_event(vq, &r));
         while (!python && capacity < total) {
             if (nchains == rx->max_chains) {
                 python = 1;
@@ -613,9 +626,8 @@ static int vfuserver_net_rx(const struct vfuserver_memory *m, struct vfuserver_v
             }
         }
         if (python) {
-            vq->last_avail_idx = saved_avail;   /* VirtQueue.rewind */
-            if (nchains && vq->event_idx && vq->notification) {
-                vfuserver_store16(r.used + 4 + 8 * vq->size, saved_event);
+            if (nchains) {
+                vfuserver_unpop(vq, &r, saved_avail, saved_event);
             }
             return vfuserver_net_finish(m, vq, &r, res, VFUSERVER_NET_FRAME);
         }
