@@ -1,8 +1,9 @@
 """Section ``guest``: what a real guest sees, vfuserver's device vs QEMU's own virtio-net-pci.
 
 The end-to-end rig (tests/e2e/rig.py) boots the test guest under QEMU in a private network
-namespace with a tap at 10.0.2.1; the guest runs ``ping -A -c 1000`` and sends 64 MiB with
-nc to a sink on the host, and reports the wall time of each. The same guest, tap and plan
+namespace with a tap at 10.0.2.1; the guest runs ``ping -A -c 1000``, sends 64 MiB with nc
+to a sink on the host and receives 64 MiB of random data with nc from a source on the host,
+and reports the wall time of each. The same guest, tap and plan
 run through vfuserver (modern profile; transitional profile with and without
 ``virtio_pci.force_legacy=1``) and through QEMU's built-in virtio-net-pci (QEMU's default,
 transitional on q35's root bus, and the same with force_legacy), one boot each, in the
@@ -11,6 +12,7 @@ same run. Ratios compare each vfuserver row with the QEMU row whose guest driver
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import sys
@@ -29,6 +31,7 @@ from tests.e2e.rig import (
     NetNamespace,
     RigError,
     TcpSink,
+    TcpSource,
     Tools,
     VfuServer,
     boot_guest,
@@ -77,13 +80,14 @@ CONFIGS = (
 SMOKE_CONFIGS = ("qemu-default", "vfuserver-modern")
 
 
-def plan(settings: Settings, sink_port: int) -> str:
+def plan(settings: Settings, sink_port: int, source_port: int) -> str:
     timeout = settings.step_timeout
     return ",".join([
         *BRING_UP,
         f"ping:{HOST_ADDRESS}:count={settings.ping_count}:flood:deadline={timeout}",
         f"nc-send:{HOST_ADDRESS}:{sink_port}:mib={settings.transfer_mib}"
         f":timeout={timeout}",
+        f"nc-recv:{HOST_ADDRESS}:{source_port}:timeout={timeout}",
     ])
 
 
@@ -117,8 +121,10 @@ def _check_plan(run: GuestRun) -> None:
                        + (f"; guest kernel: {' | '.join(errors)}" if errors else ""))
 
 
-def _result(settings: Settings, report: GuestReport, sink: TcpSink) -> JsonDict:
-    """The numbers of one boot whose plan passed; RigError if the data did not arrive."""
+def _result(settings: Settings, report: GuestReport, sink: TcpSink,
+            source: TcpSource) -> JsonDict:
+    """The numbers of one boot whose plan passed; RigError if the data did not arrive
+    intact in either direction."""
     ping = report.step("ping", 1)
     sent = report.step("nc-send")
     size = settings.transfer_mib << 20
@@ -126,13 +132,17 @@ def _result(settings: Settings, report: GuestReport, sink: TcpSink) -> JsonDict:
             size, sent.fields["sha256"]):
         raise RigError(f"transfer mismatch: guest sent {sent.fields}, host got "
                        f"{sink.received} bytes")
-    nc_seconds = sent.float_field("seconds")
+    got = report.step("nc-recv")
+    if (got.int_field("bytes"), got.fields["sha256"]) != (len(source.data), source.sha256):
+        raise RigError(f"receive mismatch: guest got {got.fields}, host sent "
+                       f"{len(source.data)} bytes sha256 {source.sha256}")
     return {
         "ping_count": ping.int_field("count"),
         "ping_seconds": ping.float_field("seconds"),
         "rtt_avg_ms": float(ping.fields.get("rtt_avg", "nan")),
         "transfer_mib": settings.transfer_mib,
-        "transfer_seconds": nc_seconds,
+        "transfer_seconds": sent.float_field("seconds"),
+        "receive_seconds": got.float_field("seconds"),
         "guest_kernel": (report.boot or {}).get("kernel"),
         **_driver(report),
     }
@@ -158,14 +168,16 @@ def _boot(settings: Settings, tools: Tools, ns: NetNamespace, config: GuestConfi
             server.start()
             sockets.append(server.socket_path)
         load_before = loadavg()
-        with TcpSink(ns, timeout=settings.guest_timeout) as sink:
+        data = os.urandom(settings.transfer_mib << 20)
+        with TcpSink(ns, timeout=settings.guest_timeout) as sink, \
+                TcpSource(ns, data, timeout=settings.guest_timeout) as source:
             run = boot_guest(tools, work / f"guest-{config.key}-{round_number}-console.log",
-                             plan(settings, sink.port), ns=ns, append=config.append,
-                             sockets=sockets, builtin_net=builtin,
+                             plan(settings, sink.port, source.port), ns=ns,
+                             append=config.append, sockets=sockets, builtin_net=builtin,
                              timeout=settings.guest_timeout)
             _check_plan(run)
             sink.wait(timeout=30)
-            result = _result(settings, run.report, sink)
+            result = _result(settings, run.report, sink, source)
         return {**result, "boot_seconds": run.seconds, "loadavg_before": load_before,
                 "loadavg_after": loadavg()}
     finally:
@@ -248,10 +260,13 @@ def _ratios(result: JsonDict, reference: JsonDict) -> JsonDict:
     return {
         "ping_ratio": _ratio(result["ping_seconds"], reference["ping_seconds"]),
         "transfer_ratio": _ratio(reference["transfer_seconds"], result["transfer_seconds"]),
+        "receive_ratio": _ratio(reference["receive_seconds"], result["receive_seconds"]),
         # best against best: what is left when the machine's noise is taken out
         "ping_ratio_best": _ratio(result["ping_range"][0], reference["ping_range"][0]),
         "transfer_ratio_best": _ratio(reference["transfer_range"][0],
                                       result["transfer_range"][0]),
+        "receive_ratio_best": _ratio(reference["receive_range"][0],
+                                     result["receive_range"][0]),
     }
 
 
@@ -280,15 +295,18 @@ def reference_rows(section: Section, configs: Sequence[GuestConfig],
 def _aggregate(samples: list[JsonDict]) -> JsonDict:
     """Medians of the numbers of a configuration's boots; the samples themselves too."""
     out = dict(samples[0])
-    for key in ("ping_seconds", "rtt_avg_ms", "transfer_seconds", "boot_seconds"):
+    for key in ("ping_seconds", "rtt_avg_ms", "transfer_seconds", "receive_seconds",
+                "boot_seconds"):
         out[key] = statistics.median(s[key] for s in samples)
-    for key in ("ping_seconds", "transfer_seconds"):
+    for key in ("ping_seconds", "transfer_seconds", "receive_seconds"):
         out[key.replace("seconds", "range")] = [min(s[key] for s in samples),
                                                 max(s[key] for s in samples)]
-    seconds = out["transfer_seconds"]
-    out["transfer_mib_per_s"] = out["transfer_mib"] / seconds if seconds else None
-    out["samples"] = [{k: s[k] for k in ("ping_seconds", "transfer_seconds", "loadavg_before",
-                                         "loadavg_after")} for s in samples]
+    for direction in ("transfer", "receive"):
+        seconds = out[f"{direction}_seconds"]
+        out[f"{direction}_mib_per_s"] = out["transfer_mib"] / seconds if seconds else None
+    out["samples"] = [{k: s[k] for k in ("ping_seconds", "transfer_seconds", "receive_seconds",
+                                         "loadavg_before", "loadavg_after")}
+                      for s in samples]
     del out["loadavg_before"], out["loadavg_after"]
     return out
 
@@ -312,25 +330,28 @@ def markdown(section: Section) -> list[str]:
     first = section.rows[0]
     lines = [
         f"Guest-visible ({section.extra.get('setup', '')}): `ping -A -c "
-        f"{first['ping_count']}` and an nc transfer of {first['transfer_mib']} MiB from the "
-        f"guest to the host; times are medians (min-max); ratios against the QEMU row with "
-        f"the same guest driver, median (best against best); ping: time ours / QEMU, "
-        f"transfer: throughput ours / QEMU.",
+        f"{first['ping_count']}`, an nc transfer of {first['transfer_mib']} MiB from the "
+        f"guest to the host (send) and one of {first['transfer_mib']} MiB of random data "
+        f"from the host to the guest (receive); times are medians (min-max); ratios "
+        f"against the QEMU row with the same guest driver, median (best against best); "
+        f"ping: time ours / QEMU, send and receive: throughput ours / QEMU.",
         "",
-        "| device | PCI ID, driver | boots ok / failed | ping s | rtt avg ms | transfer s "
-        "| MiB/s | ping ours / QEMU | transfer ours / QEMU |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| device | PCI ID, driver | boots ok / failed | ping s | rtt avg ms | send s "
+        "| send MiB/s | receive s | receive MiB/s | ping ours / QEMU | send ours / QEMU "
+        "| receive ours / QEMU |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in section.rows:
         ping_lo, ping_hi = row["ping_range"]
-        nc_lo, nc_hi = row["transfer_range"]
-        lines.append(
-            f"| {row['label']} | {row['pci_id']}, {row['driver']} "
-            f"| {len(row['samples'])} / {row['failed_boots']} "
-            f"| {row['ping_seconds']:.2f} ({ping_lo:.2f}-{ping_hi:.2f}) "
-            f"| {row['rtt_avg_ms']:.3f} "
-            f"| {row['transfer_seconds']:.2f} ({nc_lo:.2f}-{nc_hi:.2f}) "
-            f"| {_format(row['transfer_mib_per_s'], 1)} "
-            f"| {_pair(row.get('ping_ratio'), row.get('ping_ratio_best'))} "
-            f"| {_pair(row.get('transfer_ratio'), row.get('transfer_ratio_best'))} |")
+        cells = [f"{row['ping_seconds']:.2f} ({ping_lo:.2f}-{ping_hi:.2f})",
+                 f"{row['rtt_avg_ms']:.3f}"]
+        for direction in ("transfer", "receive"):
+            low, high = row[f"{direction}_range"]
+            cells += [f"{row[f'{direction}_seconds']:.2f} ({low:.2f}-{high:.2f})",
+                      _format(row[f"{direction}_mib_per_s"], 1)]
+        cells += [_pair(row.get(f"{name}_ratio"), row.get(f"{name}_ratio_best"))
+                  for name in ("ping", "transfer", "receive")]
+        lines.append(f"| {row['label']} | {row['pci_id']}, {row['driver']} "
+                     f"| {len(row['samples'])} / {row['failed_boots']} | "
+                     + " | ".join(cells) + " |")
     return lines

@@ -121,8 +121,12 @@ def targets(sections: Mapping[str, Section]) -> list[JsonDict]:
         "guest-ping", "guest ping time, ours / QEMU's device (worst configuration)",
         guest_rows, "ping_ratio", PING_MAX, at_most=True, no_rows=no_guest_rows))
     out.append(_guest_target(
-        "guest-transfer", "guest bulk transfer rate, ours / QEMU's device (worst "
-        "configuration)", guest_rows, "transfer_ratio", TRANSFER_MIN, at_most=False,
+        "guest-transfer", "guest bulk transfer rate, guest to host, ours / QEMU's device "
+        "(worst configuration)", guest_rows, "transfer_ratio", TRANSFER_MIN, at_most=False,
+        no_rows=no_guest_rows))
+    out.append(_guest_target(
+        "guest-receive", "guest bulk transfer rate, host to guest, ours / QEMU's device "
+        "(worst configuration)", guest_rows, "receive_ratio", TRANSFER_MIN, at_most=False,
         no_rows=no_guest_rows))
 
     scale_rows = [r for r in sections["scale"].rows if r["rss_per_extra_device_kib"] is not None] \

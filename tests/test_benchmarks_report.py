@@ -15,34 +15,37 @@ CODE = {"commit": "abc1234", "uncommitted": []}
 
 
 def guest_row(key: str, label: str, reference: str | None = None, *, ping: float = 0.2,
-              transfer: float = 1.3, ping_ratio: float | None = None,
-              transfer_ratio: float | None = None, failed: int = 0,
-              target: bool = True) -> JsonDict:
+              transfer: float = 1.3, receive: float = 1.1, ping_ratio: float | None = None,
+              transfer_ratio: float | None = None, receive_ratio: float | None = None,
+              failed: int = 0, target: bool = True) -> JsonDict:
     """A row as benchmarks.guest.run builds it (medians of three boots)."""
     row: JsonDict = {
         "key": key, "label": label, "append": "", "ping_count": 1000, "ping_seconds": ping,
         "rtt_avg_ms": 0.2, "transfer_mib": 64, "transfer_seconds": transfer,
         "guest_kernel": "6.1.0", "pci_id": "1af4:1000", "driver": "modern",
         "boot_seconds": 9.0, "ping_range": [ping, ping], "transfer_range": [transfer, transfer],
-        "transfer_mib_per_s": 64 / transfer, "samples": [{}, {}, {}], "failed_boots": failed,
+        "transfer_mib_per_s": 64 / transfer, "receive_seconds": receive,
+        "receive_range": [receive, receive], "receive_mib_per_s": 64 / receive,
+        "samples": [{}, {}, {}], "failed_boots": failed,
     }
     if reference is not None:
         row.update(reference=reference, target=target, ping_ratio=ping_ratio,
                    transfer_ratio=transfer_ratio, ping_ratio_best=ping_ratio,
-                   transfer_ratio_best=transfer_ratio)
+                   transfer_ratio_best=transfer_ratio, receive_ratio=receive_ratio,
+                   receive_ratio_best=receive_ratio)
     return row
 
 
 GUEST_ROWS = [
     guest_row("qemu-default", "QEMU virtio-net-pci (default)"),
     guest_row("vfuserver-modern", "vfuserver modern", "qemu-default", ping_ratio=2.28,
-              transfer_ratio=0.66, failed=1),
+              transfer_ratio=0.66, receive_ratio=0.95, failed=1),
     guest_row("vfuserver-transitional", "vfuserver transitional", "qemu-default",
-              ping_ratio=2.25, transfer_ratio=0.84),
+              ping_ratio=2.25, transfer_ratio=0.84, receive_ratio=0.71),
     guest_row("qemu-force-legacy", "QEMU virtio-net-pci, virtio_pci.force_legacy=1"),
     guest_row("vfuserver-transitional-legacy",
               "vfuserver transitional, virtio_pci.force_legacy=1", "qemu-force-legacy",
-              ping_ratio=3.11, transfer_ratio=1.01),
+              ping_ratio=3.11, transfer_ratio=1.01, receive_ratio=1.2),
 ]
 
 
@@ -80,7 +83,7 @@ def test_every_guest_row_is_printed_once() -> None:
         f"| {row['label']}" for row in GUEST_ROWS]
     # the targets table has one line per target, not one per guest row and target
     target_lines = by_table["Targets"]
-    assert len(target_lines) == len(results_for(sections)["targets"]) == 8
+    assert len(target_lines) == len(results_for(sections)["targets"]) == 9
     for row in GUEST_ROWS:
         assert sum(f" {row['label']} vs " in line for line in target_lines) <= 1, row["label"]
 
@@ -88,13 +91,17 @@ def test_every_guest_row_is_printed_once() -> None:
 def test_guest_targets_are_decided_by_the_worst_configuration() -> None:
     sections = {"guest": Section("guest", rows=[dict(row) for row in GUEST_ROWS])}
     by_key = {t["key"]: t for t in report.targets(sections)}
-    ping, transfer = by_key["guest-ping"], by_key["guest-transfer"]
+    ping, transfer, receive = (by_key[key] for key in ("guest-ping", "guest-transfer",
+                                                         "guest-receive"))
     assert (ping["measured"], ping["met"]) == (3.11, False)
     assert ping["detail"].startswith(
         "worst of 3: vfuserver transitional, virtio_pci.force_legacy=1 vs qemu-force-legacy")
     assert (transfer["measured"], transfer["met"]) == (0.66, False)
     assert transfer["detail"].startswith("worst of 3: vfuserver modern vs qemu-default")
     assert "1 boot(s) failed" in transfer["detail"]
+    # each direction has its own worst configuration
+    assert (receive["measured"], receive["met"]) == (0.71, False)
+    assert receive["detail"].startswith("worst of 3: vfuserver transitional vs qemu-default")
 
 
 def test_a_trade_off_row_is_shown_but_decides_no_target() -> None:
@@ -112,17 +119,20 @@ def test_a_trade_off_row_is_shown_but_decides_no_target() -> None:
     assert sum(polling["label"] in line for line in guest_table) == 1
 
 
-@pytest.mark.parametrize(("ping_ratio", "transfer_ratio", "met"), [
-    pytest.param(1.3, 0.9, (True, True), id="at-the-limits"),
-    pytest.param(1.31, 0.89, (False, False), id="just-beyond"),
-    pytest.param(1.0, 1.0, (True, True), id="as-fast-as-qemu"),
+@pytest.mark.parametrize(("ping_ratio", "transfer_ratio", "receive_ratio", "met"), [
+    pytest.param(1.3, 0.9, 0.9, (True, True, True), id="at-the-limits"),
+    pytest.param(1.31, 0.89, 0.89, (False, False, False), id="just-beyond"),
+    pytest.param(1.0, 1.0, 1.0, (True, True, True), id="as-fast-as-qemu"),
+    pytest.param(1.0, 1.0, 0.89, (True, True, False), id="receive-alone-short"),
 ])
 def test_guest_target_thresholds(ping_ratio: float, transfer_ratio: float,
-                                 met: tuple[bool, bool]) -> None:
+                                 receive_ratio: float, met: tuple[bool, bool, bool]) -> None:
     rows = [GUEST_ROWS[0], guest_row("vfuserver-modern", "vfuserver modern", "qemu-default",
-                                     ping_ratio=ping_ratio, transfer_ratio=transfer_ratio)]
+                                     ping_ratio=ping_ratio, transfer_ratio=transfer_ratio,
+                                     receive_ratio=receive_ratio)]
     by_key = {t["key"]: t for t in report.targets({"guest": Section("guest", rows=rows)})}
-    assert (by_key["guest-ping"]["met"], by_key["guest-transfer"]["met"]) == met
+    assert tuple(by_key[key]["met"] for key in ("guest-ping", "guest-transfer",
+                                                "guest-receive")) == met
 
 
 @pytest.mark.parametrize(("sections", "reason"), [
@@ -165,8 +175,8 @@ def test_met_is_a_bool_exactly_when_measured() -> None:
         {"region": region, "scale": scale, "guest": Section("guest", rows=GUEST_ROWS)})
     assert [t["key"] for t in all_targets] == [
         "legacy-access-cross", "legacy-notify-cross", "legacy-access-same", "legacy-notify-same",
-        "guest-ping", "guest-transfer", "rss-per-device", "idle-cpu"]
+        "guest-ping", "guest-transfer", "guest-receive", "rss-per-device", "idle-cpu"]
     for target in all_targets:
         assert isinstance(target["measured"], float)
         assert isinstance(target["met"], bool)
-    assert [t["met"] for t in all_targets] == [False] * 6 + [True, True]
+    assert [t["met"] for t in all_targets] == [False] * 7 + [True, True]
