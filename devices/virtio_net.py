@@ -358,7 +358,7 @@ class VirtioNet(VirtioDevice):
 
     # -- transmit ---------------------------------------------------------------------
 
-    def run_tx(self, *, linger: bool = False) -> bool:
+    def run_tx(self, *, linger: bool = False, resume: tuple[int, int] | None = None) -> bool:
         """Transmit what the driver queued (the server's transmit bottom half, scheduled
         through :attr:`on_tx_pending`): at most :attr:`tx_burst` frames, then it is
         scheduled again if more wait. Never raises for guest mistakes.
@@ -373,26 +373,38 @@ class VirtioNet(VirtioDevice):
         timer period after the driver pauses), once half the ring waits for them, or when
         a burst is cut. The frames themselves are not delayed; a guest whose TCP stack
         waits for its completions (TSQ) sends fewer, larger segments and takes fewer
-        interrupts."""
+        interrupts.
+
+        ``resume``: (budget, sent) of a run whose first drain another engine stopped part
+        way (vfuserver/netpath.py NetRun): the run goes on from there, with ``sent`` of
+        the ``budget`` chains it had already sent."""
         queue = self.queues[TX_QUEUE]
         if not queue.enabled or not self.may_process():
             return False
         try:
-            return self._process_tx(queue, linger)
+            return self._process_tx(queue, linger, resume)
         except GuestError as err:
             self.needs_reset(str(err))
             return False
 
-    def _process_tx(self, queue: VirtQueue, linger: bool = False) -> bool:
+    def _process_tx(self, queue: VirtQueue, linger: bool = False,
+                    resume: tuple[int, int] | None = None) -> bool:
         # With on_tx_pending set, at most tx_burst frames per call (QEMU virtio_net_flush_tx
         # and its tx_burst): a guest that transmits without pause cannot starve the loop.
         budget = self.tx_burst if self.on_tx_pending is not None else None
-        if queue.unpublished and (not linger or queue.unpublished >= queue.size // 2):
+        if resume is None and queue.unpublished and (
+                not linger or queue.unpublished >= queue.size // 2):
             # completions that lingering runs held back: half the ring waits for them
             self._publish_tx(queue)
         while True:
-            queue.set_notification(False)
-            done = self._drain_tx(queue, budget, publish=not linger)
+            if resume is not None:
+                # the first drain, which another engine began (notifications already off)
+                budget, sent = resume
+                resume = None
+                done = sent + self._drain_tx(queue, budget - sent, publish=not linger)
+            else:
+                queue.set_notification(False)
+                done = self._drain_tx(queue, budget, publish=not linger)
             if budget is not None and self.on_tx_pending is not None:
                 budget -= done
                 if budget <= 0 and queue.available():

@@ -126,6 +126,14 @@ class VirtioPciTransport:
     def config_interrupt(self) -> None:
         self._raise(vpci.IsrStatus.CONFIG, self.config_msix_vector)
 
+    def interrupt_route(self, queue: VirtQueue) -> tuple[int | None, bool]:
+        """How :meth:`queue_interrupt` raises ``queue``'s interrupt now: its MSI-X vector
+        (NO_VECTOR: none), or None with MSI-X off (the ISR bit, then INTx), and whether
+        INTx is raised (PCI_COMMAND's INTX_DISABLE clear). For a native engine that raises
+        it the same way (vfuserver/netpath.py NetRun)."""
+        return (queue.msix_vector if self.msix_enabled() else None,
+                not self.config.command & pcifmt.Command.INTX_DISABLE)
+
     def _raise(self, isr_bit: int, vector: int) -> None:
         if self.msix_enabled():
             if vector != NO_VECTOR:

@@ -202,23 +202,39 @@ class DeviceLock:
 
     Re-entrant. On the outermost release it calls :attr:`publish`, which copies what the
     fast path reads (device status, IO decode) to the native side: whatever changed the
-    model, the fast path sees the new state before anyone else can take the lock.
+    model, the fast path sees the new state before anyone else can take the lock; then
+    :attr:`hand_over`. On the outermost acquisition it calls :attr:`take_back`. The two
+    let a native engine hold part of the model's state between holders of the lock (a
+    virtio-net's data run in C, vfuserver/netpath.py NetRun): whoever takes the lock sees
+    the model as the engine left it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._depth = 0
         self.publish: Callable[[], None] | None = None
+        self.take_back: Callable[[], None] | None = None
+        self.hand_over: Callable[[], object] | None = None
 
     def __enter__(self) -> None:
         self._lock.acquire()
         self._depth += 1
+        if self._depth == 1 and self.take_back is not None:
+            try:
+                self.take_back()
+            except BaseException:
+                self._depth -= 1
+                self._lock.release()
+                raise
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         try:
-            if self._depth == 1 and self.publish is not None:
-                self.publish()
+            if self._depth == 1:
+                if self.publish is not None:
+                    self.publish()
+                if self.hand_over is not None:
+                    self.hand_over()
         finally:
             self._depth -= 1
             self._lock.release()

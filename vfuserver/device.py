@@ -24,7 +24,7 @@ import trio
 from vfuserver.blkdev.backend import ImageBackend
 from vfuserver.blkdev.raw import IoRequest, RawImage
 from vfuserver.config import DEFAULT_POLL_MAX_NS
-from vfuserver.context import DATA_AGAIN, DATA_ARMED, DATA_TIMER, DeviceLock, VfuContext
+from vfuserver.context import DeviceLock, VfuContext
 from vfuserver.devices.admin import AdminOwner
 from vfuserver.devices.legacy_io import TransitionalFunction
 from vfuserver.devices.memory import GuestMemory
@@ -37,7 +37,7 @@ from vfuserver.devices.virtio_pci import VirtioPciFunction
 from vfuserver.loopthread import LoopThread
 from vfuserver.netdev.backend import NetBackend, NetOffloads
 from vfuserver.netdev.open import open_netdev
-from vfuserver.netpath import NetPath, NetPathCounters, net_path_for
+from vfuserver.netpath import NetPathCounters, NetRun, net_path_for
 from vfuserver.protocol.virtio_net import HDR_LEN
 from vfuserver.server import serve_device
 from vfuserver.spec import VIRTIO_BLK, DeviceSpec, check_profile
@@ -254,11 +254,8 @@ class ServedNetDevice(ServedDevice):
         self._tx_pending = trio.Event()
         self._wake_receiver = self._in_loop(backend.wake_receiver)
         self._schedule_tx = self._in_loop(self._request_tx)
-        self._inline = False  # the serving thread runs the data path (attach..detach)
-        self._tx_due = False
-        self._tx_lingering = False  # notifications left off: the run looks again soon
-        self._rx_owned = False
-        self._net_path: NetPath | None = None
+        self._run: NetRun | None = None
+        """The serving thread's data run while a client is attached (attach..detach)."""
         self._net_counters = NetPathCounters()
         """The C data path's counters, over every session."""
         self.net.on_rx_buffers = self._on_rx_buffers
@@ -272,7 +269,8 @@ class ServedNetDevice(ServedDevice):
     def stats(self) -> dict[str, dict[str, int]]:
         """As :meth:`ServedDevice.stats`, and ``net_path``: frames the C data path moved
         and those it left to the model (vfuserver/netpath.py)."""
-        return {**super().stats(), "net_path": dataclasses.asdict(self._net_counters)}
+        with self.lock:  # what the run in C counted so far is the model's again
+            return {**super().stats(), "net_path": dataclasses.asdict(self._net_counters)}
 
     def _request_tx(self) -> None:
         self._tx_pending.set()
@@ -280,16 +278,16 @@ class ServedNetDevice(ServedDevice):
     def _on_tx_pending(self) -> None:
         """The model's transmit bottom half is due (QEMU's tx bh): run by the serving
         thread right after the kicks while a client is attached, else by the event loop."""
-        if self._inline:
-            self._tx_due = True
-            if not self.context.in_data_path():  # which looks at _tx_due next
+        if self._run is not None:
+            self._run.tx_due = True
+            if not self.context.in_data_path():  # which looks at tx_due next
                 self.context.request_data_run()
         else:
             self._schedule_tx()
 
     def _on_rx_buffers(self) -> None:
         """The guest posted receive buffers: whoever receives retries its held frame."""
-        if self._inline and self._rx_owned:
+        if self._run is not None and self._run.rx_owned:
             if not self.context.in_data_path():  # which receives next
                 self.context.request_data_run()
         else:
@@ -299,45 +297,33 @@ class ServedNetDevice(ServedDevice):
 
     def attach_data_path(self) -> int | None:
         fd: int | None = self.backend.take_receiver()
-        self._rx_owned = fd is not None
-        self._inline = True
-        # the per-frame work in C while the serving thread runs the data path
-        self._net_path = net_path_for(self.net, self.backend, self.memory.lost,
-                                      self._net_counters)
-        if self._net_path is not None:
-            self.net.tx_engine = self._net_path.transmit
+        # the per-frame work in C while the serving thread runs the data path, and the
+        # whole run in C where the device's state allows (NetRun)
+        path = net_path_for(self.net, self.backend, self.memory.lost, self._net_counters)
+        if path is not None:
+            self.net.tx_engine = path.transmit
+        run = self._run = NetRun(self.net, self.backend, self._deliver, self.log, path,
+                                 rx_owned=fd is not None)
+        if run.native is not None:
+            self.lock.take_back = run.take_back
+            self.lock.hand_over = run.hand_over
+            self.context.native.use_net_run(run.native)
         return fd
 
     def run_data_path(self) -> int:
-        flags = 0
-        if self._tx_due or self._tx_lingering:
-            self._tx_due = False
-            # a burst cut at tx_burst sets _tx_due again; one that sent frames lingers
-            self._tx_lingering = self.net.run_tx(linger=True)
-        if self._rx_owned:
-            try:
-                receive = (self._net_path.receive if self._net_path is not None
-                           else self.backend.receive_now)
-                if receive(self._deliver):
-                    flags |= DATA_ARMED
-            except OSError as exc:
-                # once: the backend's own task meets the error again when it takes the
-                # receive side back (the client detaches) and stops the device, as it
-                # does when no client is attached
-                self._rx_owned = False
-                self.log.error("receiving from the backend failed: %s; nothing is "
-                               "received until the client detaches", exc)
-        return (flags | (DATA_AGAIN if self._tx_due else 0)
-                | (DATA_TIMER if self._tx_lingering else 0))
+        assert self._run is not None  # attached
+        return self._run.run()
 
     def detach_data_path(self) -> None:
-        self._inline = False
-        self._rx_owned = False
+        run = self._run
+        self.context.native.use_net_run(None)
+        with self.lock:  # the model takes back what the run in C held
+            self.lock.take_back = self.lock.hand_over = None
+        self._run = None
         self.net.tx_engine = None
-        self._net_path = None
         self.backend.return_receiver()
-        if self._tx_due or self._tx_lingering:  # the bottom half turns notifications on
-            self._tx_due = self._tx_lingering = False
+        if run is not None and (run.tx_due or run.tx_lingering):
+            # the bottom half turns notifications on
             self._request_tx()
 
     def _apply_guest_offloads(self, offloads: int) -> None:

@@ -208,6 +208,12 @@ class NativeDevice:
         dev.data_again = 0
         dev.data_deadline = 0
 
+    def use_net_run(self, run: Any) -> None:
+        """The data run serve.c tries before vfuserver_data_cb: a ``struct
+        vfuserver_net_run *`` (vfuserver/netpath.py NetRun), or None. Only while no
+        serving thread runs."""
+        self.dev.net_run = ffi.NULL if run is None else run
+
     def request_data_run(self) -> None:
         """Have the serving thread call the data path soon (from any thread)."""
         if self.live:

@@ -668,3 +668,311 @@ static int vfuserver_net_rx(const struct vfuserver_memory *m, struct vfuserver_v
     }
     return vfuserver_net_finish(m, vq, &r, res, VFUSERVER_NET_DONE);
 }
+
+/*
+ * The whole data-path run of the serving thread in C, for a running driver's steady
+ * state: what VfuContext._on_data does through NetRun.run (vfuserver/netpath.py) with
+ * the kicks of the receive and transmit queues, the transmit bottom half with its
+ * lingering and coalescing (VirtioNet._process_tx with linger), the frames from the tap,
+ * and the interrupts the run ends with. No Python runs, no GIL is taken.
+ *
+ * Python hands the state over (NetRun.hand_over, when the device lock is released and the
+ * device is in a state this code covers): both queues' VirtQueue state, the bottom half's
+ * two flags, how each queue's interrupt is raised. While C owns it, the copies here are
+ * the model's state; the next time Python takes the device lock it takes them back
+ * (NetRun.take_back: vfuserver_net_run_claim, then the copies into the model), so the
+ * model stays the one source of truth whoever runs. `owner` says who holds it.
+ *
+ * A run C cannot finish as the model would (a kick of another queue, a chain or frame the
+ * model decides, a tap that would block, lost pages) is handed to Python at that point:
+ * vfuserver_net_run returns VFUSERVER_RUN_PYTHON with resume_* saying where the run
+ * stopped, and NetRun.run goes on from there, so a run is the same run whoever did which
+ * part (tests/server/test_netpath.py drives both and compares).
+ */
+
+#define VFUSERVER_OWNER_PYTHON 0    /* the model holds the state */
+#define VFUSERVER_OWNER_C 1         /* the copies in struct vfuserver_net_run do */
+#define VFUSERVER_OWNER_RUNNING 2   /* ... and a run is using them */
+#define VFUSERVER_RX_QUEUE 0
+#define VFUSERVER_TX_QUEUE 1
+#define VFUSERVER_NO_VECTOR 0xFFFF
+
+struct vfuserver_net_run {
+    int owner;                      /* VFUSERVER_OWNER_* (atomic) */
+    const struct vfuserver_memory *memory;
+    const struct vfuserver_net_tx *tx;
+    const struct vfuserver_net_rx *rx;
+    struct vfuserver_vq rxq, txq;   /* VirtQueue state of queues 0 and 1 */
+    uint32_t tx_burst;              /* VirtioNet.tx_burst */
+    uint32_t rx_batch;              /* RX_BATCH */
+    uint8_t tx_due;                 /* NetRun.tx_due: the bottom half is scheduled */
+    uint8_t tx_lingering;           /* NetRun.tx_lingering */
+    /* how queue_interrupt raises each queue's (VirtioPciTransport._raise) */
+    uint8_t msix;                   /* MSI-X on: the queue's vector; else ISR bit + INTx */
+    uint8_t intx;                   /* INTx not disabled (PCI_COMMAND) */
+    uint16_t vector[2];             /* MSI-X vectors of queues 0 and 1 */
+    /* the run's outcome */
+    uint32_t irq_queues;            /* queues (bit n: queue n) to interrupt */
+    /* what that means, worked out before the state is released (serving thread only) */
+    uint8_t irq_isr;                /* set VIRTIO_PCI_ISR_QUEUE */
+    uint8_t irq_count;              /* vectors to trigger */
+    uint16_t irq_vectors[2];
+    int32_t resume_tx_budget;       /* >= 0: the transmit drain stopped with this budget */
+    uint32_t resume_tx_done;        /* ... and this many chains sent by it */
+    uint8_t unfinished;             /* the last run was handed to Python (resume_*) */
+    uint8_t tx_ran;                 /* the transmit step of this run is done */
+    int32_t resume_rx_left;         /* >= 0: receiving stopped with this many frames left */
+    int rx_status;                  /* ... VFUSERVER_NET_FRAME, _STOPPED or _ERROR */
+    uint32_t rx_frame_len;          /* FRAME: the frame read into rx->buf */
+    int rx_error;                   /* ERROR: errno */
+    /* counters of the runs while C owned the state, taken by Python with it */
+    uint64_t tx_packets, tx_bytes, tx_dropped, rx_packets, rx_bytes;
+    uint64_t peer_tx_frames, peer_tx_bytes, peer_rx_frames, peer_rx_bytes, peer_rx_dropped;
+    uint64_t runs;                  /* runs done here whole */
+    uint64_t runs_left;             /* runs handed to Python */
+};
+
+/* VirtQueue.set_notification: used.flags NO_NOTIFY, or avail_event with EVENT_IDX (only
+   when enabling), then a full barrier before the caller looks at the ring again. */
+static void vfuserver_set_notification(struct vfuserver_vq *vq, const struct vfuserver_rings *r,
+                                       int enabled)
+{
+    vq->notification = (uint8_t)enabled;
+    if (vq->event_idx) {
+        if (!enabled) {
+            return;
+        }
+        vfuserver_store16(vfuserver_avail_event(vq, r), vfuserver_load16(r->avail + 2));
+    } else {
+        vfuserver_store16(r->used, enabled ? 0 : VRING_USED_F_NO_NOTIFY);
+    }
+    if (enabled) {
+        vfuserver_smp_mb();
+    }
+}
+
+/* VirtioNet._publish_tx: flush, and the queue's interrupt if the driver wants it. 0 if
+   pages were lost (VirtQueue.flush raises: the model's). */
+static int vfuserver_run_publish(struct vfuserver_net_run *run, struct vfuserver_vq *vq,
+                                 const struct vfuserver_rings *r, int queue)
+{
+    int should = vfuserver_flush(run->memory, vq, r);
+    if (should < 0) {
+        return 0;
+    }
+    if (should) {
+        run->irq_queues |= 1u << queue;
+    }
+    return 1;
+}
+
+/* VirtioNet._process_tx(queue, linger=True) with the tx engine: 1 if the run lingers, 0
+   if not (tx_due set again when a burst was cut), VFUSERVER_RUN_PYTHON where the model
+   goes on: from the drain (resume_tx_budget >= 0) or from the start. */
+static int vfuserver_run_tx(struct vfuserver_net_run *run, const struct vfuserver_rings *r)
+{
+    struct vfuserver_vq *vq = &run->txq;
+    struct vfuserver_net_tx tx = *run->tx;
+    struct vfuserver_net_result res;
+    uint32_t budget = run->tx_burst;
+
+    tx.publish = 0;     /* lingering runs hold their completions back */
+    if (vq->pending_used && vq->pending_used >= vq->size / 2 &&
+        !vfuserver_run_publish(run, vq, r, VFUSERVER_TX_QUEUE)) {
+        return VFUSERVER_RUN_PYTHON;
+    }
+    for (;;) {
+        vfuserver_set_notification(vq, r, 0);
+        int status = vfuserver_net_tx(run->memory, vq, &tx, budget, &res);
+        run->tx_packets += res.packets;
+        run->tx_bytes += res.bytes;
+        run->tx_dropped += res.dropped;
+        run->peer_tx_frames += res.peer_frames;
+        run->peer_tx_bytes += res.peer_bytes;
+        if (status != VFUSERVER_NET_DONE) {
+            run->resume_tx_budget = (int32_t)budget;
+            run->resume_tx_done = res.done;
+            return VFUSERVER_RUN_PYTHON;
+        }
+        budget -= res.done;
+        if (budget == 0) {
+            int more = vfuserver_pending(vq, r);
+            if (more < 0) {
+                return VFUSERVER_RUN_PYTHON;    /* available() raises */
+            }
+            if (more > 0) {
+                /* notifications stay off; the bottom half runs again soon */
+                if (!vfuserver_run_publish(run, vq, r, VFUSERVER_TX_QUEUE)) {
+                    return VFUSERVER_RUN_PYTHON;
+                }
+                run->tx_due = 1;
+                return 0;
+            }
+        }
+        if (res.done) {
+            return 1;   /* notifications stay off until a run finds nothing */
+        }
+        if (vq->pending_used && !vfuserver_run_publish(run, vq, r, VFUSERVER_TX_QUEUE)) {
+            return VFUSERVER_RUN_PYTHON;
+        }
+        vfuserver_set_notification(vq, r, 1);
+        int more = vfuserver_pending(vq, r);
+        if (more <= 0) {
+            return more < 0 ? VFUSERVER_RUN_PYTHON : 0;
+        }
+    }
+}
+
+/* NetPath.receive: up to rx_batch frames from the tap. 1 (keep polling the tap), or
+   VFUSERVER_RUN_PYTHON with resume_rx_* for the model. */
+static int vfuserver_run_rx(struct vfuserver_net_run *run)
+{
+    struct vfuserver_net_result res;
+    uint32_t left = run->rx_batch;
+    int status = vfuserver_net_rx(run->memory, &run->rxq, run->rx, left, &res);
+    run->rx_packets += res.packets;
+    run->rx_bytes += res.bytes;
+    run->peer_rx_frames += res.peer_frames;
+    run->peer_rx_bytes += res.peer_bytes;
+    run->peer_rx_dropped += res.peer_dropped;
+    left -= res.done + res.peer_dropped;
+    if (res.interrupt) {
+        run->irq_queues |= 1u << VFUSERVER_RX_QUEUE;
+    }
+    if (status == VFUSERVER_NET_DONE) {
+        return 1;
+    }
+    run->resume_rx_left = (int32_t)left;
+    run->rx_status = status;
+    run->rx_frame_len = res.frame_len;
+    run->rx_error = res.error;
+    return VFUSERVER_RUN_PYTHON;
+}
+
+/* The interrupts of irq_queues as VirtioPciTransport._raise raises them: the queues'
+   MSI-X vectors (once each), or the ISR bit and INTx (once). */
+static void vfuserver_run_route(struct vfuserver_net_run *run)
+{
+    uint32_t queues = run->irq_queues;
+    run->irq_isr = 0;
+    run->irq_count = 0;
+    if (!queues) {
+        return;
+    }
+    if (!run->msix) {
+        run->irq_isr = 1;
+        if (run->intx) {
+            run->irq_vectors[run->irq_count++] = 0;
+        }
+        return;
+    }
+    for (int queue = VFUSERVER_RX_QUEUE; queue <= VFUSERVER_TX_QUEUE; queue++) {
+        uint16_t vector = run->vector[queue];
+        if ((queues & (1u << queue)) && vector != VFUSERVER_NO_VECTOR &&
+            !(run->irq_count && run->irq_vectors[0] == vector)) {
+            run->irq_vectors[run->irq_count++] = vector;
+        }
+    }
+}
+
+/*
+ * One run (NetRun.run) on the state Python handed over, with the queues kicked in
+ * *pending (taken atomically; put back untouched if the run is Python's from the start).
+ * Returns the run's DATA_* flags, or VFUSERVER_RUN_PYTHON: the run, or the rest of it
+ * (resume_*), is Python's. Either way irq_queues names the queues to interrupt.
+ */
+static int vfuserver_net_run(struct vfuserver_net_run *run, uint64_t *pending)
+{
+    int expected = VFUSERVER_OWNER_C;
+    run->irq_queues = 0;
+    if (!__atomic_compare_exchange_n(&run->owner, &expected, VFUSERVER_OWNER_RUNNING, 0,
+                                     __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+        return VFUSERVER_RUN_PYTHON;    /* the model holds the state */
+    }
+    run->resume_tx_budget = -1;
+    run->resume_rx_left = -1;
+    run->tx_ran = 0;
+    run->unfinished = 0;
+    int flags = VFUSERVER_RUN_PYTHON;
+    struct vfuserver_rings r;
+    uint64_t kicks = __atomic_exchange_n(pending, 0, __ATOMIC_ACQ_REL);
+    if ((kicks & ~(uint64_t)3) || vfuserver_lost(run->memory, &run->txq) ||
+        vfuserver_lost(run->memory, &run->rxq) || !vfuserver_rings(run->memory, &run->txq, &r)) {
+        /* another queue's kick (the control queue's), lost pages: the model's run */
+        __atomic_fetch_or(pending, kicks, __ATOMIC_ACQ_REL);
+        goto out;
+    }
+    if (kicks & (1u << VFUSERVER_TX_QUEUE)) {
+        /* VirtioNet._handle_queue: the kick schedules the bottom half (which turns the
+           notifications off first thing, as the kick does) */
+        run->tx_due = 1;
+    }
+    /* a kick of the receive queue (buffers) needs nothing more: receiving comes next */
+    if (run->tx_due || run->tx_lingering) {
+        uint8_t due = run->tx_due;
+        run->tx_due = 0;
+        int lingering = vfuserver_run_tx(run, &r);
+        if (lingering == VFUSERVER_RUN_PYTHON) {
+            run->tx_due = due;
+            goto out;
+        }
+        run->tx_lingering = (uint8_t)lingering;
+    }
+    run->tx_ran = 1;
+    if (vfuserver_run_rx(run) == VFUSERVER_RUN_PYTHON) {
+        goto out;
+    }
+    flags = 1 | (run->tx_due ? 2 : 0) | (run->tx_lingering ? 4 : 0);   /* DATA_* */
+out:
+    vfuserver_run_route(run);
+    if (flags == VFUSERVER_RUN_PYTHON) {
+        run->unfinished = 1;
+        run->runs_left++;
+    } else {
+        run->runs++;
+    }
+    __atomic_store_n(&run->owner, VFUSERVER_OWNER_C, __ATOMIC_RELEASE);
+    return flags;
+}
+
+/* Python takes the state back (the device lock is held): 1 if C held it (the copies are
+   the model's now), 0 if Python did already. Waits out a run in progress. */
+static int vfuserver_net_run_claim(struct vfuserver_net_run *run)
+{
+    for (;;) {
+        int expected = VFUSERVER_OWNER_C;
+        if (__atomic_compare_exchange_n(&run->owner, &expected, VFUSERVER_OWNER_PYTHON, 0,
+                                        __ATOMIC_ACQUIRE, __ATOMIC_ACQUIRE)) {
+            return 1;
+        }
+        if (expected == VFUSERVER_OWNER_PYTHON) {
+            return 0;
+        }
+        sched_yield();  /* a run on the serving thread: microseconds, never blocked */
+    }
+}
+
+/* Python hands the state it wrote into run over to C. */
+static void vfuserver_net_run_give(struct vfuserver_net_run *run)
+{
+    __atomic_store_n(&run->owner, VFUSERVER_OWNER_C, __ATOMIC_RELEASE);
+}
+
+/* The serving thread's data run (serve.c vfuserver_run_data) on the device's native run,
+   if it has one: its flags, with its interrupts raised (VirtioPciTransport._raise, once
+   per vector), or VFUSERVER_RUN_PYTHON for vfuserver_data_cb. */
+static int vfuserver_native_data_run(vfu_ctx_t *ctx, struct vfuserver_dev *d)
+{
+    struct vfuserver_net_run *run = d->net_run;
+    if (run == NULL) {
+        return VFUSERVER_RUN_PYTHON;
+    }
+    int flags = vfuserver_net_run(run, &d->pending_notify);
+    if (run->irq_isr) {
+        vfuserver_isr_set(d, 1);    /* VIRTIO_PCI_ISR_QUEUE */
+    }
+    for (uint8_t i = 0; i < run->irq_count; i++) {
+        vfuserver_trigger(ctx, d, run->irq_vectors[i]);
+    }
+    return flags;
+}

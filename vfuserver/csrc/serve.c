@@ -582,12 +582,18 @@ static void vfuserver_request_data(struct vfuserver_dev *d)
     vfuserver_signal_eventfd(d->wake_fd);
 }
 
-/* One call of the device's data path (with the GIL: Python). Returns nonzero if a
-   callback stored an error for Python to report. */
+static int vfuserver_native_data_run(vfu_ctx_t *ctx, struct vfuserver_dev *d);
+
+/* One run of the device's data path: in C (net_run) where it can, else, or for the rest
+   of it, the Python callback (with the GIL). Returns nonzero if a callback stored an
+   error for Python to report. */
 static int vfuserver_run_data(vfu_ctx_t *ctx, struct vfuserver_dev *d)
 {
     __atomic_store_n(&d->data_requested, 0, __ATOMIC_RELEASE);
-    int flags = vfuserver_data_cb(ctx);
+    int flags = vfuserver_native_data_run(ctx, d);
+    if (flags == VFUSERVER_RUN_PYTHON) {
+        flags = vfuserver_data_cb(ctx);
+    }
     d->data_runs++;
     if (flags < 0) {
         /* a bug, logged by the callback: stop reading input rather than spin on it */

@@ -59,6 +59,9 @@ struct vfuserver_image {
     uint16_t legacy_queue_vector[VFUSERVER_IMAGE_QUEUES];
 };
 
+struct vfuserver_net_run;            /* netpath.c: a virtio-net's whole data run in C */
+#define VFUSERVER_RUN_PYTHON (-2)   /* a data run (or the rest of it) is Python's */
+
 struct vfuserver_fast_reg {
     int region;         /* libvfio-user region index */
     uint32_t offset;
@@ -129,7 +132,9 @@ struct vfuserver_dev {
     int data_requested;             /* another thread asked for a call (atomic) */
     int64_t data_timer_ns;          /* a run that asks for it is followed by one this late */
     int64_t data_deadline;          /* CLOCK_MONOTONIC ns of that run; 0: none */
-    uint64_t data_runs;             /* vfuserver_data_cb calls */
+    uint64_t data_runs;             /* data path runs (vfuserver_data_cb or net_run) */
+    struct vfuserver_net_run *net_run;  /* NULL, or the run that goes first, without
+                                           Python (vfuserver_native_data_run) */
 
     /* answering fast-path region accesses on the serving thread (serve.c vfuserver_direct) */
     uint8_t direct_enabled;         /* 0: every message goes through vfu_run_ctx */

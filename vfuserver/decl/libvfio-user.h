@@ -185,6 +185,7 @@ struct vfuserver_dev {
     int64_t data_deadline;
     uint8_t direct_enabled;
     uint64_t direct;
+    struct vfuserver_net_run *net_run;
     ...;
 };
 
@@ -319,6 +320,45 @@ int vfuserver_net_tx(const struct vfuserver_memory *m, struct vfuserver_vq *vq,
 int vfuserver_net_rx(const struct vfuserver_memory *m, struct vfuserver_vq *vq,
                      const struct vfuserver_net_rx *rx, uint32_t limit,
                      struct vfuserver_net_result *res);
+
+/* The whole data run in C (see netpath.c): the state Python hands over, a run, and
+   taking the state back. */
+struct vfuserver_net_run {
+    int owner;
+    const struct vfuserver_memory *memory;
+    const struct vfuserver_net_tx *tx;
+    const struct vfuserver_net_rx *rx;
+    struct vfuserver_vq rxq, txq;
+    uint32_t tx_burst;
+    uint32_t rx_batch;
+    uint8_t tx_due;
+    uint8_t tx_lingering;
+    uint8_t msix;
+    uint8_t intx;
+    uint16_t vector[2];
+    uint32_t irq_queues;
+    uint8_t irq_isr;
+    uint8_t irq_count;
+    uint16_t irq_vectors[2];
+    int32_t resume_tx_budget;
+    uint32_t resume_tx_done;
+    uint8_t unfinished;
+    uint8_t tx_ran;
+    int32_t resume_rx_left;
+    int rx_status;
+    uint32_t rx_frame_len;
+    int rx_error;
+    uint64_t tx_packets, tx_bytes, tx_dropped, rx_packets, rx_bytes;
+    uint64_t peer_tx_frames, peer_tx_bytes, peer_rx_frames, peer_rx_bytes, peer_rx_dropped;
+    uint64_t runs;
+    uint64_t runs_left;
+};
+#define VFUSERVER_RUN_PYTHON ...
+/* One run with the queues kicked in *pending: its DATA_* flags, or VFUSERVER_RUN_PYTHON. */
+int vfuserver_net_run(struct vfuserver_net_run *run, uint64_t *pending);
+/* Take the state back (1: C held it), waiting out a run; hand it over. */
+int vfuserver_net_run_claim(struct vfuserver_net_run *run);
+void vfuserver_net_run_give(struct vfuserver_net_run *run);
 
 extern "Python" ssize_t vfuserver_region_cb(vfu_ctx_t *, int, char *, size_t, loff_t, bool);
 /* The device's data path on the serving thread (serve.c): bit 0 keep polling data_fd,
