@@ -319,6 +319,8 @@ class ServedNetDevice(ServedDevice):
         self.context.native.use_net_run(None)
         with self.lock:  # the model takes back what the run in C held
             self.lock.take_back = self.lock.hand_over = None
+            if run is not None:
+                run.finish()
         self._run = None
         self.net.tx_engine = None
         self.backend.return_receiver()

@@ -308,6 +308,13 @@ class NetRun:
         return (flags | (DATA_AGAIN if self.tx_due else 0)
                 | (DATA_TIMER if self.tx_lingering else 0))
 
+    def finish(self) -> None:
+        """The rest of a run C handed over, if the serving thread stopped before it ran
+        (under the device lock, as the client detaches): a frame C read for the model
+        still reaches it."""
+        if self._resume is not None:
+            self.run()
+
     def hand_over(self) -> bool:
         """Let C run the next runs (the device lock is held, about to be released), if
         the device is in a state it covers: the driver running, the link up, no chain in
@@ -319,23 +326,20 @@ class NetRun:
         net = self.net
         tx_queue = net.queues[TX_QUEUE]
         route = getattr(net.interrupts, "interrupt_route", None)
-        if not (self.rx_owned and net.on_tx_pending is not None and tx_queue.idle()
-                and path.tap.writable_now() and not path.tap.holds_frame()
-                and path._rx_ready()):
-            return False
+        if not (route is not None and self.rx_owned and net.on_tx_pending is not None
+                and tx_queue.idle() and path.tap.writable_now()
+                and not path.tap.holds_frame() and path._rx_ready()):
+            return False  # (no route: C could not raise the interrupts the model would)
         path._export(net.queues[RX_QUEUE], ffi.addressof(run, "rxq"))
         path._export(tx_queue, ffi.addressof(run, "txq"))
         path._tx.hdr_len = net.header_len
         run.tx_due = self.tx_due
         run.tx_lingering = self.tx_lingering
         run.tx_burst = net.tx_burst
-        run.msix, run.intx = 1, 0
-        run.vector[0] = run.vector[1] = NO_VECTOR
-        if route is not None:
-            for index in (RX_QUEUE, TX_QUEUE):
-                vector, intx = route(net.queues[index])
-                run.msix, run.intx = vector is not None, intx
-                run.vector[index] = NO_VECTOR if vector is None else vector
+        for index in (RX_QUEUE, TX_QUEUE):
+            vector, intx = route(net.queues[index])
+            run.msix, run.intx = vector is not None, intx
+            run.vector[index] = NO_VECTOR if vector is None else vector
         lib.vfuserver_net_run_give(run)
         self._handed = True
         return True
@@ -377,8 +381,8 @@ class NetRun:
             run.unfinished = 0
             self._resume = (
                 bool(run.tx_ran),
-                (run.resume_tx_budget, run.resume_tx_done) if run.resume_tx_budget >= 0
-                else None,
+                (run.resume_tx_budget, run.resume_tx_done)
+                if not run.tx_ran and run.resume_tx_budget >= 0 else None,
                 (run.resume_rx_left, run.rx_status, run.rx_frame_len, run.rx_error)
                 if run.resume_rx_left >= 0 else None)
             if self._resume == (False, None, None):

@@ -268,6 +268,10 @@ class RecordingInterrupts:
     def config_interrupt(self) -> None:
         self.config += 1
 
+    def interrupt_route(self, queue: VirtQueue) -> tuple[int | None, bool]:
+        """VirtioPciTransport.interrupt_route: MSI-X, one vector per queue (its index)."""
+        return queue.index, True
+
     def clear(self) -> None:
         self.queue.clear()
         self.config = 0

@@ -98,6 +98,10 @@ class RingsTarget:
         """The transmit bottom half (TRANSMIT)."""
         self.dev.run_tx()
 
+    def kick(self, index: int) -> None:
+        """The driver notifies queue ``index`` (KICK)."""
+        self.dev.notify(index)
+
     def step(self, reader: ByteReader) -> None:
         op = reader.u8() % 8
         queue = self.queues[reader.u8() % 3]
@@ -137,7 +141,7 @@ class RingsTarget:
         # buffer over its own used ring, and then the device rightly writes anything there.
         used_before = [q.queue.used_idx + q.queue.unpublished for q in self.queues]
         if op == self.KICK:
-            self.dev.notify(queue.queue.index)
+            self.kick(queue.queue.index)
         elif op == self.RECEIVE:
             self.receive(MAC + reader.take(reader.u8()))
         else:

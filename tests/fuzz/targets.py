@@ -15,6 +15,7 @@ TARGETS = {
     "legacy-bar0": "tests.fuzz.legacy_bar0:LegacyBar0Target",
     "modern-bar": "tests.fuzz.modern_bar:ModernBarTarget",
     "net-path": "tests.fuzz.net_path:NetPathTarget",
+    "net-run": "tests.fuzz.net_run:NetRunTarget",
 }
 
 CORPUS = Path(__file__).parent / "corpus"

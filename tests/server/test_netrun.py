@@ -38,6 +38,7 @@ from vfuserver.netdev.backend import VNET_HDR_LEN
 from vfuserver.netpath import NetRun
 from vfuserver.protocol import virtio_net as net
 from vfuserver.protocol.virtio_net import CtrlClass
+from vfuserver.protocol.virtio_pci import MSI_NO_VECTOR as NO_VECTOR
 
 RUN_PYTHON: int = lib.VFUSERVER_RUN_PYTHON
 
@@ -323,3 +324,40 @@ def test_the_model_looks_between_runs(pair: RunPair) -> None:
     run_both(pair, TX_QUEUE)
     run_both(pair)
     assert pair.runs_in_c()[0] >= 6
+
+
+@pytest.mark.parametrize(("route", "isr", "vectors"), [
+    pytest.param({RX_QUEUE: (3, True), TX_QUEUE: (5, True)}, 0, [3, 5], id="msix"),
+    pytest.param({RX_QUEUE: (4, True), TX_QUEUE: (4, True)}, 0, [4], id="msix-shared"),
+    pytest.param({RX_QUEUE: (NO_VECTOR, True), TX_QUEUE: (6, True)}, 0, [6],
+                 id="msix-no-vector"),
+    pytest.param({RX_QUEUE: (None, True), TX_QUEUE: (None, True)}, 1, [0], id="intx"),
+    pytest.param({RX_QUEUE: (None, False), TX_QUEUE: (None, False)}, 1, [],
+                 id="intx-disabled"),
+])
+def test_interrupts_are_routed_as_the_transport_raises_them(
+        route: dict[int, tuple[int | None, bool]], isr: int, vectors: list[int]) -> None:
+    """What serve.c raises after a run in C (vfuserver_native_data_run): the queues'
+    MSI-X vectors once each (none for NO_VECTOR), or the ISR bit and INTx unless
+    PCI_COMMAND disables it (VirtioPciTransport._raise); and nothing for a run that did
+    not start because the model held the state."""
+    side = RunSide(True, **CONFIGS["modern-no-event-idx"])  # an interrupt per publish
+    try:
+        side.side.dev.interrupts.interrupt_route = (  # type: ignore[attr-defined]
+            lambda queue: route[queue.index])
+        fill_rx(side.side, 4)
+        side.unlock()
+        native = side.run.native
+        send(side.side, frame(OTHER, b"out" * 20))
+        side.kick(TX_QUEUE)
+        assert lib.vfuserver_net_run(native, side.pending) >= 0  # sent; it lingers
+        host_sends(side.side, frame(MAC, b"in" * 30))
+        assert lib.vfuserver_net_run(native, side.pending) >= 0  # the timer's run
+        assert native.irq_queues == (1 << RX_QUEUE) | (1 << TX_QUEUE)
+        assert (native.irq_isr, list(native.irq_vectors)[: native.irq_count]) == (
+            isr, vectors)
+        side.lock()  # the model holds the state: a run does not start, raises nothing
+        assert lib.vfuserver_net_run(native, side.pending) == RUN_PYTHON
+        assert (native.irq_queues, native.irq_isr, native.irq_count) == (0, 0, 0)
+    finally:
+        side.close()

@@ -779,7 +779,7 @@ static int vfuserver_run_tx(struct vfuserver_net_run *run, const struct vfuserve
     tx.publish = 0;     /* lingering runs hold their completions back */
     if (vq->pending_used && vq->pending_used >= vq->size / 2 &&
         !vfuserver_run_publish(run, vq, r, VFUSERVER_TX_QUEUE)) {
-        return VFUSERVER_RUN_PYTHON;
+        return VFUSERVER_RUN_PYTHON;    /* from the start: the publish raises there */
     }
     for (;;) {
         vfuserver_set_notification(vq, r, 0);
@@ -789,9 +789,12 @@ static int vfuserver_run_tx(struct vfuserver_net_run *run, const struct vfuserve
         run->tx_dropped += res.dropped;
         run->peer_tx_frames += res.peer_frames;
         run->peer_tx_bytes += res.peer_bytes;
+        /* where the model goes on if this round stops: after its drain, `budget` being
+           what the round began with and res.done what it sent (read only while the
+           transmit step has not finished: tx_ran) */
+        run->resume_tx_budget = (int32_t)budget;
+        run->resume_tx_done = res.done;
         if (status != VFUSERVER_NET_DONE) {
-            run->resume_tx_budget = (int32_t)budget;
-            run->resume_tx_done = res.done;
             return VFUSERVER_RUN_PYTHON;
         }
         budget -= res.done;
@@ -803,10 +806,10 @@ static int vfuserver_run_tx(struct vfuserver_net_run *run, const struct vfuserve
             if (more > 0) {
                 /* notifications stay off; the bottom half runs again soon */
                 if (!vfuserver_run_publish(run, vq, r, VFUSERVER_TX_QUEUE)) {
-                    return VFUSERVER_RUN_PYTHON;
+                    return VFUSERVER_RUN_PYTHON;    /* the publish raises */
                 }
                 run->tx_due = 1;
-                return 0;
+                break;
             }
         }
         if (res.done) {
@@ -817,10 +820,14 @@ static int vfuserver_run_tx(struct vfuserver_net_run *run, const struct vfuserve
         }
         vfuserver_set_notification(vq, r, 1);
         int more = vfuserver_pending(vq, r);
-        if (more <= 0) {
-            return more < 0 ? VFUSERVER_RUN_PYTHON : 0;
+        if (more < 0) {
+            return VFUSERVER_RUN_PYTHON;        /* the model's drain pops and raises */
+        }
+        if (more == 0) {
+            break;
         }
     }
+    return 0;
 }
 
 /* NetPath.receive: up to rx_batch frames from the tap. 1 (keep polling the tap), or
@@ -884,7 +891,9 @@ static void vfuserver_run_route(struct vfuserver_net_run *run)
 static int vfuserver_net_run(struct vfuserver_net_run *run, uint64_t *pending)
 {
     int expected = VFUSERVER_OWNER_C;
-    run->irq_queues = 0;
+    run->irq_queues = 0;    /* nothing to raise, whoever runs */
+    run->irq_isr = 0;
+    run->irq_count = 0;
     if (!__atomic_compare_exchange_n(&run->owner, &expected, VFUSERVER_OWNER_RUNNING, 0,
                                      __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
         return VFUSERVER_RUN_PYTHON;    /* the model holds the state */
