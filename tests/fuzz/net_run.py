@@ -22,6 +22,7 @@ from tests.fuzz.harness import ByteReader, Finding
 from tests.fuzz.rings import RingsTarget
 from tests.server.net_path_rig import (
     attach,
+    data_run,
     deliver_to,
     guard_count,
     host_frames,
@@ -29,8 +30,8 @@ from tests.server.net_path_rig import (
     snapshot,
     socket_tap,
 )
-from vfuserver.binding import ffi, lib
-from vfuserver.devices.virtio_net import RX_QUEUE, TX_QUEUE, NetPeer
+from vfuserver.binding import ffi
+from vfuserver.devices.virtio_net import NetPeer
 from vfuserver.netdev.tap import TapBackend
 from vfuserver.netpath import NetRun
 
@@ -64,26 +65,12 @@ class _Side(RingsTarget):
 
     def data_run(self) -> int:
         """serve.c vfuserver_run_data between two looks of the model (device lock)."""
-        run = self.net_run
-        assert run is not None
-        flags = lib.VFUSERVER_RUN_PYTHON
+        assert self.net_run is not None
         if self.native:
-            run.hand_over()  # the lock released
-            flags = lib.vfuserver_net_run(run.native, self.pending)
-            for index in (RX_QUEUE, TX_QUEUE):
-                if run.native.irq_queues >> index & 1:
-                    self.dev.interrupts.queue_interrupt(self.dev.queues[index])
-        if flags == lib.VFUSERVER_RUN_PYTHON:
-            run.take_back()
-            kicks, self.pending[0] = self.pending[0], 0
-            for index in range(64):
-                if kicks >> index & 1:
-                    self.dev.notify(index)
-            flags = run.run()
-            if self.native:
-                run.hand_over()
-        run.take_back()  # the lock taken to look
-        return int(flags)
+            self.net_run.hand_over()  # the lock released
+        flags = data_run(self.net_run, self.dev, self.pending, native=self.native)
+        self.net_run.take_back()  # the lock taken to look
+        return flags
 
     def kick(self, index: int) -> None:
         self.pending[0] |= 1 << index

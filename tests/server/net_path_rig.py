@@ -11,11 +11,11 @@ from dataclasses import asdict
 from typing import Any
 
 from tests.devices.driver import GuestRam, RecordingInterrupts
-from vfuserver.binding import ffi
-from vfuserver.devices.virtio_net import VirtioNet
+from vfuserver.binding import ffi, lib
+from vfuserver.devices.virtio_net import RX_QUEUE, TX_QUEUE, VirtioNet
 from vfuserver.netdev.backend import VNET_HDR_LEN
 from vfuserver.netdev.tap import TapBackend
-from vfuserver.netpath import NetPath
+from vfuserver.netpath import NetPath, NetRun
 
 
 def socket_tap(vnet_hdr: bool) -> tuple[TapBackend, socket.socket]:
@@ -98,3 +98,27 @@ def snapshot(ram: GuestRam, dev: VirtioNet, tap: TapBackend) -> dict[str, object
         "status": dev.status,
         "broken": dev.broken,
     }
+
+
+def data_run(run: NetRun, dev: VirtioNet, pending: Any, *, native: bool) -> int:
+    """serve.c vfuserver_run_data with ``run`` (``pending``: the ``uint64_t *`` of kicked
+    queues the fast path records): with ``native``, C first, its interrupts raised through
+    ``dev``'s; then, or for the rest of the run, what VfuContext._on_data does under the
+    device lock (NetRun.take_back on taking it, the kicks through the model, NetRun.run,
+    NetRun.hand_over on releasing it). Returns the run's flags."""
+    flags = lib.VFUSERVER_RUN_PYTHON
+    if native:
+        flags = lib.vfuserver_net_run(run.native, pending)
+        for index in (RX_QUEUE, TX_QUEUE):
+            if run.native.irq_queues >> index & 1:
+                dev.interrupts.queue_interrupt(dev.queues[index])
+    if flags == lib.VFUSERVER_RUN_PYTHON:
+        run.take_back()
+        kicks, pending[0] = pending[0], 0
+        for index in range(64):
+            if kicks >> index & 1:
+                dev.notify(index)
+        flags = run.run()
+        if native:
+            run.hand_over()
+    return int(flags)

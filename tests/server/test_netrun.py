@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.devices.test_virtio_net import MAC, OTHER, frame
-from tests.server.net_path_rig import deliver_to
+from tests.server.net_path_rig import data_run, deliver_to
 from tests.server.test_netpath import (
     CONFIGS,
     Side,
@@ -76,21 +76,7 @@ class RunSide:
 
     def data_run(self) -> int:
         """serve.c vfuserver_run_data: C first, then (or for the rest) VfuContext._on_data."""
-        flags: int = RUN_PYTHON
-        if self.native:
-            native = self.run.native
-            flags = int(lib.vfuserver_net_run(native, self.pending))
-            for queue in (RX_QUEUE, TX_QUEUE):
-                if native.irq_queues >> queue & 1:
-                    self.side.irqs.queue_interrupt(self.side.dev.queues[queue])
-        if flags == RUN_PYTHON:
-            self.lock()
-            kicks, self.pending[0] = self.pending[0], 0
-            for queue in range(64):
-                if kicks >> queue & 1:
-                    self.side.dev.notify(queue)
-            flags = self.run.run()
-            self.unlock()
+        flags = data_run(self.run, self.side.dev, self.pending, native=self.native)
         self.flags.append(flags)
         return flags
 
