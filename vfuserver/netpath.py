@@ -10,8 +10,11 @@ take as it is (a chain the model would refuse, a buffer across two maps, a frame
 or to finish, a tap that would block) it leaves untouched for the model, which goes on
 from the same state (tests/server/test_netpath.py compares the two).
 
-Counters: :attr:`NetPath.counters` (frames each way through C, and the runs and frames it
-left to the model), shown as ``net_path`` in the device's stats.
+:class:`NetRun` is the serving thread's whole data run over a NetPath, and the same run
+in C (netpath.c vfuserver_net_run) over state the model hands over while the driver runs.
+
+Counters: :attr:`NetPath.counters` (frames each way through C, the runs and frames it left
+to the model, the runs done wholly in C), shown as ``net_path`` in the device's stats.
 """
 
 from __future__ import annotations

@@ -59,12 +59,16 @@ class _Side(RingsTarget):
     def transmit(self) -> None:
         self.dev.run_tx(linger=True)
 
-    def step(self, reader):  # type: ignore[no-untyped-def]
-        super().step(reader)
+    def state(self) -> dict[str, object]:
+        """What both sides must agree on after an operation."""
         assert self.tap is not None and self.host is not None
         state = snapshot(self.ram, self.dev, self.tap)
         state["host"] = host_frames(self.host)
-        self.snapshots.append(state)
+        return state
+
+    def step(self, reader):  # type: ignore[no-untyped-def]
+        super().step(reader)
+        self.snapshots.append(self.state())
 
     def close(self) -> None:
         if self.tap is not None:
@@ -76,17 +80,20 @@ class _Side(RingsTarget):
 class NetPathTarget:
     """Runs an input on both paths and compares them after every operation."""
 
+    SIDE: type[_Side] = _Side
+    COMPARED = "the model and the C data path"
+
     def __call__(self, data: bytes) -> None:
         vnet_hdr = bool(data[:1] and data[0] & VNET_HDR)
-        ref, native = _Side(False, vnet_hdr), _Side(True, vnet_hdr)
+        ref, native = self.SIDE(False, vnet_hdr), self.SIDE(True, vnet_hdr)
         try:
             ref(data)
             native(data)
             for index, (a, b) in enumerate(zip(ref.snapshots, native.snapshots, strict=True)):
                 for key in a:
                     if a[key] != b[key]:
-                        raise Finding(f"operation {index}: {key} differs between the model "
-                                      "and the C data path")
+                        raise Finding(f"operation {index}: {key} differs between "
+                                      f"{self.COMPARED}")
         finally:
             ref.close()
             native.close()

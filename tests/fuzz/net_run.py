@@ -16,45 +16,21 @@ gives the tap a vnet header.
 from __future__ import annotations
 
 import logging
-import socket
 
-from tests.fuzz.harness import ByteReader, Finding
-from tests.fuzz.rings import RingsTarget
-from tests.server.net_path_rig import (
-    attach,
-    data_run,
-    deliver_to,
-    guard_count,
-    host_frames,
-    host_sends,
-    snapshot,
-    socket_tap,
-)
+from tests.fuzz.net_path import NetPathTarget, _Side
+from tests.server.net_path_rig import attach, data_run, deliver_to, host_sends
 from vfuserver.binding import ffi
-from vfuserver.devices.virtio_net import NetPeer
-from vfuserver.netdev.tap import TapBackend
 from vfuserver.netpath import NetRun
-
-VNET_HDR = 4
-"""Flag bit of the first byte: the tap carries a virtio-net header."""
 
 _LOG = logging.getLogger("fuzz.net-run")
 
 
-class _Side(RingsTarget):
+class _RunSide(_Side):
     def __init__(self, native: bool, vnet_hdr: bool) -> None:
-        self.native = native
-        self.vnet_hdr = vnet_hdr
-        self.tap: TapBackend | None = None
-        self.host: socket.socket | None = None
+        super().__init__(native, vnet_hdr)
         self.net_run: NetRun | None = None
         self.pending = ffi.new("uint64_t *")
-        self.snapshots: list[dict[str, object]] = []
-
-    def make_peer(self) -> NetPeer:
-        guard_count(self.ram)
-        self.tap, self.host = socket_tap(self.vnet_hdr)
-        return self.tap
+        self.flags = -1
 
     def ready(self) -> None:
         assert self.tap is not None
@@ -84,43 +60,16 @@ class _Side(RingsTarget):
     def transmit(self) -> None:
         self.flags = self.data_run()
 
-    def step(self, reader: ByteReader) -> None:
-        self.flags = -1
-        super().step(reader)
-        assert self.tap is not None and self.host is not None and self.net_run is not None
-        state = snapshot(self.ram, self.dev, self.tap)
-        state["host"] = host_frames(self.host)
+    def state(self) -> dict[str, object]:
+        assert self.net_run is not None
+        state = super().state()
         state["run"] = (self.flags, self.net_run.tx_due, self.net_run.tx_lingering)
-        self.snapshots.append(state)
-
-    def close(self) -> None:
-        if self.tap is not None:
-            self.tap.close()
-        if self.host is not None:
-            self.host.close()
+        self.flags = -1
+        return state
 
 
-class NetRunTarget:
+class NetRunTarget(NetPathTarget):
     """Runs an input on both sides and compares them after every operation."""
 
-    def __call__(self, data: bytes) -> None:
-        vnet_hdr = bool(data[:1] and data[0] & VNET_HDR)
-        ref, native = _Side(False, vnet_hdr), _Side(True, vnet_hdr)
-        try:
-            ref(data)
-            native(data)
-            for index, (a, b) in enumerate(zip(ref.snapshots, native.snapshots, strict=True)):
-                for key in a:
-                    if a[key] != b[key]:
-                        raise Finding(f"operation {index}: {key} differs between runs in "
-                                      "Python and runs in C")
-        finally:
-            ref.close()
-            native.close()
-
-    @classmethod
-    def seeds(cls) -> dict[str, bytes]:
-        seeds = RingsTarget.seeds()
-        seeds.update({f"{name}-vnet": bytes([data[0] | VNET_HDR]) + data[1:]
-                      for name, data in RingsTarget.seeds().items()})
-        return seeds
+    SIDE = _RunSide
+    COMPARED = "runs in Python and runs in C"

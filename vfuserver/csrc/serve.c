@@ -21,9 +21,10 @@
  * the thread may poll the socket for up to poll_ns before it sleeps in poll(), with
  * poll_ns adapted as QEMU adapts an IOThread's (util/aio-posix.c adjust_polling_time).
  *
- * With inline_kicks, the thread also runs the device's data path (vfuserver_data_cb, in
- * Python): the queues the fast path saw kicked, and input on data_fd (a tap) while
- * data_armed. A kick is then handled without waking the event loop, and a frame the host
+ * With inline_kicks, the thread also runs the device's data path (net_run in C where the
+ * device has one and the model handed its state over, netpath.c vfuserver_net_run; else,
+ * or for the rest of a run C handed back, vfuserver_data_cb in Python): the queues the
+ * fast path saw kicked, and input on data_fd (a tap) while data_armed. A kick is then handled without waking the event loop, and a frame the host
  * answers at once (an ICMP echo from the tap's own stack) is read right after the write
  * that caused it, as QEMU's main loop does for its own virtio-net. vfuserver_data_cb says
  * whether data_fd stays armed (not while the guest has no receive buffers: its next kick
