@@ -441,7 +441,12 @@ def boot_guest(tools: Tools, console_path: Path, plan: str, *, ns: NetNamespace 
     (vfu.timeout) fires a few seconds earlier, so a hung plan is still reported.
     """
     watchdog = max(int(timeout) - 10, 5)
-    cmdline = f"console=ttyS0 panic=-1 vfu.timeout={watchdog} vfu.plan={plan} {append}".strip()
+    # loglevel=5: the kernel's informational messages (a late "tsc: Refined TSC
+    # clocksource calibration", printed while the init script writes a report line) stay
+    # off the console, where they could land inside a report line; warnings and errors,
+    # such as a broken virtqueue's (BROKEN_QUEUE), still show
+    cmdline = (f"console=ttyS0 loglevel=5 panic=-1 vfu.timeout={watchdog} vfu.plan={plan} "
+               f"{append}").strip()
     cmd = [*(ns.exec_prefix if ns is not None else []), sys.executable, str(LAUNCHER),
            "--qemu", str(tools.qemu), "--kernel", str(tools.kernel),
            "--initrd", str(tools.initrd), "--append", cmdline, "--smp", str(smp)]
