@@ -380,11 +380,13 @@ class VfuContext:
         fd = self.poll_fd()
         if fd == self._listen_fd:  # libvfio-user closed the connection (tran_sock_detach)
             return True
-        # The fd is the serving thread's: if it was closed and its number reused since,
-        # the answer is only a spurious wait or refusal.
+        # The fd is the serving thread's. Closed and not yet replaced by the listening
+        # socket (libvfio-user's tran_sock_detach closes it first): POLLNVAL, the session
+        # is ending. Closed and its number reused since: only a spurious wait or refusal.
         poller = select.poll()
         poller.register(fd, select.POLLRDHUP)
-        return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR
+                             | select.POLLNVAL)
                    for _, events in poller.poll(0))
 
     @property
