@@ -131,18 +131,22 @@ class VirtioPciTransport:
         (NO_VECTOR: none), or None with MSI-X off (the ISR bit, then INTx), and whether
         INTx is raised (PCI_COMMAND's INTX_DISABLE clear). For a native engine that raises
         it the same way (vfuserver/netpath.py NetRun)."""
-        return (queue.msix_vector if self.msix_enabled() else None,
+        return self._route(queue.msix_vector)
+
+    def _route(self, vector: int) -> tuple[int | None, bool]:
+        return (vector if self.msix_enabled() else None,
                 not self.config.command & pcifmt.Command.INTX_DISABLE)
 
     def _raise(self, isr_bit: int, vector: int) -> None:
-        if self.msix_enabled():
-            if vector != NO_VECTOR:
-                self.interrupts.trigger(vector)
+        msix_vector, intx = self._route(vector)
+        if msix_vector is not None:
+            if msix_vector != NO_VECTOR:
+                self.interrupts.trigger(msix_vector)
             return
         # INTx: the ISR bit says why; QEMU asserts the line on the eventfd and deasserts
         # it on the guest's next BAR access, after which the ISR read clears the bit.
         self.isr_cell.set(isr_bit)
-        if not self.config.command & pcifmt.Command.INTX_DISABLE:
+        if intx:
             self.interrupts.trigger(0)
 
     def read_isr(self) -> int:

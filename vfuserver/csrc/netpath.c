@@ -734,8 +734,8 @@ struct vfuserver_net_run {
 
 /* VirtQueue.set_notification: used.flags NO_NOTIFY, or avail_event with EVENT_IDX (only
    when enabling), then a full barrier before the caller looks at the ring again. */
-static void vfuserver_set_notification(struct vfuserver_vq *vq, const struct vfuserver_rings *r,
-                                       int enabled)
+static void vfuserver_set_notification(struct vfuserver_vq *vq,
+                                       const struct vfuserver_rings *r, int enabled)
 {
     vq->notification = (uint8_t)enabled;
     if (vq->event_idx) {
@@ -906,7 +906,8 @@ static int vfuserver_net_run(struct vfuserver_net_run *run, uint64_t *pending)
     struct vfuserver_rings r;
     uint64_t kicks = __atomic_exchange_n(pending, 0, __ATOMIC_ACQ_REL);
     if ((kicks & ~(uint64_t)3) || vfuserver_lost(run->memory, &run->txq) ||
-        vfuserver_lost(run->memory, &run->rxq) || !vfuserver_rings(run->memory, &run->txq, &r)) {
+        vfuserver_lost(run->memory, &run->rxq) ||
+        !vfuserver_rings(run->memory, &run->txq, &r)) {
         /* another queue's kick (the control queue's), lost pages: the model's run */
         __atomic_fetch_or(pending, kicks, __ATOMIC_ACQ_REL);
         goto out;

@@ -24,9 +24,10 @@
  * With inline_kicks, the thread also runs the device's data path (net_run in C where the
  * device has one and the model handed its state over, netpath.c vfuserver_net_run; else,
  * or for the rest of a run C handed back, vfuserver_data_cb in Python): the queues the
- * fast path saw kicked, and input on data_fd (a tap) while data_armed. A kick is then handled without waking the event loop, and a frame the host
- * answers at once (an ICMP echo from the tap's own stack) is read right after the write
- * that caused it, as QEMU's main loop does for its own virtio-net. vfuserver_data_cb says
+ * fast path saw kicked, and input on data_fd (a tap) while data_armed. A kick is then
+ * handled without waking the event loop, and a frame the host answers at once (an ICMP
+ * echo from the tap's own stack) is read right after the write that caused it, as QEMU's
+ * main loop does for its own virtio-net. vfuserver_data_cb (or the run in C) says
  * whether data_fd stays armed (not while the guest has no receive buffers: its next kick
  * brings them) and whether it has more to do (a transmit burst cut at its budget: called
  * again after the next message, so a guest that transmits without pause cannot starve its
