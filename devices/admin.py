@@ -132,11 +132,13 @@ class AdminStats:
         status table): ``opcode:LEGACY_COMMON_CFG_READ``,
         ``status:LEGACY_COMMON_CFG_READ:OK``; a value the spec does not name shows as
         its number."""
-        # list(): one step under the GIL, while serving threads may add keys
+        # copy(): one C call that runs no Python code, while serving threads may add keys;
+        # list(items()) allocates a tuple per item, and a garbage collection that runs
+        # a finalizer there can let another thread in (dictionary changed size)
         out = {f"opcode:{name_or_number(Opcode, op)}": n
-               for op, n in list(self.commands.items())}
+               for op, n in self.commands.copy().items()}
         out.update({f"status:{name_or_number(Opcode, op)}:{name_or_number(Status, st)}": n
-                    for (op, st), n in list(self.statuses.items())})
+                    for (op, st), n in self.statuses.copy().items()})
         out["malformed"] = self.malformed
         out["bugs"] = self.bugs
         return out

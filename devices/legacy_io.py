@@ -108,10 +108,12 @@ class LegacyStats:
     (:attr:`vfuserver.devices.legacy.LegacyInterface.ignored`)."""
 
     def as_dict(self) -> dict[str, int]:
-        # list(): one step under the GIL, while the serving thread may add keys
-        out = {f"access:{k}": v for k, v in list(self.accesses.items())}
-        out.update({f"refused:{k}": v for k, v in list(self.refused.items())})
-        out.update({f"ignored:{k}": v for k, v in list(self.ignored.items())})
+        # copy(): one C call that runs no Python code, while the serving thread may add keys;
+        # list(items()) allocates a tuple per item, and a garbage collection that runs
+        # a finalizer there can let another thread in (dictionary changed size)
+        out = {f"access:{k}": v for k, v in self.accesses.copy().items()}
+        out.update({f"refused:{k}": v for k, v in self.refused.copy().items()})
+        out.update({f"ignored:{k}": v for k, v in self.ignored.copy().items()})
         out["fast_notifies"] = self.fast_notifies
         return out
 
