@@ -224,6 +224,7 @@ class NativeDevice:
         dev = self.dev
         out = {"messages": int(dev.messages), "wakeups": int(dev.wakeups),
                "polled": int(dev.polled), "kick_signals": int(dev.kicks),
+               "interrupts": int(dev.interrupts),
                "data_path_runs": int(dev.data_runs), "direct": int(dev.direct)}
         for slot, reg in zip(dev.regs, self.registers, strict=False):
             out[f"fast:{reg.name}"] = int(slot.count)

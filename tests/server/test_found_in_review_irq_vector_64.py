@@ -56,3 +56,28 @@ def test_vector_64_is_not_lost_when_the_serving_thread_is_busy(tmp_path: Path) -
         print("trigger(63)", ok63, "fired", got63, "| trigger(64)", ok64, "fired", got64)
         assert got63
         assert ok64 and got64, "vector 64 lost"
+
+
+def test_the_interrupts_counter_counts_what_reached_the_client(tmp_path: Path) -> None:
+    """fast_path's ``interrupts``: every vector signalled to an eventfd of the client, from
+    the serving thread or another one; a vector the client gave no eventfd for is not."""
+    fn = ManyVectors()
+    with VfuContext(str(tmp_path / "c.sock"), fn) as context:
+        client, thread, _ = attached_session(context)
+        efds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]
+        client.set_irqs(vu.PciIrq.MSIX, 0, efds)
+        assert context.native.counters()["interrupts"] == 0
+        assert [context.trigger(v) for v in (0, 0, 1, 5)] == [True, True, True, False]
+        client.post_write(vu.PciRegion.BAR0, 0, b"\0\0\0\0")   # the serving thread is busy
+        assert fn.bar0.entered.wait(5)
+        assert context.trigger(1)    # left pending, raised by the serving thread
+        fn.bar0.release.set()
+        signalled = 0
+        while signalled < 4:
+            ready, _, _ = select.select(efds, [], [], 2)
+            if not ready:
+                break
+            signalled += sum(os.eventfd_read(fd) for fd in ready)
+        client.close()
+        thread.join(10)
+        assert signalled == context.native.counters()["interrupts"] == 4

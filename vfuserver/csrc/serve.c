@@ -188,16 +188,26 @@ static int vfuserver_attach(vfu_ctx_t *ctx, struct vfuserver_dev *d)
     return ret;
 }
 
+/* vfu_irq_trigger, counted when it signalled the client's eventfd. */
+static int vfuserver_irq(vfu_ctx_t *ctx, struct vfuserver_dev *d, uint32_t vector)
+{
+    int ret = vfu_irq_trigger(ctx, vector);
+    if (ret == 0) {
+        __atomic_fetch_add(&d->interrupts, 1, __ATOMIC_RELAXED);
+    }
+    return ret;
+}
+
 /* Raise an interrupt from any thread (see the file comment). */
 static int vfuserver_trigger(vfu_ctx_t *ctx, struct vfuserver_dev *d, uint32_t vector)
 {
     int ret;
     if (__atomic_load_n(&d->serving, __ATOMIC_ACQUIRE) &&
         pthread_equal(pthread_self(), d->thread)) {
-        return vfu_irq_trigger(ctx, vector);        /* inside vfu_run_ctx: lock held */
+        return vfuserver_irq(ctx, d, vector);       /* inside vfu_run_ctx: lock held */
     }
     if (pthread_mutex_trylock(&d->irq_lock) == 0) {
-        ret = vfu_irq_trigger(ctx, vector);
+        ret = vfuserver_irq(ctx, d, vector);
         pthread_mutex_unlock(&d->irq_lock);
         return ret;
     }
@@ -221,7 +231,7 @@ static void vfuserver_raise_pending(vfu_ctx_t *ctx, struct vfuserver_dev *d)
         while (vectors) {
             int bit = __builtin_ctzll(vectors);
             vectors &= vectors - 1;
-            vfu_irq_trigger(ctx, (uint32_t)(word * 64 + bit));
+            vfuserver_irq(ctx, d, (uint32_t)(word * 64 + bit));
         }
     }
 }

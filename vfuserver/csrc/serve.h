@@ -123,6 +123,7 @@ struct vfuserver_dev {
     uint64_t wakeups;               /* poll() returns */
     uint64_t polled;                /* messages found by adaptive polling (no wake-up) */
     uint64_t kicks;                 /* notify_fd writes */
+    uint64_t interrupts;            /* interrupts signalled (vfuserver_irq) */
 
     /* the data path on the serving thread (vfuserver_data_cb), set while no thread serves */
     int inline_kicks;               /* kicks go to vfuserver_data_cb, not notify_fd */

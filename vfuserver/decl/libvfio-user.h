@@ -176,6 +176,7 @@ struct vfuserver_dev {
     uint64_t wakeups;
     uint64_t polled;
     uint64_t kicks;
+    uint64_t interrupts;
     int inline_kicks;
     int data_fd;
     int data_armed;
