@@ -284,6 +284,17 @@ class VirtioNet(VirtioDevice):
         if changed and self.on_guest_offloads is not None:
             self.on_guest_offloads(offloads)
 
+    def guest_gso_types(self) -> tuple[int, bool]:
+        """The received GSO packets the guest takes, from its offloads (§5.1.6.4.1):
+        a bitmask with bit ``t`` set for each GsoType ``t`` it has the offload for, and
+        whether it takes them with the ECN bit (GUEST_ECN)."""
+        offloads = self.guest_offloads
+        types = 0
+        for gso, needs in _GSO_NEEDS.items():
+            if offloads & needs:
+                types |= 1 << gso
+        return types, bool(offloads & _GUEST_ECN)
+
     @property
     def net_status(self) -> int:
         """The config ``status`` field."""
@@ -540,12 +551,8 @@ class VirtioNet(VirtioDevice):
         offloads = self.guest_offloads
         gso = gso_type & ~net.GSO_ECN
         if gso != _GSO_NONE:
-            needs = _GSO_NEEDS.get(gso)
-            if (
-                needs is None
-                or not offloads & needs
-                or (gso_type & net.GSO_ECN and not offloads & _GUEST_ECN)
-            ):
+            types, ecn = self.guest_gso_types()
+            if not (types >> gso) & 1 or (gso_type & net.GSO_ECN and not ecn):
                 self.ratelimited.log(
                     logging.DEBUG,
                     "%s: dropped GSO frame (type %#x) the guest cannot take",

@@ -202,7 +202,7 @@ def test_completions_held_until_half_the_ring(pair: RunPair) -> None:
 def test_fallbacks_part_way(pair: RunPair) -> None:
     """Runs C hands to Python at their start (a control queue kick) or part way (a
     checksum to finish for a plain tap, a filtered frame, a frame without buffers, a
-    GSO frame): Python goes on from there and the runs come out the same."""
+    GSO frame the guest cannot take): Python goes on from there and the runs come out the same."""
     udp = bytes(20) + bytes.fromhex("04d2162e0010") + b"\0\0" + b"12345678"
     pair.driver(fill_rx, 2)
     pair.driver(send, frame(OTHER, b"first"))
@@ -211,7 +211,7 @@ def test_fallbacks_part_way(pair: RunPair) -> None:
     pair.driver(send, frame(OTHER, b"after"))
     pair.driver(host_sends, frame(OTHER, b"not for us"))
     pair.driver(host_sends, frame(MAC, b"for us"))
-    gso = net.HDR_STRUCT.pack(1, 1, 54, 1400, 34, 16, 0)
+    gso = net.HDR_STRUCT.pack(1, 2, 54, 1400, 34, 16, 0)  # a GSO type no guest takes
     pair.driver(host_sends, frame(MAC, b"x" * 3000), gso)
     for _ in range(4):
         pair.driver(host_sends, frame(MAC, b"y" * 100))
@@ -251,14 +251,14 @@ def vnet_pair(request: pytest.FixtureRequest) -> Iterator[RunPair]:
 
 
 def test_receive_handed_over_mid_batch(vnet_pair: RunPair) -> None:
-    """C stops in the middle of a receive batch (a GSO frame for the model) after
+    """C stops in the middle of a receive batch (a GSO frame the model drops) after
     frames that count against it (empty ones the backend drops): Python receives only
     what is left of the batch."""
     pair = vnet_pair
     pair.driver(fill_rx, 30)
     for _ in range(55):
         pair.driver(lambda side: side.host.send(bytes(VNET_HDR_LEN)))  # no frame
-    gso = net.HDR_STRUCT.pack(1, 1, 54, 1400, 34, 16, 0)
+    gso = net.HDR_STRUCT.pack(1, 2, 54, 1400, 34, 16, 0)  # a GSO type no guest takes
     pair.driver(host_sends, frame(MAC, b"x" * 3000), gso)
     for i in range(20):
         pair.driver(host_sends, frame(MAC, bytes([i]) * 80))

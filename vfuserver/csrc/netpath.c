@@ -11,8 +11,8 @@
  * (VFUSERVER_NET_STOPPED): the Python model then goes on from the same state, pops that
  * chain itself and raises its error (a descriptor loop, a buffer outside the maps, a
  * transmit chain shorter than the header), handles the case C leaves out (a buffer across
- * two maps, an indirect table across maps, a checksum to finish, a GSO frame, a filtered
- * frame) or, for a tap that would block, queues the frame. tests/server/test_netpath.py
+ * two maps, an indirect table across maps, a checksum to finish, a GSO frame the guest
+ * cannot take, a filtered frame) or, for a tap that would block, queues the frame. tests/server/test_netpath.py
  * drives both paths with the same rings and compares guest memory, queue state, frames and
  * counters.
  *
@@ -34,6 +34,7 @@
 #define VRING_AVAIL_F_NO_INTERRUPT 1
 #define VIRTIO_NET_HDR_F_NEEDS_CSUM 1
 #define VIRTIO_NET_HDR_F_DATA_VALID 2
+#define VIRTIO_NET_HDR_GSO_ECN 0x80
 #define VFUSERVER_NET_HDR_LEN 12
 #define VFUSERVER_ETH_HLEN 14
 
@@ -100,7 +101,11 @@ struct vfuserver_net_rx {
     uint8_t vlan_filter;            /* CTRL_VLAN filtering: a tagged frame is Python's */
     uint8_t nouni, nobcast;
     uint8_t mac[6];
-    uint32_t max_frame;             /* MTU in use: a longer frame is Python's (0: none) */
+    uint32_t max_frame;             /* MTU in use: a longer non-GSO frame is Python's (0:
+                                       none) */
+    uint32_t gso_types;             /* bit t: the guest takes GSO type t (guest_gso_types);
+                                       another GSO frame is Python's (it drops it) */
+    uint8_t gso_ecn;                /* ... with the ECN bit too */
 };
 
 /* What vfuserver_net_tx / vfuserver_net_rx return. */
@@ -585,8 +590,11 @@ static int vfuserver_net_rx(const struct vfuserver_memory *m, struct vfuserver_v
         header[10] = 1;
         header[11] = 0;
         uint8_t flags = header[0], gso_type = header[1];
-        int python = !vfuserver_rx_accepts(rx, frame, frame_len) || gso_type != 0 ||
-                     (rx->max_frame && frame_len > rx->max_frame);
+        uint8_t gso = gso_type & (uint8_t)~VIRTIO_NET_HDR_GSO_ECN;
+        int python = !vfuserver_rx_accepts(rx, frame, frame_len) ||
+                     (gso ? gso >= 32 || !(rx->gso_types & (1u << gso)) ||
+                                ((gso_type & VIRTIO_NET_HDR_GSO_ECN) && !rx->gso_ecn)
+                          : rx->max_frame && frame_len > rx->max_frame);
         if (!python && !rx->guest_csum) {
             python = (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) != 0;
             header[0] = flags & ~(VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID);

@@ -299,6 +299,8 @@ struct vfuserver_net_rx {
     uint8_t nouni, nobcast;
     uint8_t mac[6];
     uint32_t max_frame;
+    uint32_t gso_types;
+    uint8_t gso_ecn;
 };
 struct vfuserver_net_result {
     uint32_t done;
