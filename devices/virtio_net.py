@@ -246,6 +246,10 @@ class VirtioNet(VirtioDevice):
         self.mac = self.operator_mac
         self.rx_filter = RxFilter()
         self.announce_pending = False
+        self.rx_busy = False
+        """A GSO packet (a stream the host's stack coalesced) reached the guest since a
+        lingering transmit run last found nothing: the next such run leaves the driver's
+        notifications off once more (:meth:`run_tx`)."""
         self.guest_offloads = 0
         self.header_len = net.HDR_LEN_LEGACY
         self.mergeable_rx = False
@@ -257,6 +261,7 @@ class VirtioNet(VirtioDevice):
         self.mac = self.operator_mac
         self.rx_filter = RxFilter()
         self.announce_pending = False
+        self.rx_busy = False
         self.header_len = net.header_length(version_1=False, mrg_rxbuf=False)
         self.mergeable_rx = False
         self._set_guest_offloads(0)
@@ -384,7 +389,11 @@ class VirtioNet(VirtioDevice):
         timer period after the driver pauses), once half the ring waits for them, or when
         a burst is cut. The frames themselves are not delayed; a guest whose TCP stack
         waits for its completions (TSQ) sends fewer, larger segments and takes fewer
-        interrupts.
+        interrupts. While the guest receives a stream (:attr:`rx_busy`: a GSO packet
+        since the last run that found nothing), such a run still leaves notifications
+        off and lingers once more, so the acknowledgements the driver queues right after
+        are picked up by the next run instead of each notifying, as vhost-net polls the
+        transmit ring while it receives (drivers/vhost/net.c, vhost_net_busy_poll).
 
         ``resume``: (budget, sent) of a run whose first drain another engine stopped part
         way (vfuserver/netpath.py NetRun): the run goes on from there, with ``sent`` of
@@ -427,6 +436,9 @@ class VirtioNet(VirtioDevice):
                 return True  # notifications stay off until a run finds nothing
             if queue.unpublished:
                 self._publish_tx(queue)  # the driver paused: it gets its completions
+            if linger and self.rx_busy:
+                self.rx_busy = False
+                return True  # a stream comes in: its acknowledgements are looked for
             queue.set_notification(True)
             # A kick may have been suppressed while notifications were off: look again.
             if not queue.available():
@@ -615,6 +627,8 @@ class VirtioNet(VirtioDevice):
             written += chain.write(frame[pos : pos + take], written)
             pos += take
             queue.push(chain, written)
+        if header[1] & ~net.GSO_ECN != _GSO_NONE:
+            self.rx_busy = True
         if queue.flush():
             self.queue_interrupt(queue)
         self.stats.rx_packets += 1

@@ -218,6 +218,8 @@ class NetPath:
                     peer.rx_dropped += res.peer_dropped
                     self.counters.rx_frames += res.packets
                     left -= res.done + res.peer_dropped
+                if res.gso:
+                    net_.rx_busy = True
                 if res.interrupt:
                     net_.queue_interrupt(queue)
                 frame_len, error = res.frame_len, res.error
@@ -339,6 +341,7 @@ class NetRun:
         path._tx.hdr_len = net.header_len
         run.tx_due = self.tx_due
         run.tx_lingering = self.tx_lingering
+        run.rx_busy = net.rx_busy
         run.tx_burst = net.tx_burst
         for index in (RX_QUEUE, TX_QUEUE):
             vector, intx = route(net.queues[index])
@@ -362,6 +365,7 @@ class NetRun:
         net.queues[TX_QUEUE].import_state(run.txq)
         self.tx_due = bool(run.tx_due)
         self.tx_lingering = bool(run.tx_lingering)
+        net.rx_busy = bool(run.rx_busy)
         stats, peer, counters = net.stats, path.tap.stats, path.counters
         stats.tx_packets += run.tx_packets
         stats.tx_bytes += run.tx_bytes

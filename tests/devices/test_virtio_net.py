@@ -379,6 +379,43 @@ def test_a_lingering_transmit_run_keeps_kicks_off_until_a_run_finds_nothing(want
     assert len(rig.peer.sent) == 3 and queue.notification_enabled
 
 
+@pytest.mark.parametrize("gso_type", [net.GsoType.TCPV4, net.GsoType.TCPV4 | net.GSO_ECN,
+                                      net.GsoType.NONE, net.GSO_ECN])
+def test_a_received_stream_keeps_kicks_off_one_run_longer(gso_type: int) -> None:
+    """While the guest receives a stream (a GSO packet came in), a lingering run that
+    finds nothing leaves notifications off once more: the acknowledgements the driver
+    queues next are found by the next run without a kick. A plain frame (a ping's
+    answer) changes nothing, nor does a run without linger."""
+    rig = make_rig(vnet_hdr=True)
+    queue = rig.dev.queues[TX_QUEUE]
+    rig.dev.on_tx_pending = lambda: None
+    stream = gso_type & ~net.GSO_ECN != net.GsoType.NONE
+    for _ in range(3):
+        rig.rx.add([], [2048] * 2)
+    rig.tx.add([rig.header() + frame(OTHER, b"data")])  # kicked: notifications off
+    assert rig.dev.run_tx(linger=True) is True
+    vnet = net.HDR_STRUCT.pack(1, gso_type, 54, 1448 if stream else 0, 34, 16, 0)
+    assert rig.dev.receive(frame(MAC, bytes(3000)), vnet)
+    assert rig.dev.rx_busy is stream
+    old = rig.tx.avail_idx
+    assert rig.dev.run_tx(linger=True) is stream
+    assert queue.notification_enabled is not stream
+    assert not rig.dev.rx_busy
+    rig.tx.add([rig.header() + frame(OTHER, b"ack")])
+    assert rig.tx.kick_needed(old) is not stream
+    if stream:
+        assert rig.dev.run_tx(linger=True) is True   # sent the acknowledgement
+        assert rig.dev.run_tx(linger=True) is False  # and found nothing more
+        assert len(rig.peer.sent) == 2 and rig.peer.sent[1].endswith(frame(OTHER, b"ack"))
+    assert queue.notification_enabled
+    # without linger (no timer to come back): the flag is not looked at
+    assert rig.dev.receive(frame(MAC, bytes(3000)), vnet)
+    assert rig.dev.run_tx() is False and queue.notification_enabled
+    assert rig.dev.rx_busy is stream
+    rig.dev.reset()
+    assert not rig.dev.rx_busy
+
+
 def test_lingering_completions_wait_for_half_the_ring() -> None:
     """A driver that keeps transmitting gets its completions once half the ring waits
     for them, without pausing."""

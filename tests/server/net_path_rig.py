@@ -97,6 +97,7 @@ def snapshot(ram: GuestRam, dev: VirtioNet, tap: TapBackend) -> dict[str, object
         "irqs": sorted(set(irqs.queue)),
         "status": dev.status,
         "broken": dev.broken,
+        "rx_busy": dev.rx_busy,
     }
 
 

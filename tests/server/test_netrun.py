@@ -266,6 +266,33 @@ def test_receive_handed_over_mid_batch(vnet_pair: RunPair) -> None:
     run_both(pair)
 
 
+def test_a_received_stream_keeps_transmit_notifications_off(vnet_pair: RunPair) -> None:
+    """A TCP stream into the guest (GSO frames, as the host's stack sends through a tap
+    with offloads) with the guest's acknowledgements going out between its frames: the
+    run after a GSO frame that finds nothing to send leaves notifications off once more
+    (VirtioNet.rx_busy), on either engine, and C takes the GSO frames itself where the
+    guest's offloads take them."""
+    pair = vnet_pair
+    pair.driver(fill_rx, 2, 7000)
+    run_both(pair, RX_QUEUE)
+    takes = pair.c.side.dev.guest_gso_types()[0] >> net.GsoType.TCPV4 & 1
+    gso = net.HDR_STRUCT.pack(1, net.GsoType.TCPV4, 54, 1448, 34, 16, 0)
+    for i in range(6):
+        pair.driver(host_sends, frame(MAC, bytes([i]) * 6000), gso)
+        run_both(pair)                          # the frame in
+        pair.driver(send, frame(OTHER, bytes([i]) * 54))
+        run_both(pair, TX_QUEUE)                # an acknowledgement out
+        run_both(pair)                          # found nothing: off once more, if busy
+        off = not pair.c.look(lambda side: side.dev.queues[TX_QUEUE].notification_enabled)
+        assert off is bool(takes)
+        run_both(pair)                          # found nothing again: kicks wanted
+        assert pair.c.look(lambda side: side.dev.queues[TX_QUEUE].notification_enabled)
+        pair.driver(lambda side: (side.rx.get_used(), side.tx.get_used()))
+        pair.driver(fill_rx, 1, 7000)
+    runs, left = pair.runs_in_c()
+    assert left == 0 if takes else runs >= 6
+
+
 def test_a_tap_that_would_block(pair: RunPair) -> None:
     """The host stops reading: C hands the frame it cannot write to the model, which
     queues it in order; C does not take over while the backend holds frames."""

@@ -123,6 +123,7 @@ struct vfuserver_net_result {
     uint64_t packets, bytes;        /* the model's counters (tx_ or rx_) */
     uint64_t dropped;               /* tx: empty frames (tx_dropped) */
     uint64_t peer_frames, peer_bytes, peer_dropped;  /* the backend's counters */
+    uint8_t gso;                    /* receive: a GSO frame was placed (VirtioNet.rx_busy) */
 };
 
 /* The host address of [addr, addr + len) inside one map, or NULL (GuestMemory.view). */
@@ -661,6 +662,9 @@ static int vfuserver_net_rx(const struct vfuserver_memory *m, struct vfuserver_v
             pos += take;
             vfuserver_push(vq, &r, c->head, (uint32_t)written);
         }
+        if (gso) {
+            res->gso = 1;
+        }
         res->frame_len = 0;
         res->done++;
         res->peer_frames++;         /* the backend counts what it handed over */
@@ -715,6 +719,7 @@ struct vfuserver_net_run {
     uint32_t rx_batch;              /* RX_BATCH */
     uint8_t tx_due;                 /* NetRun.tx_due: the bottom half is scheduled */
     uint8_t tx_lingering;           /* NetRun.tx_lingering */
+    uint8_t rx_busy;                /* VirtioNet.rx_busy */
     /* how queue_interrupt raises each queue's (VirtioPciTransport._raise) */
     uint8_t msix;                   /* MSI-X on: the queue's vector; else ISR bit + INTx */
     uint8_t intx;                   /* INTx not disabled (PCI_COMMAND) */
@@ -826,6 +831,10 @@ static int vfuserver_run_tx(struct vfuserver_net_run *run, const struct vfuserve
         if (vq->pending_used && !vfuserver_run_publish(run, vq, r, VFUSERVER_TX_QUEUE)) {
             return VFUSERVER_RUN_PYTHON;
         }
+        if (run->rx_busy) {
+            run->rx_busy = 0;
+            return 1;   /* a stream comes in: its acknowledgements are looked for */
+        }
         vfuserver_set_notification(vq, r, 1);
         int more = vfuserver_pending(vq, r);
         if (more < 0) {
@@ -851,6 +860,9 @@ static int vfuserver_run_rx(struct vfuserver_net_run *run)
     run->peer_rx_bytes += res.peer_bytes;
     run->peer_rx_dropped += res.peer_dropped;
     left -= res.done + res.peer_dropped;
+    if (res.gso) {
+        run->rx_busy = 1;
+    }
     if (res.interrupt) {
         run->irq_queues |= 1u << VFUSERVER_RX_QUEUE;
     }

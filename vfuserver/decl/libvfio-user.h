@@ -310,6 +310,7 @@ struct vfuserver_net_result {
     uint64_t packets, bytes;
     uint64_t dropped;
     uint64_t peer_frames, peer_bytes, peer_dropped;
+    uint8_t gso;
 };
 #define VFUSERVER_NET_MAPS ...
 #define VFUSERVER_NET_DONE ...
@@ -336,6 +337,7 @@ struct vfuserver_net_run {
     uint32_t rx_batch;
     uint8_t tx_due;
     uint8_t tx_lingering;
+    uint8_t rx_busy;
     uint8_t msix;
     uint8_t intx;
     uint16_t vector[2];
