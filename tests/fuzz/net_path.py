@@ -6,7 +6,8 @@ a real TapBackend over a socket pair (tests/server/net_path_rig.py); receives co
 the tap, the transmit bottom half lingers and coalesces as the server's does. After every
 operation both must have the same guest RAM, queue state, counters, frames on the host
 side and interrupted queues; any difference is a finding. Bit 2 of the first byte gives
-the tap a vnet header.
+the tap a vnet header, whose GSO type and checksum flag come from the frame
+(:func:`vnet_header`).
 """
 
 from __future__ import annotations
@@ -27,9 +28,25 @@ from tests.server.net_path_rig import (
 from vfuserver.devices.virtio_net import NetPeer
 from vfuserver.netdev.tap import TapBackend
 from vfuserver.netpath import NetPath
+from vfuserver.protocol import virtio_net as net
 
 VNET_HDR = 4
 """Flag bit of the first byte: the tap carries a virtio-net header."""
+
+_GSO_TYPES = (0, 0, 0, 1, 1 | net.GSO_ECN, 4, 3, 5, 2, net.GSO_ECN)
+"""gso_type of a frame from the tap, by its 7th byte: mostly none, each type the spec
+defines, with ECN, one it does not and the ECN bit alone."""
+
+
+def vnet_header(frame: bytes) -> bytes:
+    """The header the host's stack gives ``frame`` (a tap with a vnet header), from the
+    frame's 7th byte (its first after the destination MAC: the input's): a GSO type of
+    :data:`_GSO_TYPES`, and NEEDS_CSUM from bit 7 (csum_start 14, csum_offset 16)."""
+    sel = frame[6] if len(frame) > 6 else 0
+    gso = _GSO_TYPES[sel % len(_GSO_TYPES)]
+    flags = sel >> 7
+    return net.HDR_STRUCT.pack(flags, gso, 54 if gso else 0, 1448 if gso else 0,
+                               14 if flags else 0, 16 if flags else 0, 0)
 
 
 class _Side(RingsTarget):
@@ -53,7 +70,7 @@ class _Side(RingsTarget):
 
     def receive(self, frame: bytes) -> None:
         assert self.tap is not None and self.host is not None
-        host_sends(self.tap, self.host, frame)
+        host_sends(self.tap, self.host, frame, vnet_header(frame))
         receive_now(self.dev, self.tap, self.path)
 
     def transmit(self) -> None:

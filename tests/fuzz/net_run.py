@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from tests.fuzz.net_path import NetPathTarget, _Side
+from tests.fuzz.net_path import NetPathTarget, _Side, vnet_header
 from tests.server.net_path_rig import attach, data_run, deliver_to, host_sends
 from vfuserver.binding import ffi
 from vfuserver.netpath import NetRun
@@ -54,7 +54,7 @@ class _RunSide(_Side):
 
     def receive(self, frame: bytes) -> None:
         assert self.tap is not None and self.host is not None
-        host_sends(self.tap, self.host, frame)
+        host_sends(self.tap, self.host, frame, vnet_header(frame))
         self.flags = self.data_run()
 
     def transmit(self) -> None:
