@@ -321,6 +321,7 @@ class ServedNetDevice(ServedDevice):
             self.lock.take_back = self.lock.hand_over = None
             if run is not None:
                 run.finish()
+            self.net.rx_busy = False  # the event loop's bottom half does not linger
         self._run = None
         self.net.tx_engine = None
         self.backend.return_receiver()

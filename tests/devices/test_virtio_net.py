@@ -395,7 +395,9 @@ def test_a_received_stream_keeps_kicks_off_one_run_longer(gso_type: int) -> None
     rig.tx.add([rig.header() + frame(OTHER, b"data")])  # kicked: notifications off
     assert rig.dev.run_tx(linger=True) is True
     vnet = net.HDR_STRUCT.pack(1, gso_type, 54, 1448 if stream else 0, 34, 16, 0)
-    assert rig.dev.receive(frame(MAC, bytes(3000)), vnet)
+    size = 3000 if stream else 1000  # a plain frame within the MTU: placed too
+    assert rig.dev.receive(frame(MAC, bytes(size)), vnet)
+    assert rig.dev.stats.rx_packets == 1
     assert rig.dev.rx_busy is stream
     old = rig.tx.avail_idx
     assert rig.dev.run_tx(linger=True) is stream
@@ -409,7 +411,8 @@ def test_a_received_stream_keeps_kicks_off_one_run_longer(gso_type: int) -> None
         assert len(rig.peer.sent) == 2 and rig.peer.sent[1].endswith(frame(OTHER, b"ack"))
     assert queue.notification_enabled
     # without linger (no timer to come back): the flag is not looked at
-    assert rig.dev.receive(frame(MAC, bytes(3000)), vnet)
+    assert rig.dev.receive(frame(MAC, bytes(size)), vnet)
+    assert rig.dev.stats.rx_packets == 2
     assert rig.dev.run_tx() is False and queue.notification_enabled
     assert rig.dev.rx_busy is stream
     rig.dev.reset()
