@@ -251,6 +251,10 @@ class VirtioNet(VirtioDevice):
         lingering transmit run last found nothing: the next such run leaves the driver's
         notifications off once more (:meth:`run_tx`)."""
         self.guest_offloads = 0
+        self.guest_gso_types = (0, False)
+        """The received GSO packets the guest takes, from its offloads (§5.1.6.4.1): a
+        bitmask with bit ``t`` set for each GsoType ``t`` it has the offload for, and
+        whether it takes them with the ECN bit (GUEST_ECN)."""
         self.header_len = net.HDR_LEN_LEGACY
         self.mergeable_rx = False
         self.reset()
@@ -286,19 +290,13 @@ class VirtioNet(VirtioDevice):
     def _set_guest_offloads(self, offloads: int) -> None:
         changed = offloads != self.guest_offloads
         self.guest_offloads = offloads
-        if changed and self.on_guest_offloads is not None:
-            self.on_guest_offloads(offloads)
-
-    def guest_gso_types(self) -> tuple[int, bool]:
-        """The received GSO packets the guest takes, from its offloads (§5.1.6.4.1):
-        a bitmask with bit ``t`` set for each GsoType ``t`` it has the offload for, and
-        whether it takes them with the ECN bit (GUEST_ECN)."""
-        offloads = self.guest_offloads
         types = 0
         for gso, needs in _GSO_NEEDS.items():
             if offloads & needs:
                 types |= 1 << gso
-        return types, bool(offloads & _GUEST_ECN)
+        self.guest_gso_types = (types, bool(offloads & _GUEST_ECN))
+        if changed and self.on_guest_offloads is not None:
+            self.on_guest_offloads(offloads)
 
     @property
     def net_status(self) -> int:
@@ -563,7 +561,7 @@ class VirtioNet(VirtioDevice):
         offloads = self.guest_offloads
         gso = gso_type & ~net.GSO_ECN
         if gso != _GSO_NONE:
-            types, ecn = self.guest_gso_types()
+            types, ecn = self.guest_gso_types
             if not (types >> gso) & 1 or (gso_type & net.GSO_ECN and not ecn):
                 self.ratelimited.log(
                     logging.DEBUG,

@@ -185,7 +185,7 @@ class NetPath:
         rx.mac = net_.mac
         rx.max_frame = (net_.mtu + net.ETH_HLEN + net.VLAN_HLEN
                         if net_.has_feature(NetFeature.MTU) else 0)
-        rx.gso_types, rx.gso_ecn = net_.guest_gso_types()
+        rx.gso_types, rx.gso_ecn = net_.guest_gso_types
         return True
 
     def receive(self, deliver: Deliver, resume: RxResume | None = None) -> bool:

@@ -275,7 +275,7 @@ def test_a_received_stream_keeps_transmit_notifications_off(vnet_pair: RunPair) 
     pair = vnet_pair
     pair.driver(fill_rx, 2, 7000)
     run_both(pair, RX_QUEUE)
-    takes = pair.c.side.dev.guest_gso_types()[0] >> net.GsoType.TCPV4 & 1
+    takes = pair.c.side.dev.guest_gso_types[0] >> net.GsoType.TCPV4 & 1
     gso = net.HDR_STRUCT.pack(1, net.GsoType.TCPV4, 54, 1448, 34, 16, 0)
     for i in range(6):
         pair.driver(host_sends, frame(MAC, bytes([i]) * 6000), gso)
@@ -307,7 +307,7 @@ def test_a_stream_with_a_frame_for_the_model_between(vnet_pair: RunPair) -> None
         pair.driver(host_sends, frame(MAC, bytes([gso_type]) * 5000), gso)
     run_both(pair, TX_QUEUE)                    # sent (lingering), the batch in
     run_both(pair)                              # nothing to send: off once more if busy
-    takes = pair.c.side.dev.guest_gso_types()[0] >> net.GsoType.TCPV4 & 1
+    takes = pair.c.side.dev.guest_gso_types[0] >> net.GsoType.TCPV4 & 1
     assert pair.c.look(lambda side: (side.dev.rx_busy, side.dev.stats.rx_packets)) == (
         False, 2 if takes else 0)
     off = not pair.c.look(lambda side: side.dev.queues[TX_QUEUE].notification_enabled)

@@ -12,9 +12,9 @@
  * chain itself and raises its error (a descriptor loop, a buffer outside the maps, a
  * transmit chain shorter than the header), handles the case C leaves out (a buffer across
  * two maps, an indirect table across maps, a checksum to finish, a GSO frame the guest
- * cannot take, a filtered frame) or, for a tap that would block, queues the frame. tests/server/test_netpath.py
- * drives both paths with the same rings and compares guest memory, queue state, frames and
- * counters.
+ * cannot take, a filtered frame) or, for a tap that would block, queues the frame.
+ * tests/server/test_netpath.py drives both paths with the same rings and compares guest
+ * memory, queue state, frames and counters.
  *
  * Guest memory is reached through the maps Python publishes (struct vfuserver_memory); a
  * page the client took away is covered by the SIGBUS guard, and the lost count is checked
