@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -47,10 +47,21 @@ SIZE_MAX = 64 * 1024
 MAX_DISCARD_SECTORS = 0x3F_FFFF
 """QEMU's default max-discard-sectors and max-write-zeroes-sectors (BDRV_REQUEST_MAX_SECTORS)."""
 MAX_IN_FLIGHT_BYTES = 64 << 20
-"""Data the backend may hold for one device at once (write data copied out, read buffers);
-beyond it the device stops taking requests off its queues until some complete, so a guest
-that fills every queue with the largest requests cannot make the server allocate without
-bound."""
+"""Data the backend may hold for one device at once (write data copied out, read buffers),
+plus the one request that crosses it (at most seg_max * SIZE_MAX bytes); beyond it the
+device stops taking requests off its queues until some complete, so a guest that fills
+every queue with the largest requests cannot make the server allocate without bound."""
+REQUEST_WEIGHT = 256
+"""Requests one turn of a queue takes off its ring before it yields (with
+:attr:`VirtioBlk.on_queue_pending` set), as vhost's work weights (drivers/vhost/vhost.c
+vhost_exceeds_weight; vhost-scsi's VHOST_SCSI_WEIGHT is 256): a guest that keeps its ring
+full, or refills it while the device works, cannot hold the thread the device shares with
+others for longer than one turn."""
+DESCRIPTOR_WEIGHT = 1024
+"""Descriptors (indirect ones included) one turn walks before it yields: chains of many
+descriptors cost per descriptor, whatever the request."""
+BYTE_WEIGHT = 4 << 20
+"""Bytes of write data one turn copies out of guest memory before it yields."""
 MAX_QUEUES = 64
 """Request queues a device may have (QEMU VIRTIO_QUEUE_MAX is larger; Linux uses at most
 one per vCPU)."""
@@ -115,6 +126,9 @@ class BlockRequest:
     queue: int = 0
     chain: DescriptorChain | None = field(default=None, repr=False)
     epoch: int = 0
+    held: int = -1
+    """Bytes of it counted in :attr:`BlkStats.in_flight_bytes` while the backend holds it
+    (-1: not held)."""
 
 
 @dataclass
@@ -136,11 +150,15 @@ class BlkStats:
     stale_completions: int = 0
     """Completions of requests submitted before a reset, dropped."""
     in_flight: int = 0
-    """Requests the backend holds now."""
+    """Requests the backend holds now, those submitted before a reset included (their
+    data is still the host's until they complete)."""
     in_flight_bytes: int = 0
     """Their data (see MAX_IN_FLIGHT_BYTES)."""
     throttled: int = 0
     """Times a queue was left with requests because MAX_IN_FLIGHT_BYTES was reached."""
+    requeued: int = 0
+    """Times a queue's turn ended at REQUEST_WEIGHT, DESCRIPTOR_WEIGHT or BYTE_WEIGHT with
+    requests left, to run again after the server's other work."""
 
 
 class VirtioBlk(VirtioDevice):
@@ -184,6 +202,14 @@ class VirtioBlk(VirtioDevice):
         self.max_in_flight_bytes = MAX_IN_FLIGHT_BYTES
         self._throttled: set[int] = set()
         """Queues left with available requests for lack of in-flight budget."""
+        self.on_queue_pending: Callable[[], None] | None = None
+        """If set, a queue's turn (a kick, or a completion freeing budget) takes at most
+        REQUEST_WEIGHT requests, DESCRIPTOR_WEIGHT descriptors or BYTE_WEIGHT bytes of
+        write data off its ring, then calls this while more wait: the server is to call
+        :meth:`run_pending` soon, after its other work (vhost_exceeds_weight requeues the
+        work the same way). If None, a turn takes everything available."""
+        self._pending: set[int] = set()
+        """Queues whose turn ended at a weight, for :meth:`run_pending`."""
         self.reset()
 
     # -- state ------------------------------------------------------------------------
@@ -194,9 +220,12 @@ class VirtioBlk(VirtioDevice):
         return self.backend.size >> blk.SECTOR_SHIFT
 
     def _reset_device(self) -> None:
+        # in_flight and in_flight_bytes stay: the backend holds those requests' data until
+        # they complete, and a guest that resets and refills its queues over and over must
+        # not get a new MAX_IN_FLIGHT_BYTES each time
         self.epoch += 1
-        self.stats.in_flight = self.stats.in_flight_bytes = 0
         self._throttled.clear()
+        self._pending.clear()
         self.writeback = True
 
     def _features_changed(self) -> None:
@@ -231,8 +260,17 @@ class VirtioBlk(VirtioDevice):
 
     # -- requests (§5.2.6) ------------------------------------------------------------
 
+    def run_pending(self) -> None:
+        """Another turn for the queues whose last one ended at a weight (see
+        :attr:`on_queue_pending`). Never raises for guest mistakes."""
+        pending, self._pending = self._pending, set()
+        for index in sorted(pending):
+            self.notify(index)
+
     def _handle_queue(self, queue: VirtQueue) -> None:
         answered = False
+        weighed = self.on_queue_pending is not None
+        requests = descriptors = copied = 0
         while True:
             if self.stats.in_flight_bytes >= self.max_in_flight_bytes:
                 if queue.available():
@@ -240,9 +278,19 @@ class VirtioBlk(VirtioDevice):
                     self._throttled.add(queue.index)
                     self.stats.throttled += 1
                 break
+            if weighed and (requests >= REQUEST_WEIGHT or descriptors >= DESCRIPTOR_WEIGHT
+                            or copied >= BYTE_WEIGHT):
+                if queue.available() and queue.index not in self._pending:
+                    self._pending.add(queue.index)
+                    self.stats.requeued += 1
+                    self.on_queue_pending()  # type: ignore[misc]  # weighed: not None
+                break
             chain = queue.pop()
             if chain is None:
                 break
+            requests += 1
+            descriptors += chain.descriptors
+            copied += chain.readable_len
             if not chain.writable_len:
                 # QEMU: "virtio-blk missing headers"; there is no byte for a status
                 raise VirtQueueError(
@@ -387,8 +435,9 @@ class VirtioBlk(VirtioDevice):
             request.chain = None
             self._refuse(queue, chain, Status.IOERR, "backend refused it: %s", err)
             return
+        request.held = request.length if request.type in _DATA_TYPES else 0
         self.stats.in_flight += 1
-        self.stats.in_flight_bytes += request.length if request.type in _DATA_TYPES else 0
+        self.stats.in_flight_bytes += request.held
 
     # -- completions ------------------------------------------------------------------
 
@@ -401,12 +450,13 @@ class VirtioBlk(VirtioDevice):
         """
         touched: dict[int, VirtQueue] = {}
         for request in requests:
+            if request.held >= 0:  # the backend lets go of it, whichever epoch it is of
+                self.stats.in_flight -= 1
+                self.stats.in_flight_bytes -= request.held
+                request.held = -1
             if request.epoch != self.epoch or request.chain is None:
                 self.stats.stale_completions += 1
                 continue
-            self.stats.in_flight -= 1
-            self.stats.in_flight_bytes -= (request.length if request.type in _DATA_TYPES
-                                           else 0)
             if self.broken:
                 continue
             queue = self.queues[request.queue]

@@ -377,9 +377,29 @@ class ServedBlkDevice(ServedDevice):
                                           num_queues=num_queues, serial=spec.serial.encode(),
                                           name=spec.name)
         super().__init__(spec, owner, msix_vectors=num_queues + 1, poll_max_ns=poll_max_ns)
+        self._queues_pending = trio.Event()
+        self.blk.on_queue_pending = self._in_loop(self._request_more)
+
+    def _request_more(self) -> None:
+        self._queues_pending.set()
 
     async def _run_backend(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.backend.run, self._complete)
+        nursery.start_soon(self._more_requests)
+
+    async def _more_requests(self) -> None:
+        """Another turn for the queues whose last one ended at a weight
+        (devices/virtio_blk.py REQUEST_WEIGHT), after the event loop's other work: the
+        devices that share the loop, the control socket."""
+        while True:
+            await self._queues_pending.wait()
+            self._queues_pending = trio.Event()
+            await trio.lowlevel.checkpoint()
+            try:
+                with self.lock:
+                    self.blk.run_pending()
+            except Exception:
+                self.log.exception("bug while taking requests")
 
     def _complete(self, batch: list[IoRequest]) -> None:
         """Finished disk requests into the model: the one place the trio side touches

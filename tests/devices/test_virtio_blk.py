@@ -27,7 +27,15 @@ from tests.devices.driver import (
 )
 from tests.devices.legacy_driver import LegacyRig
 from vfuserver.blkdev.raw import RawImage
-from vfuserver.devices.virtio_blk import BASE_FEATURES, WRITE_FEATURES, BlockRequest, VirtioBlk
+from vfuserver.devices.virtio_blk import (
+    BASE_FEATURES,
+    BYTE_WEIGHT,
+    DESCRIPTOR_WEIGHT,
+    REQUEST_WEIGHT,
+    WRITE_FEATURES,
+    BlockRequest,
+    VirtioBlk,
+)
 from vfuserver.devices.virtio_pci import VirtioPciFunction
 from vfuserver.protocol import pci as pcifmt
 from vfuserver.protocol import virtio_blk as blk
@@ -479,3 +487,98 @@ def test_image_size_is_whole_sectors_and_other_files_are_refused(tmp_path: Path)
         RawImage(str(tmp_path))
     with pytest.raises(OSError, match=r"cannot open disk image .*absent.img"):
         RawImage(str(tmp_path / "absent.img"))
+
+
+# -- one queue's turn is bounded (a guest cannot hold the thread devices share) -------------
+
+
+def _unsupported_requests(queue: DriverQueue, count: int, *, descriptors: int = 2) -> list[int]:
+    """``count`` requests of a type the device does not know (answered UNSUPP at once),
+    each an indirect chain of ``descriptors``: the header, one-byte reads, the status."""
+    header = blk.OUTHDR_STRUCT.pack(0x7F, 0, 0)
+    out = [header] + [b"\0"] * (descriptors - 2)
+    heads = [queue.add(out, [1], indirect=True, publish=False) for _ in range(count)]
+    queue.publish(*heads)
+    return heads
+
+
+def test_a_turn_stops_at_the_descriptor_weight_and_asks_for_another(rig: Rig) -> None:
+    pending: list[int] = []
+    rig.dev.on_queue_pending = lambda: pending.append(rig.dev.stats.unsupported)
+    per_request = 32
+    heads = _unsupported_requests(rig.queues[0], QUEUE_SIZE, descriptors=per_request)
+    rig.dev.notify(0)
+    first = DESCRIPTOR_WEIGHT // per_request
+    assert [u.head for u in rig.used()] == heads[:first]
+    assert pending == [first] and rig.dev.stats.requeued == 1
+    rig.dev.notify(0)  # a kick meanwhile is another turn (the queue is asked for once)
+    assert [u.head for u in rig.used()] == heads[first:2 * first] == heads[first:]
+    assert pending == [first] and rig.dev.stats.requeued == 1
+    rig.dev.run_pending()  # the turn asked for finds the ring empty
+    assert rig.used() == [] and pending == [first]
+
+
+def test_a_turn_stops_at_the_request_weight(tmp_path: Path) -> None:
+    ram = GuestRam()
+    image = RawImage(str(make_image(tmp_path)))
+    dev = VirtioBlk(ram.memory, RecordingInterrupts(), InlineBackend(image),
+                    queue_max_size=1024)
+    negotiate_modern(dev)
+    queue = DriverQueue(ram, dev.queues[0])
+    driver_ok(dev)
+    asked: list[int] = []
+    dev.on_queue_pending = lambda: asked.append(dev.stats.unsupported)
+    heads = _unsupported_requests(queue, REQUEST_WEIGHT + 10)
+    dev.notify(0)
+    assert [u.head for u in queue.get_used()] == heads[:REQUEST_WEIGHT]
+    assert asked == [REQUEST_WEIGHT]
+    dev.run_pending()
+    assert [u.head for u in queue.get_used()] == heads[REQUEST_WEIGHT:]
+    image.close()
+
+
+def test_a_turn_stops_at_the_byte_weight(rig: Rig) -> None:
+    asked: list[int] = []
+    rig.dev.on_queue_pending = lambda: asked.append(len(rig.backend.pending))
+    size = 1 << 20
+    queue = rig.queues[0]
+    header = blk.OUTHDR_STRUCT
+    heads = [queue.add([header.pack(RequestType.OUT, 0, 0), bytes(size)], [1],
+                       indirect=True, publish=False) for _ in range(6)]
+    queue.publish(*heads)
+    rig.dev.notify(0)
+    # the request that reaches the weight is the turn's last
+    assert asked == [BYTE_WEIGHT // (size + blk.OUTHDR_SIZE) + 1]
+    rig.dev.run_pending()
+    assert len(rig.backend.pending) == 6 and asked == asked[:1]
+
+
+def test_without_a_scheduler_a_turn_takes_everything(rig: Rig) -> None:
+    heads = _unsupported_requests(rig.queues[0], QUEUE_SIZE, descriptors=32)
+    rig.dev.notify(0)
+    assert [u.head for u in rig.used()] == heads and rig.dev.stats.requeued == 0
+
+
+def test_a_reset_keeps_counting_what_the_backend_holds(rig: Rig) -> None:
+    # Issue found by a hostile client: a reset zeroed the in-flight budget while the
+    # backend still held the requests' data, so resetting and refilling the queue over
+    # and over grew the server's memory without bound.
+    rig.dev.max_in_flight_bytes = 8192
+    for i in range(2):
+        rig.submit(RequestType.OUT, 8 * i, data=bytes(4096))
+    held = list(rig.backend.pending)
+    assert rig.dev.stats.in_flight_bytes == 8192
+    rig.dev.set_status(0)
+    negotiate_modern(rig.dev)
+    rig.queues = rig.driver_queues()
+    driver_ok(rig.dev)
+    assert rig.dev.stats.in_flight == 2 and rig.dev.stats.in_flight_bytes == 8192
+    rig.submit(RequestType.OUT, 64, data=bytes(4096))
+    assert rig.backend.pending == held  # the new request waits for the old ones' data
+    assert rig.dev.stats.throttled == 1
+    rig.finish(order=lambda pending: held)  # stale: dropped, but their data is let go
+    assert rig.dev.stats.stale_completions == 2
+    assert len(rig.backend.pending) == 1 and rig.dev.stats.in_flight_bytes == 4096
+    rig.finish()
+    assert status_of(rig.used()[0]) == Status.OK
+    assert rig.dev.stats.in_flight == 0 and rig.dev.stats.in_flight_bytes == 0

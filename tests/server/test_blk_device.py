@@ -9,6 +9,8 @@ import hashlib
 import mmap
 import os
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,7 @@ import trio
 from tests.server.conftest import GUEST_RAM_BYTES
 from vfuserver.client import Client
 from vfuserver.device import ServedBlkDevice, open_device
+from vfuserver.devices.virtio_blk import DESCRIPTOR_WEIGHT
 from vfuserver.devices.virtio_pci import Layout
 from vfuserver.protocol import vfio_user as vu
 from vfuserver.protocol import virtio_blk as blk
@@ -53,7 +56,7 @@ class BlkDriver:
     def r(self, reg: int, size: int) -> int:
         return int.from_bytes(self.client.read(BAR4, Layout.COMMON + reg, size), "little")
 
-    def start(self, want: int) -> None:
+    def start(self, want: int, queue_size: int = QUEUE_SIZE) -> None:
         self.w(Reg.DEVICE_STATUS, 0, 1)
         self.w(Reg.DEVICE_STATUS, DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER, 1)
         offered = 0
@@ -68,7 +71,7 @@ class BlkDriver:
         self.w(Reg.DEVICE_STATUS, ok, 1)
         assert self.r(Reg.DEVICE_STATUS, 1) & DeviceStatus.FEATURES_OK
         self.w(Reg.QUEUE_SELECT, 0, 2)
-        self.w(Reg.QUEUE_SIZE, QUEUE_SIZE, 2)
+        self.w(Reg.QUEUE_SIZE, queue_size, 2)
         for reg, offset in ((Reg.QUEUE_DESC_LO, DESC), (Reg.QUEUE_DRIVER_LO, AVAIL),
                             (Reg.QUEUE_DEVICE_LO, USED)):
             self.w(reg, RAM_IOVA + offset, 4)
@@ -210,3 +213,92 @@ async def test_missing_image_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(OSError, match=r"cannot open disk image .*nope.img: No such file"):
         await open_device(spec)
     assert not (tmp_path / "d.sock").exists()
+
+
+FEEDER = """
+import ctypes, mmap, sys, time
+ram = mmap.mmap(int(sys.argv[1]), int(sys.argv[2]))
+avail, statuses, size = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+avail_idx = ctypes.c_uint16.from_buffer(ram, avail + 2)  # one 16-bit store, as a driver's
+deadline = time.monotonic() + float(sys.argv[6])
+done = 0
+print("feeding", flush=True)
+while time.monotonic() < deadline:  # the guest's other vCPU: keep the ring full
+    status = statuses + 32 * (done % size)
+    if ram[status] != 0xFF:  # answered (the used index is published at the turn's end)
+        ram[status] = 0xFF
+        done += 1
+        avail_idx.value = (done + size) & 0xFFFF
+"""
+"""A guest vCPU that puts each request back on the available ring as soon as its status
+byte is written: the ring stays full for as long as the device keeps taking requests."""
+
+
+async def test_a_guest_that_keeps_its_ring_full_does_not_stall_another_disk(
+        tmp_path: Path, ram_fd: int, nursery: trio.Nursery) -> None:
+    # Found by a hostile client: a kick took requests for as long as the ring had any, on
+    # the event loop every disk shares; a guest that refilled its ring while the device
+    # worked held it (and every other disk's completions, and the control socket) for as
+    # long as it liked. A queue's turn now ends at a weight (DESCRIPTOR_WEIGHT here) and
+    # the queue runs again after the other devices' work.
+    hog_image, other_image = tmp_path / "hog.img", tmp_path / "other.img"
+    for image in (hog_image, other_image):
+        image.write_bytes(bytes(1 << 20))
+    hog_spec = DeviceSpec(name="hog", socket=str(tmp_path / "hog.sock"), type="virtio-blk",
+                          image=str(hog_image))
+    other_spec = DeviceSpec(name="other", socket=str(tmp_path / "other.sock"),
+                            type="virtio-blk", image=str(other_image))
+    hog = await serve_disk(nursery, hog_spec)
+    await serve_disk(nursery, other_spec)
+    other_ram = os.memfd_create("other-guest-ram")
+    os.ftruncate(other_ram, RAM_SIZE)
+    size, per_request = 256, 8  # a full ring of 8-descriptor requests: 2048 descriptors
+    tables, headers = DATA, DATA + 0x10000
+
+    def hog_guest(driver: BlkDriver) -> None:
+        driver.start(Feature.VERSION_1.mask | Feature.RING_INDIRECT_DESC.mask, size)
+        for i in range(size):  # an unknown request type: answered UNSUPP at once
+            header, status = headers + 32 * i, headers + 32 * i + 16
+            driver.ram[header:header + 16] = blk.OUTHDR_STRUCT.pack(0x7F, 0, 0)
+            driver.ram[status] = 0xFF
+            table = tables + 16 * per_request * i
+            parts = [(header, 16, 0)] + [(header, 1, 0)] * (per_request - 2) + [(status, 1, 2)]
+            for j, (addr, length, flags) in enumerate(parts):
+                more = j + 1 < per_request
+                struct.pack_into("<QIHH", driver.ram, table + 16 * j, RAM_IOVA + addr, length,
+                                 flags | (1 if more else 0), j + 1 if more else 0)
+            struct.pack_into("<QIHH", driver.ram, DESC + 16 * i, RAM_IOVA + table,
+                             16 * per_request, 4, 0)  # VRING_DESC_F_INDIRECT
+            struct.pack_into("<H", driver.ram, AVAIL + 4 + 2 * i, i)
+        struct.pack_into("<H", driver.ram, AVAIL + 2, size)
+        feeder = subprocess.Popen(
+            [sys.executable, "-c", FEEDER, str(ram_fd), str(RAM_SIZE), str(AVAIL),
+             str(headers + 16), str(size), "60"],
+            pass_fds=[ram_fd], stdout=subprocess.PIPE, text=True)
+        try:
+            assert feeder.stdout is not None and feeder.stdout.readline() == "feeding\n"
+            driver.client.write(BAR4, Layout.NOTIFY + driver.notify_offset, b"\0\0")
+            time.sleep(0.2)  # the kick is being served
+
+            def other_guest(other: BlkDriver) -> int:
+                other.start(Feature.VERSION_1.mask)
+                _, status = other.request(RequestType.IN, 0, read=4096)
+                other.wait_used(1)  # TimeoutError while the hog holds the loop
+                return other.ram[status]
+
+            assert session(other_spec.socket, other_ram, other_guest) == Status.OK
+            assert feeder.poll() is None  # answered while the hog's guest kept feeding
+        finally:
+            feeder.kill()
+            feeder.wait()
+            assert feeder.stdout is not None
+            feeder.stdout.close()
+
+    try:
+        await trio.to_thread.run_sync(session, hog_spec.socket, ram_fd, hog_guest)
+    finally:
+        os.close(other_ram)
+    stats = hog.stats()["virtio_blk"]
+    # the first turn found the full ring: it ended at the weight, and the queue ran again
+    assert stats["requeued"] >= 1, stats
+    assert stats["unsupported"] > DESCRIPTOR_WEIGHT // per_request, stats
