@@ -582,3 +582,29 @@ def test_a_reset_keeps_counting_what_the_backend_holds(rig: Rig) -> None:
     rig.finish()
     assert status_of(rig.used()[0]) == Status.OK
     assert rig.dev.stats.in_flight == 0 and rig.dev.stats.in_flight_bytes == 0
+
+
+def test_an_image_without_a_whole_sector_is_refused(tmp_path: Path) -> None:
+    tiny = tmp_path / "tiny.img"
+    tiny.write_bytes(bytes(100))
+    with pytest.raises(OSError, match=r"holds 100 bytes, not one whole 512-byte sector"):
+        RawImage(str(tiny))
+
+
+def test_an_image_in_use_is_refused_as_qemu_refuses_it(tmp_path: Path) -> None:
+    # Found trying the server as an operator: two devices given the same image for
+    # writing were both served, and their guests' writes would have corrupted it. The
+    # image now carries QEMU's locks (tests/e2e/test_blk.py: against a real QEMU).
+    path = make_image(tmp_path)
+    writer = RawImage(str(path))
+    for read_only in (False, True):
+        with pytest.raises(OSError, match=r"disk image .* is in use: .* write permission"):
+            RawImage(str(path), read_only=read_only)
+    writer.close()
+    readers = [RawImage(str(path), read_only=True) for _ in range(2)]  # readers share
+    with pytest.raises(OSError, match=r"is in use: another user of it does not share the "
+                                      r"write permission"):
+        RawImage(str(path))
+    for reader in readers:
+        reader.close()
+    RawImage(str(path)).close()  # closing lets go of the locks

@@ -21,6 +21,7 @@ from .rig import (
     GuestRun,
     Guests,
     NetNamespace,
+    RigError,
     Servers,
     Tools,
     VfuServer,
@@ -160,3 +161,27 @@ def test_seabios_boots_from_the_served_disk(servers: Servers, e2e_tools: Tools,
             qemu.wait()
     text = console.read_bytes()
     assert b"Booting from Hard Disk" in text and BOOT_MARKER in text, text[-2000:]
+
+
+def test_qemu_and_vfuserver_refuse_each_others_image(servers: Servers, e2e_tools: Tools,
+                                                     tmp_path: Path) -> None:
+    # QEMU's image locking (block/file-posix.c): the same bytes, the same rules, so an
+    # operator who gives one image to a QEMU and to vfuserver is stopped either way round.
+    image = image_of(tmp_path / "disk.img", MIB)
+    qemu = [str(e2e_tools.qemu), "-machine", "q35,accel=tcg", "-display", "none", "-S",
+            "-nodefaults", "-drive", f"file={image},format=raw,if=none,id=d0",
+            "-device", "virtio-blk-pci,drive=d0"]
+    server = disk_server(servers, image, "--readonly")
+    refused = subprocess.run(qemu, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and 'Failed to get "write" lock' in refused.stderr
+    server.stop()
+
+    pidfile = tmp_path / "qemu.pid"  # -daemonize: its parent exits once the disk is open
+    subprocess.run([*qemu, "-daemonize", "-pidfile", str(pidfile)], check=True, timeout=60)
+    pid = int(pidfile.read_text())
+    try:
+        for extra in ((), ("--readonly",)):
+            with pytest.raises(RigError, match=r"disk image .* is in use: .* write permission"):
+                disk_server(servers, image, *extra, name=f"disk{len(extra)}")
+    finally:
+        os.kill(pid, signal.SIGKILL)

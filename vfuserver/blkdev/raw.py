@@ -43,6 +43,27 @@ ZERO_CHUNK = 1 << 20
 """Bytes written per pwrite when WRITE_ZEROES falls back to writing zeros."""
 
 _RANGE = struct.Struct("=QQ")
+_FLOCK = struct.Struct("=hhxxxxqqixxxx")
+"""struct flock on x86-64 Linux: l_type, l_whence, l_start, l_len, l_pid."""
+
+# QEMU's image locking (block/file-posix.c raw_apply_lock_bytes, raw_check_lock_bytes): a
+# user of an image holds a shared OFD lock on byte LOCK_PERM_BASE + n for each permission n
+# it uses, and on byte LOCK_SHARED_BASE + n for each it does not let others use. Taking the
+# same bytes makes vfuserver and QEMU (and two devices of one server) refuse each other
+# exactly as two QEMUs do.
+LOCK_PERM_BASE = 100
+LOCK_SHARED_BASE = 200
+PERM_CONSISTENT_READ = 1 << 0
+PERM_WRITE = 1 << 1
+PERM_WRITE_UNCHANGED = 1 << 2
+PERM_RESIZE = 1 << 3
+PERM_NAMES = {PERM_CONSISTENT_READ: "consistent read", PERM_WRITE: "write",
+              PERM_WRITE_UNCHANGED: "write unchanged", PERM_RESIZE: "resize"}
+"""BLK_PERM_* of include/block/block-common.h, and QEMU's names for them."""
+SHARED_PERMS = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
+"""What a virtio-blk disk lets others do with its image: QEMU's default for a guest device
+(blkconf_apply_backend_options, share-rw=off, not resizable): a reader or a writer keeps
+every other writer out."""
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS)
 """What a file system or driver answers when it lacks a fallocate mode or an ioctl."""
 
@@ -107,13 +128,57 @@ class RawImage:
             raise ImageError(exc.errno, f"cannot open disk image {path}: "
                              f"{exc.strerror}{hint}") from None
         try:
+            self._lock()
             self.is_block_device, size, self.block_size = self._probe()
         except BaseException:
             os.close(self.fd)
             raise
         self.size = size - size % SECTOR_SIZE
         """Bytes served: the image's size rounded down to whole sectors."""
+        if not self.size:
+            os.close(self.fd)
+            raise ImageError(errno.EINVAL, f"disk image {path} holds {size} bytes, not one "
+                             f"whole {SECTOR_SIZE}-byte sector: grow it (truncate -s)")
         self._libc = _Libc()
+
+    def _lock(self) -> None:
+        """Take QEMU's image locks for a guest disk (readers and writers share consistent
+        reads, nobody shares writes); ImageError naming the permission if another user of
+        the image (a QEMU, another vfuserver, another device of this one) conflicts."""
+        perms = PERM_CONSISTENT_READ | (0 if self.read_only else PERM_WRITE)
+        try:
+            for perm in PERM_NAMES:
+                bit = perm.bit_length() - 1
+                if perms & perm:
+                    self._flock(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, LOCK_PERM_BASE + bit)
+                if not SHARED_PERMS & perm:
+                    self._flock(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, LOCK_SHARED_BASE + bit)
+            for perm, name in PERM_NAMES.items():
+                bit = perm.bit_length() - 1
+                if perms & perm and self._locked_by_another(LOCK_SHARED_BASE + bit):
+                    raise BlockingIOError(errno.EAGAIN, f"another user of it does not share "
+                                          f"the {name} permission")
+                if not SHARED_PERMS & perm and self._locked_by_another(LOCK_PERM_BASE + bit):
+                    raise BlockingIOError(errno.EAGAIN, f"another user of it has the {name} "
+                                          f"permission, which this disk does not share")
+        except BlockingIOError as exc:
+            raise ImageError(errno.EAGAIN, f"disk image {self.path} is in use: {exc.strerror} "
+                             "(QEMU's image locking). Is a QEMU, another vfuserver or "
+                             "another device of this one using it? Two users may share an "
+                             "image only if both are read-only") from None
+        except OSError as exc:
+            # a file system without OFD locks (QEMU warns and goes on without locking)
+            raise ImageError(exc.errno, f"cannot lock disk image {self.path}: "
+                             f"{exc.strerror}") from None
+
+    def _flock(self, command: int, kind: int, byte: int) -> bytes:
+        return fcntl.fcntl(self.fd, command, _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0))
+
+    def _locked_by_another(self, byte: int) -> bool:
+        """Whether another open file description holds a lock on ``byte`` (F_OFD_GETLK
+        with a write lock: any lock of another conflicts with it, ours do not)."""
+        kind = _FLOCK.unpack(self._flock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte))[0]
+        return bool(kind != fcntl.F_UNLCK)
 
     def _probe(self) -> tuple[bool, int, int]:
         mode = os.fstat(self.fd).st_mode
