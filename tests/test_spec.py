@@ -111,6 +111,10 @@ def test_check_profile() -> None:
                  "multicast address", id="mac-multicast"),
     pytest.param(["--netdev", "user"], "argument --netdev: --netdev 'user': unknown backend",
                  id="netdev"),
+    # the name rules of a config file's [[device]] (found trying the server: `run` took
+    # 'a b', which the config file and device-add refuse)
+    pytest.param(["--name", "a b"], "argument --name: device name 'a b' is not valid",
+                 id="name"),
 ])
 def test_cli_turns_spec_errors_into_usage_errors(option: list[str], message: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,7 @@ from vfuserver.config import (
     MAX_POLL_MAX_NS,
     ConfigError,
     ServerConfig,
+    check_name,
     load_config,
     parse_poll_max_ns,
 )
@@ -53,7 +54,6 @@ profiles:
                 subsystem 1af4:0001 (net) or 1af4:0002 (blk) and an IO BAR0 whose accesses
                 are translated into virtio admin commands
 
-network backends (--netdev, QEMU's -netdev syntax):
 {NETDEV_HELP}
 
 QEMU must give the server shared guest RAM:
@@ -108,7 +108,9 @@ def _socket_device(args: argparse.Namespace) -> DeviceSpec:
     if device_type == VIRTIO_BLK:
         if args.image is None:
             parser.error("--device virtio-blk needs --image PATH (a raw disk image)")
-        given = [f"--{key}" for key in ("mac", "netdev") if getattr(args, key) is not None]
+        # --netdev none is what a disk has anyway (the systemd template always passes it)
+        given = [f"--{key}" for key in ("mac", "netdev") if getattr(args, key) is not None
+                 and not (key == "netdev" and isinstance(args.netdev, NoneSpec))]
         if given:
             parser.error(f"{', '.join(given)}: virtio-net options, not virtio-blk ones")
         return DeviceSpec(name=args.name or "disk0", socket=args.socket, type=device_type,
@@ -134,7 +136,8 @@ def _run(args: argparse.Namespace) -> int:
         given = [f"--{key}" for key in _SOCKET_ONLY if getattr(args, key) is not None]
         given += [f"--{key}" for key in _SOCKET_ONLY_FLAGS if getattr(args, key)]
         if given:
-            parser.error(f"{', '.join(given)} describe the --socket device; with --config, "
+            verb = "describes" if len(given) == 1 else "describe"
+            parser.error(f"{', '.join(given)} {verb} the --socket device; with --config, "
                          "put them in the config file's [[device]] table")
         try:
             config = load_config(args.config)
@@ -316,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="UNIX socket to listen on (created 0600, removed on exit)")
     what.add_argument("--config", metavar="FILE",
                       help="serve every device a TOML file defines (see CONFIG below)")
-    run.add_argument("--name", help="device name used in logs (default net0, disk0)")
+    run.add_argument("--name", type=_argument_type(check_name),
+                     help="device name used in logs (default net0, disk0)")
     run.add_argument("--device", choices=DEVICE_TYPES,
                      help="device type (default: virtio-net)")
     run.add_argument("--profile", choices=PROFILES,

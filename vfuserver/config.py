@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from vfuserver.netdev.errors import NetdevSyntaxError
-from vfuserver.netdev.options import parse_netdev
+from vfuserver.netdev.options import TapSpec, parse_netdev
 from vfuserver.spec import (
     VIRTIO_BLK,
     VIRTIO_NET,
@@ -180,9 +180,11 @@ def device_to_mapping(spec: DeviceSpec) -> dict[str, str | bool | int]:
 
 
 def check_unique(devices: list[DeviceSpec], new: DeviceSpec | None = None) -> None:
-    """Names and socket paths identify devices: no two may share one."""
+    """Names and socket paths identify devices: no two may share one; nor a named tap,
+    which only one device can have open (the second's TUNSETIFF would fail with EBUSY)."""
     seen_names: set[str] = set()
     seen_sockets: dict[str, str] = {}
+    seen_taps: dict[str, str] = {}
     for spec in [*devices, *([new] if new is not None else [])]:
         if spec.name in seen_names:
             raise ConfigError(f"device {spec.name}: the name is already taken")
@@ -190,8 +192,14 @@ def check_unique(devices: list[DeviceSpec], new: DeviceSpec | None = None) -> No
         if other is not None:
             raise ConfigError(f"device {spec.name}: socket {spec.socket} is already "
                               f"device {other}'s")
+        tap = spec.netdev.ifname if isinstance(spec.netdev, TapSpec) else ""
+        if tap in seen_taps:
+            raise ConfigError(f"device {spec.name}: tap {tap} is already device "
+                              f"{seen_taps[tap]}'s; give each device its own tap")
         seen_names.add(spec.name)
         seen_sockets[spec.socket] = spec.name
+        if tap:
+            seen_taps[tap] = spec.name
 
 
 def parse_config(text: str, *, path: Path | None = None) -> ServerConfig:

@@ -269,7 +269,9 @@ async def serve(devices: Mapping[str, Servable] | None = None, *,
                 stop_when_empty: bool = False,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                 ) -> signal.Signals | None:
-    """Run ``devices`` (and any started into ``device_set`` later) until SIGINT or SIGTERM.
+    """Run ``devices`` (and any started into ``device_set`` later) until SIGINT, SIGTERM or
+    SIGHUP (the terminal it ran in went away: a clean stop, sockets removed, where the
+    default action would end the process on the spot).
 
     Each device runs in a cancel scope of its own; a device that fails to start or fails
     later is logged and the others go on. ``services`` (the control socket) start once the
@@ -281,7 +283,7 @@ async def serve(devices: Mapping[str, Servable] | None = None, *,
     log = logging.getLogger("vfuserver")
     device_set = device_set if device_set is not None else DeviceSet()
     stopped_by: list[signal.Signals] = []
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             device_set._attach(nursery)
 

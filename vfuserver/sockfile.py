@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 OWNER_ONLY_UMASK = 0o177
+SUN_PATH_BYTES = 108
+"""sizeof(sockaddr_un.sun_path) on Linux: a path of at most 107 bytes and its NUL (unix(7))."""
 """The umask under which a socket file is created 0600 (bind() applies the umask to 0777)."""
 
 
@@ -28,7 +30,9 @@ def prepare_socket_path(path: str) -> bool:
     """Make ``path`` free for a new socket: True if a stale socket file was removed.
 
     Nothing there: False. A socket whose server is gone (connecting is refused): it is
-    removed. Errors: FileExistsError(EEXIST) if ``path`` is not a socket,
+    removed. Errors: OSError(ENAMETOOLONG) if ``path`` is too long for a socket,
+    FileNotFoundError(ENOENT) if its directory does not exist (messages naming the fix),
+    FileExistsError(EEXIST) if ``path`` is not a socket,
     FileExistsError(EADDRINUSE) if a server (of any socket type) still holds it, another
     OSError if it cannot be probed (EACCES: no write permission on it).
 
@@ -36,6 +40,16 @@ def prepare_socket_path(path: str) -> bool:
     is full: EAGAIN), a live datagram socket answers EPROTOTYPE, and a file whose socket
     was closed refuses it (ECONNREFUSED) whatever its type (unix(7)).
     """
+    length = len(os.fsencode(path))
+    if length >= SUN_PATH_BYTES:
+        raise OSError(errno.ENAMETOOLONG, f"{path}: {length} bytes, and a UNIX socket path "
+                                          f"holds at most {SUN_PATH_BYTES - 1}; choose a "
+                                          "shorter one")
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, f"{path}: its directory {directory} does not "
+                                              f"exist; create it (mkdir -p {directory}) or "
+                                              "choose another path")
     try:
         st = os.lstat(path)
     except FileNotFoundError:

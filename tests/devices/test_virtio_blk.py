@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -582,6 +584,22 @@ def test_a_reset_keeps_counting_what_the_backend_holds(rig: Rig) -> None:
     rig.finish()
     assert status_of(rig.used()[0]) == Status.OK
     assert rig.dev.stats.in_flight == 0 and rig.dev.stats.in_flight_bytes == 0
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr (e2fsprogs)")
+def test_an_image_that_cannot_be_written_names_readonly(tmp_path: Path) -> None:
+    # Found trying the server as an operator: an immutable image said only "Operation not
+    # permitted".
+    path = make_image(tmp_path)
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip(f"the file system of {tmp_path} has no immutable attribute")
+    try:
+        with pytest.raises(OSError, match=r"Operation not permitted \(to serve it read-only: "
+                                          r"--readonly, or readonly = true\)"):
+            RawImage(str(path))
+        RawImage(str(path), read_only=True).close()
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
 def test_an_image_without_a_whole_sector_is_refused(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import socket
 import stat
 from pathlib import Path
@@ -34,7 +35,7 @@ from tests.server.control_helpers import (
     spec,
     start_controller,
 )
-from vfuserver.cli import build_parser
+from vfuserver.cli import _socket_device, build_parser
 from vfuserver.client import Client
 from vfuserver.config import ConfigError, ServerConfig, load_config, parse_config
 from vfuserver.control.client import ControlUnreachable, ServerError
@@ -486,6 +487,13 @@ def test_blk_config_round_trip(tmp_path: Path) -> None:
                  "socket = 't'\n", "already taken", id="duplicate-name"),
     pytest.param("[[device]]\nname = 'a'\nsocket = 's'\n[[device]]\nname = 'b'\n"
                  "socket = 's'\n", "already device a's", id="duplicate-socket"),
+    # found trying the server: the second device failed at start-up, "tap ... is busy:
+    # another process (a QEMU, another vfuserver) has it open"
+    pytest.param("[[device]]\nname = 'a'\nsocket = 's'\nnetdev = 'tap,ifname=t0'\n"
+                 "[[device]]\nname = 'b'\nsocket = 't'\nnetdev = 'tap,ifname=t0'\n",
+                 "tap t0 is already device a's; give each device its own tap",
+                 id="duplicate-tap"),
+
     pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\n",
                  "needs a disk image", id="blk-without-image"),
     pytest.param("[[device]]\nname = 'a'\nsocket = 's'\ntype = 'virtio-blk'\nimage = 'i'\n"
@@ -511,6 +519,12 @@ def test_blk_config_round_trip(tmp_path: Path) -> None:
 def test_config_errors_name_the_problem(text: str, words: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=words):
         parse_config(text, path=tmp_path / "d.toml")
+
+
+def test_taps_the_kernel_names_are_each_their_own() -> None:
+    text = ("[[device]]\nname = 'a'\nsocket = 's'\nnetdev = 'tap'\n"
+            "[[device]]\nname = 'b'\nsocket = 't'\nnetdev = 'tap'\n")
+    assert [d.name for d in parse_config(text).devices] == ["a", "b"]
 
 
 # --- sd_notify ----------------------------------------------------------------------------------
@@ -608,6 +622,21 @@ def test_run_socket_shortcut_with_a_control_socket(tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=lambda signum: signal.Signals(signum).name)
+def test_a_stop_signal_ends_the_server_cleanly(tmp_path: Path, signum: int) -> None:
+    # Found trying the server as an operator: SIGHUP (its terminal closed) ended it on the
+    # spot, without a word and with its sockets left behind.
+    control, sock = tmp_path / "ctl.sock", tmp_path / "one.sock"
+    with server_process(["--socket", str(sock), "--control", str(control)],
+                        tmp_path / "server.log", [control, sock]) as server:
+        assert server.process is not None
+        server.process.send_signal(signum)
+        assert server.process.wait(20) == 0
+        assert f"{signal.Signals(signum).name} received: shutting down" in server.log
+    assert not sock.exists() and not control.exists()
+
+
 def test_run_socket_serves_a_disk(tmp_path: Path) -> None:
     control, sock, image = tmp_path / "ctl.sock", tmp_path / "disk.sock", tmp_path / "d.img"
     image.write_bytes(bytes(1 << 20))
@@ -653,7 +682,7 @@ async def test_device_add_a_disk_at_runtime(tmp_path: Path, nursery: trio.Nurser
     pytest.param(["--socket", "x.sock", "--device", "virtio-blk"], id="blk-without-image"),
     pytest.param(["--socket", "x.sock", "--image", "d.img"], id="image-without-blk"),
     pytest.param(["--socket", "x.sock", "--device", "virtio-blk", "--image", "d.img",
-                  "--netdev", "none"], id="blk-with-netdev"),
+                  "--netdev", "tap,ifname=tap0"], id="blk-with-netdev"),
     pytest.param(["--socket", "x.sock", "--device", "virtio-blk", "--image", "d.img",
                   "--serial", "é"], id="serial-not-ascii"),
     pytest.param(["--config", "d.toml", "--image", "d.img"], id="config-and-image"),
@@ -762,6 +791,10 @@ SYSTEMD = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
     pytest.param("vfuserver@.service", {"PROFILE": "transitional", "NETDEV": "none",
                                         "VFUSERVER_ARGS": "--mac 52:54:00:00:01:00"},
                  id="template"),
+    pytest.param("vfuserver@.service", {"PROFILE": "modern", "NETDEV": "none",
+                                        "VFUSERVER_ARGS": "--device virtio-blk --image "
+                                                          "/var/lib/vfuserver/net0.img"},
+                 id="template-disk"),
 ])
 def test_systemd_units_run_what_the_cli_accepts(unit: str, environment: dict[str, str]) -> None:
     text = (SYSTEMD / unit).read_text()
@@ -782,8 +815,12 @@ def test_systemd_units_run_what_the_cli_accepts(unit: str, environment: dict[str
     if unit == "vfuserver.service":
         assert (args.config, args.persist) == ("/etc/vfuserver/devices.toml", True)
     else:
-        assert (args.socket, args.name, args.profile) == (
-            "/run/vfuserver/net0.sock", "net0", "transitional")
+        spec = _socket_device(args)  # the checks `run` makes of the options' mix
+        assert (spec.socket, spec.name, spec.profile) == (
+            "/run/vfuserver/net0.sock", "net0", environment["PROFILE"])
+        if "--image" in argv:  # under /var/lib/vfuserver: the unit's StateDirectory
+            assert (spec.type, spec.image) == ("virtio-blk", "/var/lib/vfuserver/net0.img")
+            assert "StateDirectory=vfuserver" in text.splitlines()
     example = parse_config((SYSTEMD / "devices.toml.example").read_text())
     assert [d.name for d in example.devices] == ["net0", "net1"]
 
@@ -792,7 +829,7 @@ def test_a_control_socket_path_too_long_is_enametoolong(tmp_path: Path) -> None:
     # Python raises "AF_UNIX path too long" with no errno: the error must still carry one.
     path = tmp_path / ("c" * 120 + ".sock")
     server = ControlServer(str(path), Controller(ServerConfig()))
-    with pytest.raises(OSError, match="path too long") as err:
+    with pytest.raises(OSError, match="holds at most 107; choose a shorter one") as err:
         server.bind()
     assert err.value.errno == errno.ENAMETOOLONG
 

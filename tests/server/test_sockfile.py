@@ -34,6 +34,21 @@ def test_nothing_there_is_free(tmp_path: Path) -> None:
     assert prepare_socket_path(str(tmp_path / "none.sock")) is False
 
 
+def test_a_missing_directory_and_a_long_path_are_named(tmp_path: Path) -> None:
+    # Found trying the server as an operator: the README's first command, on a machine
+    # without /run/vfuserver, said only "vfu_create_ctx(...): No such file or directory".
+    missing = tmp_path / "run" / "vfuserver"
+    with pytest.raises(FileNotFoundError, match=rf"its directory {missing} does not exist; "
+                                                rf"create it \(mkdir -p {missing}\)"):
+        prepare_socket_path(str(missing / "net0.sock"))
+    longest = str(tmp_path / ("a" * (107 - len(str(tmp_path)) - 1)))
+    assert len(longest) == 107 and prepare_socket_path(longest) is False
+    with pytest.raises(OSError, match=r"108 bytes, and a UNIX socket path holds at most "
+                                      r"107") as raised:
+        prepare_socket_path(longest + "a")
+    assert raised.value.errno == errno.ENAMETOOLONG
+
+
 @pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM],
                          ids=["stream", "dgram"])
 def test_stale_socket_is_removed(tmp_path: Path, kind: int) -> None:

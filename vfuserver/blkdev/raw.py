@@ -123,8 +123,11 @@ class RawImage:
         try:
             self.fd = os.open(path, flags)
         except OSError as exc:
-            hint = " (the file system may not support O_DIRECT; drop --direct)" if (
-                direct and exc.errno == errno.EINVAL) else ""
+            hint = ""
+            if direct and exc.errno == errno.EINVAL:
+                hint = " (the file system may not support O_DIRECT; drop --direct)"
+            elif not read_only and exc.errno in (errno.EPERM, errno.EROFS, errno.EACCES):
+                hint = " (to serve it read-only: --readonly, or readonly = true)"
             raise ImageError(exc.errno, f"cannot open disk image {path}: "
                              f"{exc.strerror}{hint}") from None
         try:

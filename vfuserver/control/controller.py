@@ -376,7 +376,8 @@ class Controller:
 def _busy(name: str, device: ControlledDevice, *, force: bool = False) -> str:
     """Why a change that needs the device free is refused, and what to do (``force``:
     the command has a force flag)."""
-    anyway = ", or remove it anyway with force" if force else ""
+    anyway = (", or remove it anyway with force (vfuserver device remove --force)"
+              if force else "")
     if device.session_ending:
         return (f"device {name}: its client has gone (QEMU exited) but the session has not "
                 f"ended yet (a request is still in progress): try again in a moment{anyway}")
