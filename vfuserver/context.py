@@ -29,6 +29,7 @@ from vfuserver.config import DEFAULT_POLL_MAX_NS
 from vfuserver.devices.errors import GuestError
 from vfuserver.devices.memory import IOVA_LIMIT, Barriers, GuestMemory, NoLostPages
 from vfuserver.devices.pci import BarKind, PciFunction, Region, ResetKind
+from vfuserver.devices.virtio import RateLimitedLog
 from vfuserver.native import NativeDevice
 from vfuserver.sockfile import SocketFile, owner_only_umask, prepare_socket_path
 
@@ -48,6 +49,11 @@ MESSAGE_TIMEOUT = 5.0
 
 REPLY_TIMEOUT = 5.0
 """Seconds a reply may wait for a client that does not read its socket; then it is dropped."""
+
+LIBRARY_LOG_BURST = 30
+"""libvfio-user messages (INFO and above) logged per device per minute; the rest are
+counted in the next one logged ("N similar messages suppressed"). A session's attach and
+detach write a handful."""
 
 CPU_BARRIERS = Barriers(lib.vfuserver_smp_mb, lib.vfuserver_smp_wmb, lib.vfuserver_smp_rmb)
 """The rings' barriers as real CPU fences (__atomic_thread_fence, in the cffi extension)."""
@@ -259,6 +265,9 @@ class VfuContext:
         self.socket_path = os.path.abspath(socket_path)
         self.function = function
         self.log = logger or logging.getLogger(f"vfuserver.{function.name}")
+        self._library_log = RateLimitedLog(self.log, burst=LIBRARY_LOG_BURST)
+        """libvfio-user's messages, which a client can make it write for every request
+        (an access out of bounds): limited per device, so it cannot flood the log."""
         self.memory = memory if memory is not None else GuestMemory()
         self.memory.barriers = CPU_BARRIERS
         self.lock = lock if lock is not None else DeviceLock()
@@ -646,7 +655,10 @@ class VfuContext:
             # the client has not wired that vector (yet), or a request of the client was
             # refused (it got the errno): the client's business, not a server error
             py_level = logging.DEBUG
-        self.log.log(py_level, "libvfio-user: %s", text)
+        if py_level >= logging.INFO:
+            self._library_log.log(py_level, "libvfio-user: %s", text)
+        else:
+            self.log.log(py_level, "libvfio-user: %s", text)
 
     @c_callback("vfuserver_reset_cb", error=-1)
     def _on_reset(self, reset_type: int) -> int:

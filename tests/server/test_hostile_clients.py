@@ -8,11 +8,15 @@ descriptor or a thread. The figures (latencies, RSS) are the ``hostile`` benchma
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from benchmarks.common import vfuserver_cli
 from benchmarks.hostile import (
@@ -24,7 +28,9 @@ from benchmarks.hostile import (
     two_device_server,
     wait_closed,
 )
-from vfuserver.context import ATTACH_TIMEOUT
+from vfuserver.client import Client, VfioUserError
+from vfuserver.context import ATTACH_TIMEOUT, LIBRARY_LOG_BURST
+from vfuserver.protocol import vfio_user as vu
 
 ARGV = vfuserver_cli(log_level="info")
 
@@ -61,3 +67,24 @@ def test_a_silent_client_is_disconnected_after_the_attach_timeout(
             assert wait_closed(sock, ATTACH_TIMEOUT + 5)
         served_again(running)
         assert "sent no VERSION within" in running.process.log
+
+
+async def test_a_client_cannot_flood_the_log(serve_net: Any,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    # Found by a hostile client: every access out of a region's bounds made libvfio-user
+    # log an ERROR line, about 11,000 lines for one sweep of the regions.
+    served = await serve_net()
+    caplog.set_level(logging.INFO)
+
+    def sweep() -> int:
+        refused = 0
+        with Client(served.context.socket_path) as client:
+            for offset in range(3 * LIBRARY_LOG_BURST):
+                with pytest.raises(VfioUserError) as raised:
+                    client.read(vu.PciRegion.CONFIG, 0x10000 + offset, 4)
+                refused += raised.value.errno == errno.EINVAL
+        return refused
+
+    assert await trio.to_thread.run_sync(sweep) == 3 * LIBRARY_LOG_BURST  # each one told
+    lines = [r for r in caplog.records if "out of bounds region access" in r.getMessage()]
+    assert len(lines) == LIBRARY_LOG_BURST
