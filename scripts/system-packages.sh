@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Debian packages vfuserver needs to build libvfio-user, fetch QEMU and the test guest,
-# and run the end-to-end tests. Installs only what is missing; needs root for that.
+# and run the end-to-end tests (fuse3, libfuse3-dev: pyfuse3, a test file system).
+# Installs only what is missing; needs root for that.
 set -euo pipefail
 PKGS=(meson ninja-build pkg-config gcc libc6-dev linux-libc-dev libjson-c-dev libcmocka-dev
-      xz-utils dpkg-dev iproute2 busybox-static python3-venv cpio pciutils ethtool)
+      xz-utils dpkg-dev iproute2 busybox-static python3-venv cpio pciutils ethtool
+      fuse3 libfuse3-dev)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

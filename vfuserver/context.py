@@ -712,6 +712,18 @@ class VfuContext:
         vaddr = int(ffi.cast("uintptr_t", info.vaddr))
         mapping = int(ffi.cast("uintptr_t", info.mapping.iov_base))
         mapping_len = int(info.mapping.iov_len)
+        try:
+            risk = dma_backing.stall_risk(vaddr)
+        except OSError as exc:  # /proc unreadable: nothing to go by, as without root
+            risk = None
+            self.log.warning("DMA map [%#x, +%#x): cannot tell what file system its file is "
+                             "on (%s)", iova, size, exc)
+        if risk is not None:
+            self._unused_maps.add((iova, size))
+            self.log.error("DMA map [%#x, +%#x) refused: %s. Give the VM its RAM from "
+                           "memory-backend-memfd (QEMU's choice for vfio-user), or from a "
+                           "file on tmpfs, hugetlbfs or a local disk", iova, size, risk)
+            return
         usable = self._backed_size(iova, size, vaddr, mapping + mapping_len)
         try:
             if usable == 0:

@@ -17,12 +17,22 @@ host's first access to a page past the end of the file (mm/filemap.c filemap_fau
   memory-backend-memfd is sealed that way already (its ``seal=on`` default). A file that
   cannot be sealed (not a memfd, or a memfd without MFD_ALLOW_SEALING) is covered by the
   server's SIGBUS guard instead (vfuserver/csrc/vfuserver.c).
+
+A third makes it wait: a file whose page faults (and opens) are answered by another
+process or over the network, on FUSE (which an unprivileged client can mount in a user
+namespace of its own) or NFS, CIFS, 9p, ... A daemon that never answers leaves whatever
+touches the map asleep in the kernel for good: the thread serving the device, holding the
+device's lock, and the event loop every device shares once it takes that lock (a disk's
+completion, a stats query). :func:`stall_risk` tells such a file from guest RAM by the
+mapping's device number alone (/proc/self/maps, /proc/self/mountinfo), without touching
+the file, and the map is refused.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 from dataclasses import dataclass
 
@@ -48,8 +58,17 @@ class Backing:
         return max(0, min(length, self.file_size - self.offset))
 
 
-def _vma_of(address: int) -> tuple[int, int, int, str]:
-    """(start, end, file offset of start, name) of the mapping holding ``address``."""
+MOUNTINFO = "/proc/self/mountinfo"
+MEMORY_FILE_SYSTEMS = frozenset({"tmpfs", "hugetlbfs", "ramfs"})
+"""Whose pages are RAM: a fault never waits for I/O."""
+LOCAL_FILE_SYSTEMS = frozenset({"btrfs", "bcachefs", "zfs"})
+"""Local disk file systems that report a device number of their own (major 0) rather than
+their disk's; a file system whose device is a block device (major != 0) is local anyway."""
+
+
+def _vma_of(address: int) -> tuple[int, int, int, str, int]:
+    """(start, end, file offset of start, name, device number) of the mapping holding
+    ``address``."""
     with open(MAPS, "rb") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
@@ -57,8 +76,82 @@ def _vma_of(address: int) -> tuple[int, int, int, str]:
             start, end = int(start_text, 16), int(end_text, 16)
             if start <= address < end:
                 name = fields[5].strip().decode(errors="replace") if len(fields) > 5 else ""
-                return start, end, int(fields[2], 16), name
+                major, _, minor = fields[3].partition(b":")
+                return (start, end, int(fields[2], 16), name,
+                        os.makedev(int(major, 16), int(minor, 16)))
     raise FileNotFoundError(errno.ENOENT, "no mapping holds this address", hex(address))
+
+
+def _mounted_types() -> dict[int, str]:
+    """File system type of each device number mounted in this mount namespace."""
+    types = {}
+    with open(MOUNTINFO, "rb") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            major, _, minor = fields[2].partition(b":")
+            # after the optional fields, " - " then the type
+            types[os.makedev(int(major), int(minor))] = fields[fields.index(b"-") + 1].decode(
+                errors="replace")
+    return types
+
+
+@functools.cache
+def _internal_memory_devices() -> frozenset[int]:
+    """Device numbers of the kernel's internal shmem and hugetlbfs mounts: memfd_create(2)
+    files (QEMU's memory-backend-memfd, with or without hugetlb=on) and MAP_SHARED
+    anonymous or /dev/zero memory live there, in no mount table."""
+    devices = set()
+    flags = [0] + [os.MFD_HUGETLB | (int(entry.name.split("-")[1].removesuffix("kB")) * 1024)
+                   .bit_length() - 1 << MFD_HUGE_SHIFT
+                   for entry in _hugepage_sizes()]
+    for flag in flags:
+        try:
+            fd = os.memfd_create("vfuserver-probe", os.MFD_CLOEXEC | flag)
+        except OSError:  # that page size is not configured
+            continue
+        try:
+            devices.add(os.fstat(fd).st_dev)
+        finally:
+            os.close(fd)
+    return frozenset(devices)
+
+
+MFD_HUGE_SHIFT = 26
+"""memfd_create(2): log2 of the huge page size goes in the flags' bits 26..31."""
+
+
+def _hugepage_sizes() -> list[os.DirEntry[str]]:
+    try:
+        return list(os.scandir("/sys/kernel/mm/hugepages"))
+    except OSError:
+        return []
+
+
+def stall_risk(address: int) -> str | None:
+    """Why page faults on the file mapped at ``address`` could wait on another process or
+    the network (a sentence naming the file and its file system), or None if they cannot:
+    it is RAM (memfd, tmpfs, hugetlbfs, ramfs) or on a local disk. Nothing but /proc is
+    read: the file itself, which such a fault would wait for, is not touched.
+
+    Errors: OSError if no mapping holds ``address``.
+    """
+    _, _, _, name, device = _vma_of(address)
+    if device in _internal_memory_devices():
+        return None
+    fs_type = _mounted_types().get(device)
+    where = f"device {os.major(device)}:{os.minor(device)}"
+    if fs_type is None:
+        return (f"its file {name} is on a file system ({where}) that is not mounted in this "
+                "server's mount namespace, which cannot tell whether its page faults can "
+                "wait for another process (FUSE) or the network")
+    if fs_type in MEMORY_FILE_SYSTEMS:
+        return None
+    if not fs_type.startswith("fuse") and (os.major(device) != 0
+                                           or fs_type in LOCAL_FILE_SYSTEMS):
+        return None
+    return (f"its file {name} is on a {fs_type} file system ({where}): its page faults wait "
+            "for another process or the network, and one that never answers would stall "
+            "the device's thread and whatever waits for the device")
 
 
 def _seal_against_shrinking(fd: int) -> bool:
@@ -82,7 +175,7 @@ def inspect(address: int) -> Backing:
     Errors: OSError if the mapping or its file cannot be found or opened (no such
     mapping; PermissionError without CAP_SYS_ADMIN).
     """
-    start, end, vma_offset, name = _vma_of(address)
+    start, end, vma_offset, name, _ = _vma_of(address)
     link = f"{MAP_FILES}/{start:x}-{end:x}"
     try:
         fd = os.open(link, os.O_RDWR | os.O_CLOEXEC)  # F_ADD_SEALS needs a writable fd

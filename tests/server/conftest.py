@@ -7,6 +7,8 @@ so tests run it in a worker thread with ``trio.to_thread.run_sync``.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -146,3 +148,27 @@ def attached_session(context: VfuContext, serve: Callable[[], object] | None = N
     thread = threading.Thread(target=lambda: results.append(body()))
     thread.start()
     return client, thread, results
+
+
+@pytest.fixture
+def fuse_ram(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB file on a real FUSE mount (tests/server/fuse_ram.py), whose reads past the
+    first 64 KiB never return: guest RAM whose page faults wait for another process."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse: the kernel has no FUSE (modprobe fuse)")
+    mountpoint = tmp_path / "fuse"
+    mountpoint.mkdir()
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "tests.server.fuse_ram", str(mountpoint), str(1 << 20),
+         "--stall-from", str(0x10000)],
+        cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout is not None and daemon.stdout.readline() == "mounted\n"
+        yield mountpoint / "ram"
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+        if os.path.ismount(mountpoint):  # the daemon died without unmounting
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+        if daemon.stdout is not None:
+            daemon.stdout.close()

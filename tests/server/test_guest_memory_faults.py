@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -84,6 +85,41 @@ async def test_a_file_shrunk_under_a_map_stops_that_device_only(
     os.close(fd)
 
 
+# -- guest RAM whose page faults wait for another process -------------------------------------
+
+
+async def test_guest_ram_on_fuse_is_refused_without_touching_it(
+        serve_net: Any, fuse_ram: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A client can mount FUSE in a user namespace of its own and map its RAM from there;
+    # a page fault on it waits for the client's daemon. The map used to be taken (and the
+    # file opened through /proc/self/map_files: a FUSE open, answered by that daemon);
+    # the first buffer past the daemon's stall would then have put the serving thread to
+    # sleep for good, holding the device's lock, and the event loop with it at its next
+    # stats query or disk completion.
+    served = await serve_net("victim")
+    other = await serve_net("bystander")
+    fd = os.open(fuse_ram, os.O_RDWR)
+    try:
+        async with connected(served.context) as client:
+            await trio.to_thread.run_sync(client.dma_map, 0, 1 << 20, fd)
+            assert list(served.context.memory) == []
+            refusals = [r.getMessage() for r in caplog.records
+                        if "DMA map [0x0, +0x100000) refused: its file" in r.getMessage()]
+            assert len(refusals) == 1
+            assert f"{fuse_ram} is on a fuse file system" in refusals[0]
+            assert "memory-backend-memfd" in refusals[0]
+            assert (await trio.to_thread.run_sync(client.read, vu.PciRegion.CONFIG, 0, 2)
+                    == b"\xf4\x1a")
+
+            def bystander() -> bytes:
+                with Client(other.context.socket_path) as other_client:
+                    return other_client.read(vu.PciRegion.CONFIG, 0, 2)
+
+            assert await trio.to_thread.run_sync(bystander) == b"\xf4\x1a"
+    finally:
+        os.close(fd)
+
+
 # -- the pieces on their own -------------------------------------------------------------------
 
 
@@ -98,6 +134,26 @@ def test_inspect_finds_the_file_offset_and_seals_a_memfd() -> None:
         assert (backing.offset, backing.file_size, backing.sealed) == (PAGE + 0x10, 4 * PAGE,
                                                                         True)
         assert backing.backed(8 * PAGE) == 3 * PAGE - 0x10
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("source", ["memfd", "/dev/shm", "/dev/zero"])
+def test_guest_ram_the_way_qemu_gives_it_has_no_stall_risk(source: str,
+                                                           tmp_path: Path) -> None:
+    if source == "memfd":  # memory-backend-memfd: the kernel's internal shmem mount
+        fd = memfd(2 * PAGE)
+    elif source == "/dev/shm":  # memory-backend-file,mem-path=/dev/shm/...: a tmpfs
+        fd = os.open(f"/dev/shm/vfuserver-test-{os.getpid()}", os.O_RDWR | os.O_CREAT, 0o600)
+        os.unlink(f"/dev/shm/vfuserver-test-{os.getpid()}")
+        os.ftruncate(fd, 2 * PAGE)
+    else:  # shared anonymous memory, as a client might hand it over
+        fd = os.open(source, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 2 * PAGE) as view:
+            buffer = ctypes.c_char.from_buffer(view)
+            assert dma_backing.stall_risk(ctypes.addressof(buffer)) is None
+            del buffer
     finally:
         os.close(fd)
 
