@@ -67,6 +67,12 @@ _SYSLOG_TO_LOGGING = {
 }
 
 _CLIENT_COMMAND_FAILED = re.compile(r"msg0x[0-9a-f]+: cmd \d+ failed")
+HANDSHAKE_HANGUPS = frozenset({errno.ENOMSG, errno.ECONNRESET, errno.EPIPE})
+"""How a client that leaves during its VERSION handshake (a probe of the socket) fails it:
+libvfio-user's ENOMSG for an end of stream, or a reset or broken pipe on its reply."""
+_VERSION_EOF = re.compile(r"failed to (recv|receive|send) version: ({})$".format(
+    "|".join(re.escape(os.strerror(code)) for code in sorted(HANDSHAKE_HANGUPS))))
+"""libvfio-user's words for the same: the serving loop says what happened."""
 
 class ServeResult(enum.IntEnum):
     """Why :meth:`VfuContext.serve_client` returned."""
@@ -651,7 +657,8 @@ class VfuContext:
         text = ffi.string(msg).decode(errors="replace")
         py_level = _SYSLOG_TO_LOGGING.get(
             level, logging.ERROR if level < lib.LOG_ERR else logging.DEBUG)
-        if text.startswith("no fd for interrupt") or _CLIENT_COMMAND_FAILED.match(text):
+        if (text.startswith("no fd for interrupt") or _CLIENT_COMMAND_FAILED.match(text)
+                or _VERSION_EOF.match(text)):
             # the client has not wired that vector (yet), or a request of the client was
             # refused (it got the errno): the client's business, not a server error
             py_level = logging.DEBUG

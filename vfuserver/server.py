@@ -13,7 +13,7 @@ from typing import Protocol, TypeVar
 import outcome
 import trio
 
-from vfuserver.context import ATTACH_TIMEOUT, VfuContext
+from vfuserver.context import ATTACH_TIMEOUT, HANDSHAKE_HANGUPS, VfuContext
 
 INTERRUPT_RETRY = 0.05
 """Seconds between attempts to cut short a thread's blocking call (a signal can arrive just
@@ -88,6 +88,11 @@ async def _attach(context: VfuContext) -> None:
             if timed_out:
                 context.log.warning("client on %s sent no VERSION within %g s: disconnected",
                                     context.socket_path, ATTACH_TIMEOUT)
+                continue
+            if exc.errno in HANDSHAKE_HANGUPS:
+                context.log.info("a client of %s closed the connection during its VERSION "
+                                 "handshake (a probe, such as another vfuserver checking "
+                                 "whether the socket is in use)", context.socket_path)
                 continue
             context.log.warning("client failed to attach: %s", os.strerror(exc.errno or errno.EIO))
             await trio.sleep(0.1)  # the listening socket may stay readable: do not spin

@@ -28,6 +28,7 @@ from benchmarks.hostile import (
     two_device_server,
     wait_closed,
 )
+from tests.server.conftest import until
 from vfuserver.client import Client, VfioUserError
 from vfuserver.context import ATTACH_TIMEOUT, LIBRARY_LOG_BURST
 from vfuserver.protocol import vfio_user as vu
@@ -88,3 +89,22 @@ async def test_a_client_cannot_flood_the_log(serve_net: Any,
     assert await trio.to_thread.run_sync(sweep) == 3 * LIBRARY_LOG_BURST  # each one told
     lines = [r for r in caplog.records if "out of bounds region access" in r.getMessage()]
     assert len(lines) == LIBRARY_LOG_BURST
+
+
+async def test_a_probe_of_the_socket_is_no_error(serve_net: Any,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    # Found trying the server as an operator: a second server checking whether the socket
+    # is in use (a connect, then close) made the first log two ERROR lines.
+    served = await serve_net()
+    caplog.set_level(logging.DEBUG)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.connect(served.context.socket_path)
+    await until(lambda: any("closed the connection during its VERSION handshake"
+                            in r.getMessage() for r in caplog.records))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+    def next_client() -> bytes:
+        with Client(served.context.socket_path) as client:
+            return client.read(vu.PciRegion.CONFIG, 0, 2)
+
+    assert await trio.to_thread.run_sync(next_client) == b"\xf4\x1a"  # served as ever
