@@ -52,11 +52,12 @@ plus the one request that crosses it (at most seg_max * SIZE_MAX bytes); beyond 
 device stops taking requests off its queues until some complete, so a guest that fills
 every queue with the largest requests cannot make the server allocate without bound."""
 REQUEST_WEIGHT = 256
-"""Requests one turn of a queue takes off its ring before it yields (with
-:attr:`VirtioBlk.on_queue_pending` set), as vhost's work weights (drivers/vhost/vhost.c
-vhost_exceeds_weight; vhost-scsi's VHOST_SCSI_WEIGHT is 256): a guest that keeps its ring
-full, or refills it while the device works, cannot hold the thread the device shares with
-others for longer than one turn."""
+"""Requests a device takes off its rings, all queues together, in one turn (from one
+:meth:`VirtioBlk.run_pending` to the next, with :attr:`VirtioBlk.on_queue_pending` set)
+before it yields, as vhost's work weights (drivers/vhost/vhost.c vhost_exceeds_weight;
+vhost-scsi's VHOST_SCSI_WEIGHT is 256): a guest that keeps its rings full, or refills them
+while the device works, cannot hold the thread the device shares with others for longer
+than one turn."""
 DESCRIPTOR_WEIGHT = 1024
 """Descriptors (indirect ones included) one turn walks before it yields: chains of many
 descriptors cost per descriptor, whatever the request."""
@@ -200,16 +201,24 @@ class VirtioBlk(VirtioDevice):
         self.epoch = 0
         """Bumped by every reset: completions of older requests are dropped."""
         self.max_in_flight_bytes = MAX_IN_FLIGHT_BYTES
+        self.max_in_flight = num_queues * queue_max_size
+        """Requests the backend may hold for the device: as many as its rings can, so a
+        guest that resets and refills them (FLUSH, DISCARD: no data to count) gets no
+        more."""
         self._throttled: set[int] = set()
         """Queues left with available requests for lack of in-flight budget."""
         self.on_queue_pending: Callable[[], None] | None = None
-        """If set, a queue's turn (a kick, or a completion freeing budget) takes at most
-        REQUEST_WEIGHT requests, DESCRIPTOR_WEIGHT descriptors or BYTE_WEIGHT bytes of
-        write data off its ring, then calls this while more wait: the server is to call
-        :meth:`run_pending` soon, after its other work (vhost_exceeds_weight requeues the
-        work the same way). If None, a turn takes everything available."""
+        """If set, the device takes at most REQUEST_WEIGHT requests, DESCRIPTOR_WEIGHT
+        descriptors or BYTE_WEIGHT bytes of write data off its rings (kicks, completions
+        freeing budget) between two calls of :meth:`run_pending`; a queue left with
+        requests then calls this: the server is to call :meth:`run_pending` soon, after its
+        other work (vhost_exceeds_weight requeues the work the same way). If None, a kick
+        takes everything available."""
         self._pending: set[int] = set()
         """Queues whose turn ended at a weight, for :meth:`run_pending`."""
+        self._spent = [0, 0, 0]
+        """Requests, descriptors and bytes taken since the last :meth:`run_pending`: the
+        weights hold for the device, whichever of its queues were kicked."""
         self.reset()
 
     # -- state ------------------------------------------------------------------------
@@ -226,6 +235,7 @@ class VirtioBlk(VirtioDevice):
         self.epoch += 1
         self._throttled.clear()
         self._pending.clear()
+        self._spent = [0, 0, 0]
         self.writeback = True
 
     def _features_changed(self) -> None:
@@ -264,22 +274,24 @@ class VirtioBlk(VirtioDevice):
         """Another turn for the queues whose last one ended at a weight (see
         :attr:`on_queue_pending`). Never raises for guest mistakes."""
         pending, self._pending = self._pending, set()
+        self._spent = [0, 0, 0]
         for index in sorted(pending):
             self.notify(index)
 
     def _handle_queue(self, queue: VirtQueue) -> None:
         answered = False
         weighed = self.on_queue_pending is not None
-        requests = descriptors = copied = 0
+        spent = self._spent
         while True:
-            if self.stats.in_flight_bytes >= self.max_in_flight_bytes:
+            if (self.stats.in_flight_bytes >= self.max_in_flight_bytes
+                    or self.stats.in_flight >= self.max_in_flight):
                 if queue.available():
                     # taken up again by complete(); the driver's kicks meanwhile are moot
                     self._throttled.add(queue.index)
                     self.stats.throttled += 1
                 break
-            if weighed and (requests >= REQUEST_WEIGHT or descriptors >= DESCRIPTOR_WEIGHT
-                            or copied >= BYTE_WEIGHT):
+            if weighed and (spent[0] >= REQUEST_WEIGHT or spent[1] >= DESCRIPTOR_WEIGHT
+                            or spent[2] >= BYTE_WEIGHT):
                 if queue.available() and queue.index not in self._pending:
                     self._pending.add(queue.index)
                     self.stats.requeued += 1
@@ -288,9 +300,9 @@ class VirtioBlk(VirtioDevice):
             chain = queue.pop()
             if chain is None:
                 break
-            requests += 1
-            descriptors += chain.descriptors
-            copied += chain.readable_len
+            spent[0] += 1
+            spent[1] += chain.descriptors
+            spent[2] += chain.readable_len
             if not chain.writable_len:
                 # QEMU: "virtio-blk missing headers"; there is no byte for a status
                 raise VirtQueueError(

@@ -193,6 +193,8 @@ def check_unique(devices: list[DeviceSpec], new: DeviceSpec | None = None) -> No
             raise ConfigError(f"device {spec.name}: socket {spec.socket} is already "
                               f"device {other}'s")
         tap = spec.netdev.ifname if isinstance(spec.netdev, TapSpec) else ""
+        if "%" in tap:  # a template (vfu%d): the kernel picks a new name for each
+            tap = ""
         if tap in seen_taps:
             raise ConfigError(f"device {spec.name}: tap {tap} is already device "
                               f"{seen_taps[tap]}'s; give each device its own tap")

@@ -271,9 +271,10 @@ class VfuContext:
         self.socket_path = os.path.abspath(socket_path)
         self.function = function
         self.log = logger or logging.getLogger(f"vfuserver.{function.name}")
-        self._library_log = RateLimitedLog(self.log, burst=LIBRARY_LOG_BURST)
-        """libvfio-user's messages, which a client can make it write for every request
-        (an access out of bounds): limited per device, so it cannot flood the log."""
+        self.client_log = RateLimitedLog(self.log, burst=LIBRARY_LOG_BURST)
+        """For what a client can make happen as often as it likes (libvfio-user's
+        messages about an access out of bounds, a connection closed during the handshake):
+        limited per device, so it cannot flood the log."""
         self.memory = memory if memory is not None else GuestMemory()
         self.memory.barriers = CPU_BARRIERS
         self.lock = lock if lock is not None else DeviceLock()
@@ -663,7 +664,7 @@ class VfuContext:
             # refused (it got the errno): the client's business, not a server error
             py_level = logging.DEBUG
         if py_level >= logging.INFO:
-            self._library_log.log(py_level, "libvfio-user: %s", text)
+            self.client_log.log(py_level, "libvfio-user: %s", text)
         else:
             self.log.log(py_level, "libvfio-user: %s", text)
 

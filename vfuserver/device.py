@@ -90,6 +90,18 @@ class ServedDevice:
     def type(self) -> str:
         return self.spec.type
 
+    async def _bottom_half(self, due: _Due, work: Callable[[], object], what: str) -> None:
+        """Run ``work`` under the device lock whenever ``due`` is set, after the event
+        loop's other ready work (QEMU's bottom halves): the model's deferred work."""
+        while True:
+            await due.wait()
+            await trio.lowlevel.checkpoint()
+            try:
+                with self.lock:
+                    work()
+            except Exception:
+                self.log.exception("bug while %s", what)
+
     def _in_loop(self, call: Callable[[], None]) -> Callable[[], None]:
         """``call`` as a hook the model may call from the serving thread: there it is
         handed to the event loop (trio objects are not thread-safe), here it runs now."""
@@ -251,7 +263,7 @@ class ServedNetDevice(ServedDevice):
         self.net = self.model = VirtioNet(GuestMemory(), _NO_INTERRUPTS, backend, mac=spec.mac,
                                           name=spec.name)
         super().__init__(spec, owner, poll_max_ns=poll_max_ns)
-        self._tx_pending = trio.Event()
+        self._tx_pending = _Due()
         self._wake_receiver = self._in_loop(backend.wake_receiver)
         self._schedule_tx = self._in_loop(self._request_tx)
         self._run: NetRun | None = None
@@ -336,7 +348,9 @@ class ServedNetDevice(ServedDevice):
 
     async def _run_backend(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.backend.run, self._deliver)
-        nursery.start_soon(self._transmit_pump)
+        # the transmit bottom half: runs after the kick that scheduled it was answered
+        nursery.start_soon(self._bottom_half, self._tx_pending, self.net.run_tx,
+                           "transmitting")
 
     def _close_backend(self) -> None:
         self.backend.close()
@@ -352,18 +366,6 @@ class ServedNetDevice(ServedDevice):
             self.log.exception("bug while receiving a frame (dropped)")
             return True
 
-    async def _transmit_pump(self) -> None:
-        """The transmit bottom half: runs after the kick that scheduled it was answered."""
-        while True:
-            await self._tx_pending.wait()
-            self._tx_pending = trio.Event()
-            await trio.lowlevel.checkpoint()
-            try:
-                with self.lock:
-                    self.net.run_tx()
-            except Exception:
-                self.log.exception("bug while transmitting")
-
 
 class ServedBlkDevice(ServedDevice):
     """virtio-blk on a raw image, its requests on the backend's worker threads."""
@@ -377,29 +379,15 @@ class ServedBlkDevice(ServedDevice):
                                           num_queues=num_queues, serial=spec.serial.encode(),
                                           name=spec.name)
         super().__init__(spec, owner, msix_vectors=num_queues + 1, poll_max_ns=poll_max_ns)
-        self._queues_pending = trio.Event()
-        self.blk.on_queue_pending = self._in_loop(self._request_more)
-
-    def _request_more(self) -> None:
-        self._queues_pending.set()
+        self._queues_pending = _Due()
+        self.blk.on_queue_pending = self._in_loop(self._queues_pending.set)
 
     async def _run_backend(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.backend.run, self._complete)
-        nursery.start_soon(self._more_requests)
-
-    async def _more_requests(self) -> None:
-        """Another turn for the queues whose last one ended at a weight
-        (devices/virtio_blk.py REQUEST_WEIGHT), after the event loop's other work: the
-        devices that share the loop, the control socket."""
-        while True:
-            await self._queues_pending.wait()
-            self._queues_pending = trio.Event()
-            await trio.lowlevel.checkpoint()
-            try:
-                with self.lock:
-                    self.blk.run_pending()
-            except Exception:
-                self.log.exception("bug while taking requests")
+        # another turn for the queues whose last one ended at a weight (devices/virtio_blk.py
+        # REQUEST_WEIGHT), after the other devices' work and the control socket's
+        nursery.start_soon(self._bottom_half, self._queues_pending, self.blk.run_pending,
+                           "taking requests")
 
     def _complete(self, batch: list[IoRequest]) -> None:
         """Finished disk requests into the model: the one place the trio side touches
@@ -430,6 +418,21 @@ def _attach_journals(model: VirtioDevice, name: str,
         queue.publish_journal()
         journals.append(journal)
     return journals
+
+
+class _Due:
+    """A flag the event loop waits for: set any number of times, it wakes one wait, which
+    clears it (work asked for again while it runs is run once more after)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
 
 
 @dataclass

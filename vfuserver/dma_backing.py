@@ -59,11 +59,12 @@ class Backing:
 
 
 MOUNTINFO = "/proc/self/mountinfo"
-MEMORY_FILE_SYSTEMS = frozenset({"tmpfs", "hugetlbfs", "ramfs"})
+MEMORY_FILE_SYSTEMS = frozenset({"tmpfs", "hugetlbfs", "ramfs", "devtmpfs"})
 """Whose pages are RAM: a fault never waits for I/O."""
 LOCAL_FILE_SYSTEMS = frozenset({"btrfs", "bcachefs", "zfs"})
 """Local disk file systems that report a device number of their own (major 0) rather than
-their disk's; a file system whose device is a block device (major != 0) is local anyway."""
+their disk's. One on a block device (major != 0) is taken as local too: a loop, NBD or
+iSCSI disk behind it would have to be set up by root, not by a client."""
 
 
 def _vma_of(address: int) -> tuple[int, int, int, str, int]:
@@ -149,9 +150,13 @@ def stall_risk(address: int) -> str | None:
     if not fs_type.startswith("fuse") and (os.major(device) != 0
                                            or fs_type in LOCAL_FILE_SYSTEMS):
         return None
-    return (f"its file {name} is on a {fs_type} file system ({where}): its page faults wait "
-            "for another process or the network, and one that never answers would stall "
-            "the device's thread and whatever waits for the device")
+    if fs_type == "overlay":  # Linux 6.6 on: maps shows the overlay, not its layer's file
+        return (f"its file {name} is on an overlay file system ({where}), which does not "
+                "tell whether its layers are RAM, local disks, or file systems whose page "
+                "faults wait for another process (FUSE) or the network")
+    return (f"its file {name} is on a file system of type {fs_type} ({where}): its page "
+            "faults wait for another process or the network, and one that never answers "
+            "would stall the device's thread and whatever waits for the device")
 
 
 def _seal_against_shrinking(fd: int) -> bool:

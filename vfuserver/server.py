@@ -90,9 +90,10 @@ async def _attach(context: VfuContext) -> None:
                                     context.socket_path, ATTACH_TIMEOUT)
                 continue
             if exc.errno in HANDSHAKE_HANGUPS:
-                context.log.info("a client of %s closed the connection during its VERSION "
-                                 "handshake (a probe, such as another vfuserver checking "
-                                 "whether the socket is in use)", context.socket_path)
+                context.client_log.log(
+                    logging.INFO, "a client of %s closed the connection during its VERSION "
+                    "handshake (a probe, such as another vfuserver checking whether the "
+                    "socket is in use)", context.socket_path)
                 continue
             context.log.warning("client failed to attach: %s", os.strerror(exc.errno or errno.EIO))
             await trio.sleep(0.1)  # the listening socket may stay readable: do not spin
@@ -276,7 +277,7 @@ async def serve(devices: Mapping[str, Servable] | None = None, *,
                 ) -> signal.Signals | None:
     """Run ``devices`` (and any started into ``device_set`` later) until SIGINT, SIGTERM or
     SIGHUP (the terminal it ran in went away: a clean stop, sockets removed, where the
-    default action would end the process on the spot).
+    default action would end the process on the spot; under nohup it stays ignored).
 
     Each device runs in a cancel scope of its own; a device that fails to start or fails
     later is logged and the others go on. ``services`` (the control socket) start once the
@@ -288,7 +289,10 @@ async def serve(devices: Mapping[str, Servable] | None = None, *,
     log = logging.getLogger("vfuserver")
     device_set = device_set if device_set is not None else DeviceSet()
     stopped_by: list[signal.Signals] = []
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    stop_signals = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup's stays ignored
+        stop_signals.append(signal.SIGHUP)
+    with trio.open_signal_receiver(*stop_signals) as signals:
         async with trio.open_nursery() as nursery:
             device_set._attach(nursery)
 

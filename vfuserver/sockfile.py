@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 OWNER_ONLY_UMASK = 0o177
+"""The umask under which a socket file is created 0600 (bind() applies the umask to 0777)."""
 SUN_PATH_BYTES = 108
 """sizeof(sockaddr_un.sun_path) on Linux: a path of at most 107 bytes and its NUL (unix(7))."""
-"""The umask under which a socket file is created 0600 (bind() applies the umask to 0777)."""
 
 
 def prepare_socket_path(path: str) -> bool:
@@ -46,10 +46,14 @@ def prepare_socket_path(path: str) -> bool:
                                           f"holds at most {SUN_PATH_BYTES - 1}; choose a "
                                           "shorter one")
     directory = os.path.dirname(path) or "."
-    if not os.path.isdir(directory):
+    try:
+        os.stat(directory)
+    except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, f"{path}: its directory {directory} does not "
                                               f"exist; create it (mkdir -p {directory}) or "
-                                              "choose another path")
+                                              "choose another path") from None
+    except OSError as exc:  # EACCES on a parent, ENOTDIR: the kernel's word is the right one
+        raise OSError(exc.errno, f"{path}: its directory {directory}: {exc.strerror}") from None
     try:
         st = os.lstat(path)
     except FileNotFoundError:

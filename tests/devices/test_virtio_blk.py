@@ -513,11 +513,45 @@ def test_a_turn_stops_at_the_descriptor_weight_and_asks_for_another(rig: Rig) ->
     first = DESCRIPTOR_WEIGHT // per_request
     assert [u.head for u in rig.used()] == heads[:first]
     assert pending == [first] and rig.dev.stats.requeued == 1
-    rig.dev.notify(0)  # a kick meanwhile is another turn (the queue is asked for once)
-    assert [u.head for u in rig.used()] == heads[first:2 * first] == heads[first:]
-    assert pending == [first] and rig.dev.stats.requeued == 1
-    rig.dev.run_pending()  # the turn asked for finds the ring empty
+    rig.dev.notify(0)  # a kick before the next turn: the device's weight is spent
     assert rig.used() == [] and pending == [first]
+    rig.dev.run_pending()  # the next turn
+    assert [u.head for u in rig.used()] == heads[first:]
+    rig.dev.run_pending()  # the ring is empty: nothing more was asked for
+    assert rig.used() == [] and pending == [first] and rig.dev.stats.requeued == 1
+
+
+def test_the_weights_hold_for_the_device_whichever_queues_are_kicked(tmp_path: Path) -> None:
+    rig = Rig(make_image(tmp_path), num_queues=4)
+    asked: list[int] = []
+    rig.dev.on_queue_pending = lambda: asked.append(rig.dev.stats.unsupported)
+    per_request, per_queue = 32, 16  # 4 queues x 16 requests x 32 descriptors: 2048
+    heads = [_unsupported_requests(q, per_queue, descriptors=per_request)
+             for q in rig.queues]
+    for index in range(4):
+        rig.dev.notify(index)
+    first = DESCRIPTOR_WEIGHT // per_request  # two queues' worth
+    assert [len(rig.used(i)) for i in range(4)] == [16, 16, 0, 0]
+    assert rig.dev.stats.unsupported == first and asked == [first, first]
+    rig.dev.run_pending()
+    assert [[u.head for u in rig.used(i)] for i in range(4)] == [[], [], heads[2], heads[3]]
+    rig.close()
+
+
+def test_a_full_ring_of_flushes_cannot_grow_with_resets(rig: Rig) -> None:
+    # Found in review: requests without data (FLUSH, DISCARD, WRITE_ZEROES) counted no
+    # bytes, so resetting and refilling the queue piled them up on the backend.
+    for _ in range(3):
+        for _ in range(QUEUE_SIZE // 2):
+            rig.submit(RequestType.FLUSH)
+        rig.dev.set_status(0)
+        negotiate_modern(rig.dev)
+        rig.queues = rig.driver_queues()
+        driver_ok(rig.dev)
+    assert len(rig.backend.pending) == QUEUE_SIZE == rig.dev.max_in_flight
+    assert rig.dev.stats.throttled >= 1
+    rig.finish()
+    assert rig.dev.stats.in_flight == 0 and rig.dev.stats.stale_completions == QUEUE_SIZE
 
 
 def test_a_turn_stops_at_the_request_weight(tmp_path: Path) -> None:

@@ -156,6 +156,9 @@ def fuse_ram(tmp_path: Path) -> Iterator[Path]:
     first 64 KiB never return: guest RAM whose page faults wait for another process."""
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse: the kernel has no FUSE (modprobe fuse)")
+    if os.geteuid() != 0:
+        pytest.skip("mounting the test's FUSE file system and turning off its readahead "
+                    "(/sys/class/bdi) need root")
     mountpoint = tmp_path / "fuse"
     mountpoint.mkdir()
     daemon = subprocess.Popen(

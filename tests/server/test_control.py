@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from tests.server.control_helpers import (
     VENDOR_DEVICE_MODERN,
     VENDOR_DEVICE_TRANSITIONAL,
     RawSession,
+    ServerProcess,
     execute,
     ids_of,
     read_ids,
@@ -522,9 +524,10 @@ def test_config_errors_name_the_problem(text: str, words: str, tmp_path: Path) -
 
 
 def test_taps_the_kernel_names_are_each_their_own() -> None:
-    text = ("[[device]]\nname = 'a'\nsocket = 's'\nnetdev = 'tap'\n"
-            "[[device]]\nname = 'b'\nsocket = 't'\nnetdev = 'tap'\n")
-    assert [d.name for d in parse_config(text).devices] == ["a", "b"]
+    for netdev in ("tap", "tap,ifname=vfu%d"):  # no name, or a template (tun_set_iff)
+        text = (f"[[device]]\nname = 'a'\nsocket = 's'\nnetdev = '{netdev}'\n"
+                f"[[device]]\nname = 'b'\nsocket = 't'\nnetdev = '{netdev}'\n")
+        assert [d.name for d in parse_config(text).devices] == ["a", "b"]
 
 
 # --- sd_notify ----------------------------------------------------------------------------------
@@ -635,6 +638,22 @@ def test_a_stop_signal_ends_the_server_cleanly(tmp_path: Path, signum: int) -> N
         assert server.process.wait(20) == 0
         assert f"{signal.Signals(signum).name} received: shutting down" in server.log
     assert not sock.exists() and not control.exists()
+
+
+def test_under_nohup_sighup_stays_ignored(tmp_path: Path) -> None:
+    control, sock = tmp_path / "ctl.sock", tmp_path / "one.sock"
+    server = ServerProcess(["--socket", str(sock), "--control", str(control)],
+                           tmp_path / "server.log")
+    server.command = ["nohup", *server.command]
+    try:
+        server.start([control, sock])
+        assert server.process is not None
+        server.process.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            server.process.wait(2)
+        assert "SIGHUP" not in server.log
+    finally:
+        assert server.stop() == 0
 
 
 def test_run_socket_serves_a_disk(tmp_path: Path) -> None:

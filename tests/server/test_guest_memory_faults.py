@@ -106,7 +106,7 @@ async def test_guest_ram_on_fuse_is_refused_without_touching_it(
             refusals = [r.getMessage() for r in caplog.records
                         if "DMA map [0x0, +0x100000) refused: its file" in r.getMessage()]
             assert len(refusals) == 1
-            assert f"{fuse_ram} is on a fuse file system" in refusals[0]
+            assert f"{fuse_ram} is on a file system of type fuse" in refusals[0]
             assert "memory-backend-memfd" in refusals[0]
             assert (await trio.to_thread.run_sync(client.read, vu.PciRegion.CONFIG, 0, 2)
                     == b"\xf4\x1a")

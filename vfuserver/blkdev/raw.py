@@ -60,10 +60,11 @@ PERM_RESIZE = 1 << 3
 PERM_NAMES = {PERM_CONSISTENT_READ: "consistent read", PERM_WRITE: "write",
               PERM_WRITE_UNCHANGED: "write unchanged", PERM_RESIZE: "resize"}
 """BLK_PERM_* of include/block/block-common.h, and QEMU's names for them."""
-SHARED_PERMS = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
-"""What a virtio-blk disk lets others do with its image: QEMU's default for a guest device
-(blkconf_apply_backend_options, share-rw=off, not resizable): a reader or a writer keeps
-every other writer out."""
+SHARED_PERMS = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED | PERM_RESIZE
+"""What a virtio-blk disk lets others do with its image: QEMU's for its own virtio-blk
+(blkconf_apply_backend_options with share-rw=off and resizable, hw/block/virtio-blk.c): a
+reader or a writer keeps every other writer out. (The capacity is read once; an image
+resized under the device keeps its old size for the guest until the next start.)"""
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS)
 """What a file system or driver answers when it lacks a fallocate mode or an ioctl."""
 
@@ -126,7 +127,11 @@ class RawImage:
             hint = ""
             if direct and exc.errno == errno.EINVAL:
                 hint = " (the file system may not support O_DIRECT; drop --direct)"
-            elif not read_only and exc.errno in (errno.EPERM, errno.EROFS, errno.EACCES):
+            elif not read_only and exc.errno == errno.EROFS:
+                hint = (" (under systemd: the units' ProtectSystem=strict leaves only "
+                        "/var/lib/vfuserver writable, add ReadWritePaths=; or serve it "
+                        "--readonly)")
+            elif not read_only and exc.errno in (errno.EPERM, errno.EACCES):
                 hint = " (to serve it read-only: --readonly, or readonly = true)"
             raise ImageError(exc.errno, f"cannot open disk image {path}: "
                              f"{exc.strerror}{hint}") from None
