@@ -720,19 +720,23 @@ class VfuContext:
         vaddr = int(ffi.cast("uintptr_t", info.vaddr))
         mapping = int(ffi.cast("uintptr_t", info.mapping.iov_base))
         mapping_len = int(info.mapping.iov_len)
+        vma: dma_backing.Mapping | None = None
+        risk = None
         try:
-            risk = dma_backing.stall_risk(vaddr)
-        except OSError as exc:  # /proc unreadable: nothing to go by, as without root
-            risk = None
-            self.log.warning("DMA map [%#x, +%#x): cannot tell what file system its file is "
-                             "on (%s)", iova, size, exc)
+            found = dma_backing.mapping_at(vaddr)
+            risk = dma_backing.stall_risk(found)
+            vma = found
+        except OSError as exc:  # /proc unreadable: nothing to go by
+            self.log.warning("DMA map [%#x, +%#x): cannot tell what file is behind it (%s); "
+                             "its size is trusted and only the SIGBUS guard protects the "
+                             "server", iova, size, exc)
         if risk is not None:
             self._unused_maps.add((iova, size))
             self.log.error("DMA map [%#x, +%#x) refused: %s. Give the VM its RAM from "
                            "memory-backend-memfd (QEMU's choice for vfio-user), or from a "
                            "file on tmpfs, hugetlbfs or a local disk", iova, size, risk)
             return
-        usable = self._backed_size(iova, size, vaddr, mapping + mapping_len)
+        usable = self._backed_size(iova, size, vaddr, mapping + mapping_len, vma)
         try:
             if usable == 0:
                 raise ValueError("no byte of it is backed by its file")
@@ -754,10 +758,12 @@ class VfuContext:
             self._guard_slots[iova] = slot
         self.log.debug("DMA map [%#x, +%#x) %s", iova, size, "rw" if writable else "ro")
 
-    def _backed_size(self, iova: int, size: int, vaddr: int, mapping_end: int) -> int:
-        """How many bytes of the map at ``vaddr`` are really there (beyond them an access
-        is a SIGBUS or worse); the client's file is sealed against shrinking on the way
-        (:func:`dma_backing.inspect`). Each shortfall is logged as the client's error."""
+    def _backed_size(self, iova: int, size: int, vaddr: int, mapping_end: int,
+                     vma: dma_backing.Mapping | None) -> int:
+        """How many bytes of the map at ``vaddr`` (in ``vma``; None: not found) are really
+        there (beyond them an access is a SIGBUS or worse); the client's file is sealed
+        against shrinking on the way (:func:`dma_backing.inspect`). Each shortfall is
+        logged as the client's error."""
         mapped = min(size, mapping_end - vaddr)
         if mapped < size:
             # libvfio-user maps round_up(size) bytes from round_down(offset) of the file
@@ -765,8 +771,10 @@ class VfuContext:
             self.log.error("DMA map [%#x, +%#x) at a file offset that is not page-aligned: "
                            "libvfio-user maps only [%#x, +%#x) of it. The client must map "
                            "from page-aligned offsets (QEMU does)", iova, size, iova, mapped)
+        if vma is None:
+            return mapped
         try:
-            backing = dma_backing.inspect(vaddr)
+            backing = dma_backing.inspect(vma, vaddr)
         except OSError as exc:
             self.log.warning("DMA map [%#x, +%#x): cannot inspect the file behind it (%s); "
                              "its size is trusted and only the SIGBUS guard protects the "

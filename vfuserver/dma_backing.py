@@ -35,6 +35,7 @@ import fcntl
 import functools
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MAPS = "/proc/self/maps"
 MAP_FILES = "/proc/self/map_files"
@@ -61,15 +62,30 @@ class Backing:
 MOUNTINFO = "/proc/self/mountinfo"
 MEMORY_FILE_SYSTEMS = frozenset({"tmpfs", "hugetlbfs", "ramfs", "devtmpfs"})
 """Whose pages are RAM: a fault never waits for I/O."""
+MFD_HUGE_SHIFT = 26
+"""memfd_create(2): log2 of the huge page size goes in the flags' bits 26..31."""
 LOCAL_FILE_SYSTEMS = frozenset({"btrfs", "bcachefs", "zfs"})
 """Local disk file systems that report a device number of their own (major 0) rather than
 their disk's. One on a block device (major != 0) is taken as local too: a loop, NBD or
 iSCSI disk behind it would have to be set up by root, not by a client."""
 
 
-def _vma_of(address: int) -> tuple[int, int, int, str, int]:
-    """(start, end, file offset of start, name, device number) of the mapping holding
-    ``address``."""
+class Mapping(NamedTuple):
+    """One mapping of this process, as /proc/self/maps shows it."""
+
+    start: int
+    end: int
+    offset: int
+    """File offset of :attr:`start`."""
+    name: str
+    """The file's path ("/memfd:guest-ram (deleted)" for a memfd)."""
+    device: int
+    """Device number of the file's file system."""
+
+
+def mapping_at(address: int) -> Mapping:
+    """The mapping holding ``address``; read once per DMA map, for :func:`stall_risk` and
+    :func:`inspect`. Errors: FileNotFoundError if no mapping holds it."""
     with open(MAPS, "rb") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
@@ -78,8 +94,8 @@ def _vma_of(address: int) -> tuple[int, int, int, str, int]:
             if start <= address < end:
                 name = fields[5].strip().decode(errors="replace") if len(fields) > 5 else ""
                 major, _, minor = fields[3].partition(b":")
-                return (start, end, int(fields[2], 16), name,
-                        os.makedev(int(major, 16), int(minor, 16)))
+                return Mapping(start, end, int(fields[2], 16), name,
+                               os.makedev(int(major, 16), int(minor, 16)))
     raise FileNotFoundError(errno.ENOENT, "no mapping holds this address", hex(address))
 
 
@@ -102,9 +118,10 @@ def _internal_memory_devices() -> frozenset[int]:
     files (QEMU's memory-backend-memfd, with or without hugetlb=on) and MAP_SHARED
     anonymous or /dev/zero memory live there, in no mount table."""
     devices = set()
-    flags = [0] + [os.MFD_HUGETLB | (int(entry.name.split("-")[1].removesuffix("kB")) * 1024)
-                   .bit_length() - 1 << MFD_HUGE_SHIFT
-                   for entry in _hugepage_sizes()]
+    flags = [0]
+    for entry in _hugepage_sizes():  # hugepages-2048kB, ...
+        page = int(entry.name.removeprefix("hugepages-").removesuffix("kB")) * 1024
+        flags.append(os.MFD_HUGETLB | (page.bit_length() - 1) << MFD_HUGE_SHIFT)
     for flag in flags:
         try:
             fd = os.memfd_create("vfuserver-probe", os.MFD_CLOEXEC | flag)
@@ -117,10 +134,6 @@ def _internal_memory_devices() -> frozenset[int]:
     return frozenset(devices)
 
 
-MFD_HUGE_SHIFT = 26
-"""memfd_create(2): log2 of the huge page size goes in the flags' bits 26..31."""
-
-
 def _hugepage_sizes() -> list[os.DirEntry[str]]:
     try:
         return list(os.scandir("/sys/kernel/mm/hugepages"))
@@ -128,15 +141,15 @@ def _hugepage_sizes() -> list[os.DirEntry[str]]:
         return []
 
 
-def stall_risk(address: int) -> str | None:
-    """Why page faults on the file mapped at ``address`` could wait on another process or
-    the network (a sentence naming the file and its file system), or None if they cannot:
-    it is RAM (memfd, tmpfs, hugetlbfs, ramfs) or on a local disk. Nothing but /proc is
-    read: the file itself, which such a fault would wait for, is not touched.
+def stall_risk(mapping: Mapping) -> str | None:
+    """Why page faults on the file behind ``mapping`` could wait on another process or the
+    network (a sentence naming the file and its file system), or None if they cannot: it
+    is RAM (memfd, tmpfs, hugetlbfs, ramfs) or on a local disk. Nothing but /proc is read:
+    the file itself, which such a fault would wait for, is not touched.
 
-    Errors: OSError if no mapping holds ``address``.
+    Errors: OSError if /proc/self/mountinfo cannot be read.
     """
-    _, _, _, name, device = _vma_of(address)
+    name, device = mapping.name, mapping.device
     if device in _internal_memory_devices():
         return None
     fs_type = _mounted_types().get(device)
@@ -174,13 +187,13 @@ def _seal_against_shrinking(fd: int) -> bool:
     return True
 
 
-def inspect(address: int) -> Backing:
-    """Seal the file mapped at ``address`` against shrinking (if it can be) and measure it.
+def inspect(mapping: Mapping, address: int) -> Backing:
+    """Seal the file behind ``mapping`` against shrinking (if it can be) and measure it,
+    from ``address`` (inside ``mapping``) on.
 
-    Errors: OSError if the mapping or its file cannot be found or opened (no such
-    mapping; PermissionError without CAP_SYS_ADMIN).
+    Errors: OSError if the file cannot be opened (PermissionError without CAP_SYS_ADMIN).
     """
-    start, end, vma_offset, name, _ = _vma_of(address)
+    start, end, vma_offset, name, _ = mapping
     link = f"{MAP_FILES}/{start:x}-{end:x}"
     try:
         fd = os.open(link, os.O_RDWR | os.O_CLOEXEC)  # F_ADD_SEALS needs a writable fd

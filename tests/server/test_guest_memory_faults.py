@@ -128,7 +128,7 @@ def test_inspect_finds_the_file_offset_and_seals_a_memfd() -> None:
     try:
         with mmap.mmap(fd, 2 * PAGE, offset=PAGE) as view:
             address = ctypes.addressof(ctypes.c_char.from_buffer(view)) + 0x10
-            backing = dma_backing.inspect(address)
+            backing = dma_backing.inspect(dma_backing.mapping_at(address), address)
             del address
         assert backing.name.startswith("/memfd:guest-ram")
         assert (backing.offset, backing.file_size, backing.sealed) == (PAGE + 0x10, 4 * PAGE,
@@ -152,7 +152,8 @@ def test_guest_ram_the_way_qemu_gives_it_has_no_stall_risk(source: str,
     try:
         with mmap.mmap(fd, 2 * PAGE) as view:
             buffer = ctypes.c_char.from_buffer(view)
-            assert dma_backing.stall_risk(ctypes.addressof(buffer)) is None
+            mapping = dma_backing.mapping_at(ctypes.addressof(buffer))
+            assert dma_backing.stall_risk(mapping) is None
             del buffer
     finally:
         os.close(fd)
@@ -161,8 +162,9 @@ def test_guest_ram_the_way_qemu_gives_it_has_no_stall_risk(source: str,
 def test_inspect_of_anonymous_memory_is_an_oserror() -> None:
     with mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as anonymous:
         buffer = ctypes.c_char.from_buffer(anonymous)
-        with pytest.raises(OSError):
-            dma_backing.inspect(ctypes.addressof(buffer))
+        address = ctypes.addressof(buffer)
+        with pytest.raises(OSError):  # a mapping without a file: no /proc/self/map_files
+            dma_backing.inspect(dma_backing.mapping_at(address), address)
         del buffer
 
 

@@ -138,15 +138,14 @@ class RawImage:
         try:
             self._lock()
             self.is_block_device, size, self.block_size = self._probe()
+            if size < SECTOR_SIZE:
+                raise ImageError(errno.EINVAL, f"disk image {path} holds {size} bytes, not "
+                                 f"one whole {SECTOR_SIZE}-byte sector: grow it (truncate -s)")
         except BaseException:
             os.close(self.fd)
             raise
         self.size = size - size % SECTOR_SIZE
         """Bytes served: the image's size rounded down to whole sectors."""
-        if not self.size:
-            os.close(self.fd)
-            raise ImageError(errno.EINVAL, f"disk image {path} holds {size} bytes, not one "
-                             f"whole {SECTOR_SIZE}-byte sector: grow it (truncate -s)")
         self._libc = _Libc()
 
     def _lock(self) -> None:
